@@ -1,0 +1,137 @@
+//! Command-line definitions (clap) and the checks of flag values that belong to the CLI: target
+//! endpoints parsed, directories checked, a directory never synced into itself. `main.rs` runs
+//! the commands.
+
+use crate::transport::Endpoint;
+use clap::{Args, Parser, Subcommand};
+use std::path::{Path, PathBuf};
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "mirrorfs",
+    version,
+    about = "Keep a directory mirrored, exactly and at once, in another directory"
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// One-shot reconcile: make the target an exact mirror of SRC, writing only what differs.
+    Sync(SyncArgs),
+    /// List every difference between SRC and the target; exit 1 if there is any.
+    Verify(TargetArgs),
+    /// Run the target side: apply requests beneath DIR.
+    Serve(ServeArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct TargetArgs {
+    /// The source directory.
+    pub src: PathBuf,
+    /// Target: a local DIR, unix:SOCKET or tcp:HOST:PORT.
+    #[arg(long, short)]
+    pub target: String,
+    /// File holding the shared token for a tcp target.
+    #[arg(long)]
+    pub token_file: Option<PathBuf>,
+    /// No progress bar and no summary.
+    #[arg(long, short)]
+    pub quiet: bool,
+}
+
+#[derive(Args, Debug)]
+pub struct SyncArgs {
+    #[command(flatten)]
+    pub target: TargetArgs,
+    /// Compare content hashes instead of size and modification time.
+    #[arg(long, short)]
+    pub checksum: bool,
+    /// Allow an empty source to empty a non-empty target.
+    #[arg(long)]
+    pub allow_mass_delete: bool,
+}
+
+#[derive(Args, Debug)]
+#[command(group(clap::ArgGroup::new("how").required(true).args(["listen", "stdio"])))]
+pub struct ServeArgs {
+    /// The target directory; must exist.
+    pub dir: PathBuf,
+    /// unix:PATH or tcp:HOST:PORT. TCP off loopback requires --token-file.
+    #[arg(long)]
+    pub listen: Option<String>,
+    /// Serve one connection on standard input and output (for ssh).
+    #[arg(long)]
+    pub stdio: bool,
+    /// File holding the shared token clients must prove they know.
+    #[arg(long)]
+    pub token_file: Option<PathBuf>,
+}
+
+/// A source directory, checked.
+pub fn check_source(src: &Path) -> Result<PathBuf, String> {
+    let meta = std::fs::metadata(src).map_err(|e| format!("source {}: {e}", src.display()))?;
+    if !meta.is_dir() {
+        return Err(format!("source {} is not a directory", src.display()));
+    }
+    std::fs::canonicalize(src).map_err(|e| format!("source {}: {e}", src.display()))
+}
+
+/// Parses the target; a local one must be an existing directory that neither contains the
+/// source nor lies inside it.
+pub fn check_target(target: &str, src: &Path) -> Result<Endpoint, String> {
+    let ep = Endpoint::parse(target).map_err(|e| e.to_string())?;
+    if let Endpoint::Local(dir) = &ep {
+        let meta = std::fs::metadata(dir).map_err(|e| format!("target {}: {e}", dir.display()))?;
+        if !meta.is_dir() {
+            return Err(format!("target {} is not a directory", dir.display()));
+        }
+        let t = std::fs::canonicalize(dir).map_err(|e| format!("target {}: {e}", dir.display()))?;
+        if t == src {
+            return Err(format!(
+                "source and target are the same directory ({})",
+                t.display()
+            ));
+        }
+        if t.starts_with(src) {
+            return Err(format!(
+                "target {} lies inside the source {}; that would sync a directory into itself",
+                t.display(),
+                src.display()
+            ));
+        }
+        if src.starts_with(&t) {
+            return Err(format!("source {} lies inside the target {}; the sync would delete or overwrite its own source", src.display(), t.display()));
+        }
+    }
+    Ok(ep)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn nesting_is_refused() {
+        let d = tempfile::tempdir().unwrap();
+        let src = d.path().join("src");
+        std::fs::create_dir_all(src.join("inner")).unwrap();
+        let src = check_source(&src).unwrap();
+        let inner = src.join("inner");
+        assert!(check_target(inner.to_str().unwrap(), &src)
+            .unwrap_err()
+            .contains("inside the source"));
+        assert!(check_target(d.path().to_str().unwrap(), &src)
+            .unwrap_err()
+            .contains("inside the target"));
+        assert!(check_target(src.to_str().unwrap(), &src)
+            .unwrap_err()
+            .contains("same directory"));
+        std::fs::create_dir(d.path().join("other")).unwrap();
+        assert!(check_target(d.path().join("other").to_str().unwrap(), &src).is_ok());
+        assert!(check_target("tcp:nohost", &src).is_err());
+        assert!(check_target(d.path().join("missing").to_str().unwrap(), &src).is_err());
+    }
+}

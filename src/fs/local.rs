@@ -1,0 +1,431 @@
+//! `LocalFs`: the `FileSystem` interface over a real directory, confined beneath its root.
+//! The root is opened once as an `O_PATH` fd; every path is resolved from it with
+//! `openat2(RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS)` (see `sys::open_beneath`), so no `..` and no
+//! symlink is ever followed while resolving, and every call acts on the last component without
+//! following it. Content is read and written through fds opened `O_NONBLOCK`, so a fifo at a path
+//! never blocks the caller.
+
+use super::{
+    Attrs, DirEntry, FileBytes, FileSystem, FsError, FsResult, Kind, Meta, SetTime, Xattr,
+};
+use crate::path::RelPath;
+use crate::sys;
+use std::ffi::CString;
+use std::io;
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::path::{Path, PathBuf};
+
+pub struct LocalFs {
+    root: OwnedFd,
+    root_path: PathBuf,
+}
+
+/// The directory holding an entry: the root itself, or a resolved subdirectory.
+enum Dir<'a> {
+    Root(BorrowedFd<'a>),
+    Sub(OwnedFd),
+}
+
+impl Dir<'_> {
+    fn fd(&self) -> BorrowedFd<'_> {
+        match self {
+            Dir::Root(f) => *f,
+            Dir::Sub(f) => f.as_fd(),
+        }
+    }
+}
+
+const RD: i32 = libc::O_RDONLY | libc::O_NONBLOCK | libc::O_NOCTTY;
+const WR: i32 = libc::O_WRONLY | libc::O_NONBLOCK | libc::O_NOCTTY;
+
+impl LocalFs {
+    /// Opens `root`, which must be an existing directory.
+    pub fn new(root: &Path) -> io::Result<LocalFs> {
+        use std::os::unix::fs::OpenOptionsExt;
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_PATH | libc::O_DIRECTORY)
+            .open(root)
+            .map_err(|e| {
+                if e.raw_os_error() == Some(libc::ENOTDIR) {
+                    io::Error::new(
+                        io::ErrorKind::NotADirectory,
+                        format!("{} is not a directory", root.display()),
+                    )
+                } else {
+                    io::Error::new(e.kind(), format!("cannot open {}: {e}", root.display()))
+                }
+            })?;
+        let fd = OwnedFd::from(file);
+        Ok(LocalFs {
+            root: fd,
+            root_path: root.to_path_buf(),
+        })
+    }
+
+    pub fn root_path(&self) -> &Path {
+        &self.root_path
+    }
+
+    pub fn root_fd(&self) -> BorrowedFd<'_> {
+        self.root.as_fd()
+    }
+
+    /// Resolves the parent of `p` and returns it with the last name. The root is (root, ".").
+    fn at(&self, p: &RelPath, op: &str) -> FsResult<(Dir<'_>, CString)> {
+        let Some((parent, name)) = p.split() else {
+            return Ok((Dir::Root(self.root.as_fd()), CString::from(c".")));
+        };
+        let dir = if parent.is_empty() {
+            Dir::Root(self.root.as_fd())
+        } else {
+            Dir::Sub(
+                sys::open_beneath(self.root.as_fd(), parent, libc::O_PATH | libc::O_DIRECTORY)
+                    .map_err(|e| FsError::io(e, op, p))?,
+            )
+        };
+        Ok((dir, sys::cstr(name).map_err(|e| FsError::io(e, op, p))?))
+    }
+
+    fn open(&self, p: &RelPath, flags: i32, op: &str) -> FsResult<OwnedFd> {
+        sys::open_beneath(self.root.as_fd(), p.as_bytes(), flags).map_err(|e| FsError::io(e, op, p))
+    }
+
+    /// Opens a regular file for writing; anything else is refused.
+    fn open_file_wr(&self, p: &RelPath, op: &str) -> FsResult<OwnedFd> {
+        let fd = self.open(p, WR, op)?;
+        let st = sys::fstatat(fd.as_fd(), c"", false).map_err(|e| FsError::io(e, op, p))?;
+        if Kind::from_mode(st.st_mode) != Kind::File {
+            return Err(FsError::new(libc::EINVAL, op, p));
+        }
+        Ok(fd)
+    }
+
+    fn entry(dir: BorrowedFd<'_>, name: &[u8], xattrs: bool) -> io::Result<DirEntry> {
+        let c = sys::cstr(name)?;
+        let meta = Meta::from_stat(&sys::fstatat(dir, &c, false)?);
+        let link = if meta.kind == Kind::Symlink {
+            Some(sys::readlinkat(dir, &c)?)
+        } else {
+            None
+        };
+        let xattrs = if xattrs {
+            read_xattrs(dir, name)?
+        } else {
+            Vec::new()
+        };
+        Ok(DirEntry {
+            name: name.to_vec(),
+            meta,
+            link,
+            xattrs,
+        })
+    }
+}
+
+fn read_xattrs(dir: BorrowedFd<'_>, name: &[u8]) -> io::Result<Vec<Xattr>> {
+    let mut out = Vec::new();
+    for attr in sys::llistxattr(dir, name)? {
+        match sys::lgetxattr(dir, name, &attr) {
+            Ok(v) => out.push((attr, v)),
+            Err(e) if e.raw_os_error() == Some(libc::ENODATA) => {}
+            Err(e) => return Err(e),
+        }
+    }
+    out.sort();
+    Ok(out)
+}
+
+impl FileSystem for LocalFs {
+    fn stat(&self, p: &RelPath) -> FsResult<Meta> {
+        let (dir, name) = self.at(p, "stat")?;
+        sys::fstatat(dir.fd(), &name, false)
+            .map(|st| Meta::from_stat(&st))
+            .map_err(|e| FsError::io(e, "stat", p))
+    }
+
+    fn read_dir(&self, p: &RelPath, xattrs: bool) -> FsResult<Vec<DirEntry>> {
+        let fd = self.open(p, libc::O_RDONLY | libc::O_DIRECTORY, "readdir")?;
+        let list_fd = fd.try_clone().map_err(|e| FsError::io(e, "readdir", p))?;
+        let names = sys::read_dir_names(list_fd).map_err(|e| FsError::io(e, "readdir", p))?;
+        let mut out = Vec::with_capacity(names.len());
+        for name in names {
+            match Self::entry(fd.as_fd(), &name, xattrs) {
+                Ok(e) => out.push(e),
+                // Vanished between listing and stat: it is simply not there any more.
+                Err(e) if e.raw_os_error() == Some(libc::ENOENT) => {}
+                Err(e) => {
+                    let child = p.join(&name).unwrap_or_else(|_| p.clone());
+                    return Err(FsError::io(e, "stat", &child));
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    fn read_link(&self, p: &RelPath) -> FsResult<Vec<u8>> {
+        let (dir, name) = self.at(p, "readlink")?;
+        sys::readlinkat(dir.fd(), &name).map_err(|e| FsError::io(e, "readlink", p))
+    }
+
+    fn read_at(&self, p: &RelPath, offset: u64, len: usize) -> FsResult<Vec<u8>> {
+        let fd = self.open(p, RD, "read")?;
+        let mut buf = vec![0u8; len];
+        let mut got = 0;
+        while got < len {
+            let n = sys::pread(fd.as_fd(), &mut buf[got..], offset + got as u64)
+                .map_err(|e| FsError::io(e, "read", p))?;
+            if n == 0 {
+                break;
+            }
+            got += n;
+        }
+        buf.truncate(got);
+        Ok(buf)
+    }
+
+    fn data_segments(&self, p: &RelPath, size: u64) -> FsResult<Vec<(u64, u64)>> {
+        let fd = self.open(p, RD, "seek")?;
+        let mut out = Vec::new();
+        let mut off = 0u64;
+        while off < size {
+            let Some(start) = sys::seek_data_hole(fd.as_fd(), off, true)
+                .map_err(|e| FsError::io(e, "seek", p))?
+            else {
+                break;
+            };
+            if start >= size {
+                break;
+            }
+            let end = sys::seek_data_hole(fd.as_fd(), start, false)
+                .map_err(|e| FsError::io(e, "seek", p))?
+                .unwrap_or(size)
+                .min(size);
+            out.push((start, end - start));
+            off = end;
+        }
+        Ok(out)
+    }
+
+    fn map_file(&self, p: &RelPath) -> FsResult<FileBytes> {
+        let fd = self.open(p, RD, "map")?;
+        let st = sys::fstatat(fd.as_fd(), c"", false).map_err(|e| FsError::io(e, "map", p))?;
+        let m = sys::Mmap::map(fd.as_fd(), st.st_size as usize)
+            .map_err(|e| FsError::io(e, "map", p))?;
+        Ok(FileBytes::Mapped(m))
+    }
+
+    fn xattrs(&self, p: &RelPath) -> FsResult<Vec<Xattr>> {
+        let (dir, name) = self.at(p, "listxattr")?;
+        read_xattrs(dir.fd(), name.as_bytes()).map_err(|e| FsError::io(e, "listxattr", p))
+    }
+
+    fn write_at(&self, p: &RelPath, offset: u64, data: &[u8]) -> FsResult<()> {
+        let fd = self.open_file_wr(p, "write")?;
+        sys::pwrite_all(fd.as_fd(), data, offset).map_err(|e| FsError::io(e, "write", p))
+    }
+
+    fn create(&self, p: &RelPath, perm: u32, exclusive: bool) -> FsResult<()> {
+        let (dir, name) = self.at(p, "create")?;
+        let flags = WR
+            | libc::O_CREAT
+            | libc::O_NOFOLLOW
+            | if exclusive {
+                libc::O_EXCL
+            } else {
+                libc::O_TRUNC
+            };
+        sys::openat(dir.fd(), &name, flags, perm)
+            .map(drop)
+            .map_err(|e| FsError::io(e, "create", p))
+    }
+
+    fn mkdir(&self, p: &RelPath, perm: u32) -> FsResult<()> {
+        let (dir, name) = self.at(p, "mkdir")?;
+        sys::mkdirat(dir.fd(), &name, perm).map_err(|e| FsError::io(e, "mkdir", p))
+    }
+
+    fn mknod(&self, p: &RelPath, kind: Kind, perm: u32, rdev: u64) -> FsResult<()> {
+        if !kind.is_special() {
+            return Err(FsError::msg(
+                libc::EINVAL,
+                "mknod",
+                p,
+                format!("cannot mknod a {kind:?}"),
+            ));
+        }
+        let (dir, name) = self.at(p, "mknod")?;
+        sys::mknodat(dir.fd(), &name, kind.type_bits() | perm, rdev)
+            .map_err(|e| FsError::io(e, "mknod", p))
+    }
+
+    fn symlink(&self, target: &[u8], p: &RelPath) -> FsResult<()> {
+        let (dir, name) = self.at(p, "symlink")?;
+        let t = sys::cstr(target).map_err(|e| FsError::io(e, "symlink", p))?;
+        sys::symlinkat(&t, dir.fd(), &name).map_err(|e| FsError::io(e, "symlink", p))
+    }
+
+    fn link(&self, existing: &RelPath, new: &RelPath) -> FsResult<()> {
+        let (od, on) = self.at(existing, "link")?;
+        let (nd, nn) = self.at(new, "link")?;
+        sys::linkat(od.fd(), &on, nd.fd(), &nn).map_err(|e| FsError::io(e, "link", new))
+    }
+
+    fn rename(&self, from: &RelPath, to: &RelPath, flags: u32) -> FsResult<()> {
+        if from.is_root() || to.is_root() {
+            return Err(FsError::new(libc::EBUSY, "rename", from));
+        }
+        let (od, on) = self.at(from, "rename")?;
+        let (nd, nn) = self.at(to, "rename")?;
+        sys::renameat2(od.fd(), &on, nd.fd(), &nn, flags)
+            .map_err(|e| FsError::io(e, "rename", from))
+    }
+
+    fn unlink(&self, p: &RelPath) -> FsResult<()> {
+        let (dir, name) = self.at(p, "unlink")?;
+        sys::unlinkat(dir.fd(), &name, false).map_err(|e| FsError::io(e, "unlink", p))
+    }
+
+    fn rmdir(&self, p: &RelPath) -> FsResult<()> {
+        if p.is_root() {
+            return Err(FsError::new(libc::EBUSY, "rmdir", p));
+        }
+        let (dir, name) = self.at(p, "rmdir")?;
+        sys::unlinkat(dir.fd(), &name, true).map_err(|e| FsError::io(e, "rmdir", p))
+    }
+
+    fn set_perm(&self, p: &RelPath, perm: u32) -> FsResult<()> {
+        // O_PATH with no symlink resolution: a symlink at the path is refused, never followed.
+        let fd = self.open(p, libc::O_PATH, "chmod")?;
+        sys::chmod_opath(fd.as_fd(), perm).map_err(|e| FsError::io(e, "chmod", p))
+    }
+
+    fn set_owner(&self, p: &RelPath, uid: Option<u32>, gid: Option<u32>) -> FsResult<()> {
+        let (dir, name) = self.at(p, "chown")?;
+        sys::fchownat(
+            dir.fd(),
+            &name,
+            uid.unwrap_or(u32::MAX),
+            gid.unwrap_or(u32::MAX),
+        )
+        .map_err(|e| FsError::io(e, "chown", p))
+    }
+
+    fn set_times(&self, p: &RelPath, atime: SetTime, mtime: SetTime) -> FsResult<()> {
+        let (dir, name) = self.at(p, "utimens")?;
+        sys::utimensat(dir.fd(), &name, atime.to_sys(), mtime.to_sys())
+            .map_err(|e| FsError::io(e, "utimens", p))
+    }
+
+    fn truncate(&self, p: &RelPath, size: u64) -> FsResult<()> {
+        let fd = self.open_file_wr(p, "truncate")?;
+        sys::ftruncate(fd.as_fd(), size).map_err(|e| FsError::io(e, "truncate", p))
+    }
+
+    fn fallocate(&self, p: &RelPath, mode: i32, offset: u64, len: u64) -> FsResult<()> {
+        let fd = self.open_file_wr(p, "fallocate")?;
+        sys::fallocate(fd.as_fd(), mode, offset, len).map_err(|e| FsError::io(e, "fallocate", p))
+    }
+
+    fn set_xattr(&self, p: &RelPath, name: &[u8], value: &[u8]) -> FsResult<()> {
+        let (dir, n) = self.at(p, "setxattr")?;
+        sys::lsetxattr(dir.fd(), n.as_bytes(), name, value, 0)
+            .map_err(|e| FsError::io(e, "setxattr", p))
+    }
+
+    fn remove_xattr(&self, p: &RelPath, name: &[u8]) -> FsResult<()> {
+        let (dir, n) = self.at(p, "removexattr")?;
+        sys::lremovexattr(dir.fd(), n.as_bytes(), name)
+            .map_err(|e| FsError::io(e, "removexattr", p))
+    }
+
+    fn fsync(&self, p: &RelPath, datasync: bool) -> FsResult<()> {
+        let fd = self.open(p, RD, "fsync")?;
+        sys::fsync(fd.as_fd(), datasync).map_err(|e| FsError::io(e, "fsync", p))
+    }
+
+    fn copy_range(
+        &self,
+        src: &RelPath,
+        src_off: u64,
+        dst: &RelPath,
+        dst_off: u64,
+        len: u64,
+    ) -> FsResult<()> {
+        let s = self.open(src, RD, "copy_file_range")?;
+        let d = self.open_file_wr(dst, "copy_file_range")?;
+        let mut done = 0u64;
+        while done < len {
+            let n = sys::copy_file_range(
+                s.as_fd(),
+                src_off + done,
+                d.as_fd(),
+                dst_off + done,
+                (len - done) as usize,
+            )
+            .map_err(|e| FsError::io(e, "copy_file_range", dst))?;
+            if n == 0 {
+                break;
+            }
+            done += n as u64;
+        }
+        Ok(())
+    }
+
+    /// One resolution of the parent and one fd for the whole job: create, write, size, owner,
+    /// mode, xattrs, mtime, rename.
+    fn install_file(
+        &self,
+        tmp: &RelPath,
+        dst: &RelPath,
+        chunks: &[(u64, Vec<u8>)],
+        size: u64,
+        attrs: &Attrs,
+    ) -> FsResult<()> {
+        if tmp.parent() != dst.parent() {
+            return Err(FsError::msg(
+                libc::EINVAL,
+                "install",
+                dst,
+                "temporary file must share the directory",
+            ));
+        }
+        let (dir, tname) = self.at(tmp, "install")?;
+        let dname = sys::cstr(dst.file_name()).map_err(|e| FsError::io(e, "install", dst))?;
+        let fd = sys::openat(
+            dir.fd(),
+            &tname,
+            WR | libc::O_CREAT | libc::O_EXCL | libc::O_NOFOLLOW,
+            0o600,
+        )
+        .map_err(|e| FsError::io(e, "create", tmp))?;
+        let r = (|| -> io::Result<()> {
+            let mut end = 0;
+            for (off, data) in chunks {
+                sys::pwrite_all(fd.as_fd(), data, *off)?;
+                end = end.max(off + data.len() as u64);
+            }
+            if end != size {
+                sys::ftruncate(fd.as_fd(), size)?;
+            }
+            if let Some((uid, gid)) = attrs.owner {
+                sys::fchown(fd.as_fd(), uid, gid)?;
+            }
+            sys::fchmod(fd.as_fd(), attrs.perm)?;
+            for (name, value) in &attrs.xattrs {
+                sys::lsetxattr(dir.fd(), tname.as_bytes(), name, value, 0)?;
+            }
+            sys::futimens(
+                fd.as_fd(),
+                sys::TimeSet::Omit,
+                sys::TimeSet::At(attrs.mtime.sec, attrs.mtime.nsec),
+            )?;
+            sys::renameat2(dir.fd(), &tname, dir.fd(), &dname, 0)
+        })();
+        if let Err(e) = r {
+            let _ = sys::unlinkat(dir.fd(), &tname, false);
+            return Err(FsError::io(e, "install", dst));
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,23 @@
+//! mirrorfs keeps a target directory an exact mirror of a source directory. The library holds
+//! the replication core: the `FileSystem` interface (`fs`), validated paths (`path`), the wire
+//! protocol (`protocol`), transports (`transport`), the target that applies requests (`target`),
+//! reconcile (`reconcile`: scan, pure plan, apply) and the source side (`source`).
+
+pub mod cli;
+pub mod fs;
+pub mod path;
+pub mod progress;
+pub mod protocol;
+pub mod reconcile;
+pub mod rpc;
+pub mod source;
+pub mod sys;
+pub mod target;
+pub mod transport;
+
+pub use fs::{FileSystem, LocalFs, MemFs};
+pub use path::RelPath;
+pub use protocol::{Reply, Request, Response};
+pub use rpc::{Rpc, RpcError};
+pub use source::{ReplicatorSource, SyncError, SyncOptions};
+pub use target::ReplicatorTarget;

@@ -1,0 +1,400 @@
+//! Wire types and the frame codec. A frame is a little-endian `u32` length followed by that many
+//! bytes of bincode (standard config, serde). Frames larger than `MAX_FRAME` are refused before
+//! any allocation. Every request travels as `(id, Request)` and every answer as
+//! `(id, Response)`; ids increase by one per request, and the target answers in order. The
+//! handshake (`ClientHello` / `ServerHello`) exchanges the version and capabilities first.
+
+use crate::fs::{Attrs, FsError, Kind, SetTime};
+use crate::path::RelPath;
+use crate::reconcile::Entry;
+use serde::{de::DeserializeOwned, Deserialize, Serialize};
+use std::io::{self, Read, Write};
+
+pub const PROTOCOL_VERSION: u32 = 1;
+pub const MAGIC: [u8; 8] = *b"MIRRORFS";
+/// Largest frame accepted: generous for a chunk of scan entries or a delta segment.
+pub const MAX_FRAME: usize = 64 << 20;
+/// Content travels in pieces of at most this size.
+pub const DATA_CHUNK: usize = 8 << 20;
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ClientHello {
+    pub magic: [u8; 8],
+    pub version: u32,
+    pub capabilities: Vec<String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ServerHello {
+    pub magic: [u8; 8],
+    pub version: u32,
+    pub capabilities: Vec<String>,
+    /// The target runs as root, so owners can be set.
+    pub is_root: bool,
+    /// Present when the server requires the token: a nonce the client must answer.
+    pub challenge: Option<[u8; 32]>,
+    /// Set when the server refuses the connection (for example a version mismatch).
+    pub refusal: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ClientAuth {
+    pub nonce: [u8; 32],
+    pub proof: [u8; 32],
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ServerAuth {
+    pub ok: bool,
+    pub proof: [u8; 32],
+}
+
+/// A mutation or query for the target. Paths are relative to the target root.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub enum Request {
+    // Creating entries.
+    Create {
+        path: RelPath,
+        perm: u32,
+        exclusive: bool,
+    },
+    Mkdir {
+        path: RelPath,
+        perm: u32,
+    },
+    Mknod {
+        path: RelPath,
+        kind: Kind,
+        perm: u32,
+        rdev: u64,
+    },
+    Symlink {
+        path: RelPath,
+        target: Vec<u8>,
+    },
+    Link {
+        existing: RelPath,
+        path: RelPath,
+    },
+    // Changing content.
+    Write {
+        path: RelPath,
+        offset: u64,
+        data: Vec<u8>,
+    },
+    Truncate {
+        path: RelPath,
+        size: u64,
+    },
+    /// `mode` is fallocate's: 0, FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE | KEEP_SIZE, ...
+    Fallocate {
+        path: RelPath,
+        mode: i32,
+        offset: u64,
+        len: u64,
+    },
+    CopyRange {
+        src: RelPath,
+        src_offset: u64,
+        dst: RelPath,
+        dst_offset: u64,
+        len: u64,
+    },
+    // Changing metadata.
+    SetAttr {
+        path: RelPath,
+        perm: Option<u32>,
+        uid: Option<u32>,
+        gid: Option<u32>,
+        atime: SetTime,
+        mtime: SetTime,
+    },
+    SetXattr {
+        path: RelPath,
+        name: Vec<u8>,
+        value: Vec<u8>,
+    },
+    RemoveXattr {
+        path: RelPath,
+        name: Vec<u8>,
+    },
+    // Removing and moving.
+    Unlink {
+        path: RelPath,
+    },
+    Rmdir {
+        path: RelPath,
+    },
+    Rename {
+        from: RelPath,
+        to: RelPath,
+        flags: u32,
+    },
+    // Durability.
+    Fsync {
+        path: RelPath,
+        datasync: bool,
+    },
+    // Reconcile.
+    /// Starts a scan of the whole target; the first page of entries comes back.
+    Scan {
+        checksum: bool,
+    },
+    /// The next page of the scan started last.
+    ScanNext,
+    /// rsync signature of the target's file at `path`.
+    Signature {
+        path: RelPath,
+        block_size: u32,
+    },
+    /// A whole small file: written under a temporary name, given `attrs`, renamed over `path`.
+    PutFile {
+        path: RelPath,
+        chunks: Vec<(u64, Vec<u8>)>,
+        size: u64,
+        attrs: Attrs,
+    },
+    /// Starts a staged (large) file that will replace `path`; `stage` is chosen by the source.
+    /// With `sparse`, all-zero blocks produced by deltas are left as holes.
+    StageOpen {
+        stage: u64,
+        path: RelPath,
+        sparse: bool,
+    },
+    StageWrite {
+        stage: u64,
+        offset: u64,
+        data: Vec<u8>,
+    },
+    /// An rsync delta against the current file at the stage's path, producing bytes at `offset`.
+    StageDelta {
+        stage: u64,
+        offset: u64,
+        delta: Vec<u8>,
+    },
+    /// Sizes, gives metadata and renames the staged file into place. With `hash`, the target
+    /// checks that the delta-built content has that BLAKE3 hash first.
+    StageCommit {
+        stage: u64,
+        size: u64,
+        attrs: Attrs,
+        hash: Option<[u8; 32]>,
+    },
+    StageAbort {
+        stage: u64,
+    },
+    /// Owner, mode, xattrs (replaced exactly) and mtime of an existing entry.
+    ApplyAttrs {
+        path: RelPath,
+        kind: Kind,
+        attrs: Attrs,
+    },
+    /// Makes `path` a hard link to `existing`, replacing whatever `path` was, atomically.
+    LinkReplace {
+        existing: RelPath,
+        path: RelPath,
+    },
+    /// Removes an entry and everything beneath it; absent is fine.
+    RemoveTree {
+        path: RelPath,
+    },
+}
+
+impl Request {
+    /// A short name for logs.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Request::Create { .. } => "create",
+            Request::Mkdir { .. } => "mkdir",
+            Request::Mknod { .. } => "mknod",
+            Request::Symlink { .. } => "symlink",
+            Request::Link { .. } => "link",
+            Request::Write { .. } => "write",
+            Request::Truncate { .. } => "truncate",
+            Request::Fallocate { .. } => "fallocate",
+            Request::CopyRange { .. } => "copy_range",
+            Request::SetAttr { .. } => "setattr",
+            Request::SetXattr { .. } => "setxattr",
+            Request::RemoveXattr { .. } => "removexattr",
+            Request::Unlink { .. } => "unlink",
+            Request::Rmdir { .. } => "rmdir",
+            Request::Rename { .. } => "rename",
+            Request::Fsync { .. } => "fsync",
+            Request::Scan { .. } => "scan",
+            Request::ScanNext => "scan_next",
+            Request::Signature { .. } => "signature",
+            Request::PutFile { .. } => "put_file",
+            Request::StageOpen { .. } => "stage_open",
+            Request::StageWrite { .. } => "stage_write",
+            Request::StageDelta { .. } => "stage_delta",
+            Request::StageCommit { .. } => "stage_commit",
+            Request::StageAbort { .. } => "stage_abort",
+            Request::ApplyAttrs { .. } => "apply_attrs",
+            Request::LinkReplace { .. } => "link_replace",
+            Request::RemoveTree { .. } => "remove_tree",
+        }
+    }
+}
+
+/// A successful answer.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub enum Reply {
+    Done,
+    Scan { entries: Vec<Entry>, more: bool },
+    Signature(Vec<u8>),
+}
+
+/// Success, or an errno with a message.
+pub type Response = Result<Reply, FsError>;
+
+fn cfg() -> bincode::config::Configuration<
+    bincode::config::LittleEndian,
+    bincode::config::Varint,
+    bincode::config::Limit<MAX_FRAME>,
+> {
+    bincode::config::standard().with_limit::<MAX_FRAME>()
+}
+
+/// What can go wrong reading or writing a frame.
+#[derive(Debug, thiserror::Error)]
+pub enum FrameError {
+    #[error("connection closed")]
+    Closed,
+    #[error("i/o error: {0}")]
+    Io(#[from] io::Error),
+    #[error("frame of {0} bytes exceeds the {MAX_FRAME}-byte limit")]
+    TooLarge(usize),
+    #[error("malformed frame: {0}")]
+    Malformed(String),
+}
+
+pub fn encode<T: Serialize>(value: &T) -> Result<Vec<u8>, FrameError> {
+    let mut buf = vec![0u8; 4];
+    bincode::serde::encode_into_std_write(value, &mut buf, cfg())
+        .map_err(|e| FrameError::Malformed(e.to_string()))?;
+    let len = buf.len() - 4;
+    if len > MAX_FRAME {
+        return Err(FrameError::TooLarge(len));
+    }
+    buf[..4].copy_from_slice(&(len as u32).to_le_bytes());
+    Ok(buf)
+}
+
+/// Writes one frame; returns the bytes written.
+pub fn write_frame<T: Serialize>(w: &mut impl Write, value: &T) -> Result<usize, FrameError> {
+    let buf = encode(value)?;
+    w.write_all(&buf)?;
+    Ok(buf.len())
+}
+
+/// Reads one frame's payload. A clean EOF before the length is `Closed`.
+pub fn read_payload(r: &mut impl Read) -> Result<Vec<u8>, FrameError> {
+    let mut len = [0u8; 4];
+    match r.read_exact(&mut len) {
+        Ok(()) => {}
+        Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Err(FrameError::Closed),
+        Err(e) => return Err(e.into()),
+    }
+    let len = u32::from_le_bytes(len) as usize;
+    if len > MAX_FRAME {
+        return Err(FrameError::TooLarge(len));
+    }
+    let mut buf = vec![0u8; len];
+    r.read_exact(&mut buf)?;
+    Ok(buf)
+}
+
+pub fn decode<T: DeserializeOwned>(payload: &[u8]) -> Result<T, FrameError> {
+    let (v, used) = bincode::serde::decode_from_slice(payload, cfg())
+        .map_err(|e| FrameError::Malformed(e.to_string()))?;
+    if used != payload.len() {
+        return Err(FrameError::Malformed(format!(
+            "{} trailing bytes",
+            payload.len() - used
+        )));
+    }
+    Ok(v)
+}
+
+/// The request id at the start of a payload, so that even a request whose body does not decode
+/// can be answered with an error under its own id.
+pub fn peek_id(payload: &[u8]) -> Option<u64> {
+    bincode::serde::decode_from_slice::<u64, _>(payload, cfg())
+        .ok()
+        .map(|(id, _)| id)
+}
+
+pub fn read_frame<T: DeserializeOwned>(r: &mut impl Read) -> Result<T, FrameError> {
+    decode(&read_payload(r)?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn roundtrip_and_limits() {
+        let req = (
+            7u64,
+            Request::Write {
+                path: RelPath::new("a/b").unwrap(),
+                offset: 3,
+                data: vec![1, 2, 3],
+            },
+        );
+        let mut buf = Vec::new();
+        write_frame(&mut buf, &req).unwrap();
+        let (id, back): (u64, Request) = read_frame(&mut &buf[..]).unwrap();
+        assert_eq!(id, 7);
+        assert!(matches!(back, Request::Write { offset: 3, .. }));
+        assert_eq!(peek_id(&buf[4..]), Some(7));
+
+        let huge = ((MAX_FRAME + 1) as u32).to_le_bytes();
+        assert!(matches!(
+            read_payload(&mut &huge[..]),
+            Err(FrameError::TooLarge(_))
+        ));
+        assert!(matches!(
+            read_payload(&mut &[][..]),
+            Err(FrameError::Closed)
+        ));
+        let junk = [3u8, 0, 0, 0, 1, 0xff, 0xff];
+        assert!(matches!(
+            read_frame::<(u64, Request)>(&mut &junk[..]),
+            Err(FrameError::Malformed(_))
+        ));
+    }
+
+    #[test]
+    fn bad_path_on_the_wire_is_refused() {
+        #[derive(Serialize)]
+        enum Fake {
+            #[allow(dead_code)]
+            Create {
+                path: serde_bytes_like::B,
+                perm: u32,
+                exclusive: bool,
+            },
+        }
+        mod serde_bytes_like {
+            pub struct B(pub &'static [u8]);
+            impl serde::Serialize for B {
+                fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+                    s.serialize_bytes(self.0)
+                }
+            }
+        }
+        let evil = (
+            1u64,
+            Fake::Create {
+                path: serde_bytes_like::B(b"../../etc/passwd"),
+                perm: 0o644,
+                exclusive: false,
+            },
+        );
+        let mut buf = Vec::new();
+        write_frame(&mut buf, &evil).unwrap();
+        let r: Result<(u64, Request), _> = read_frame(&mut &buf[..]);
+        assert!(matches!(r, Err(FrameError::Malformed(m)) if m.contains("..")));
+    }
+}

@@ -1,0 +1,468 @@
+//! Applying a plan: turns each `Op` into requests for the target and pipelines them, reading
+//! source content as it goes. Small files travel whole in one `PutFile`; large ones are staged in
+//! 8 MiB pieces, or, when the target has an older version, as rsync deltas against it (verified
+//! by a BLAKE3 hash on the target, with a whole-file fallback). Holes are never sent. A file that
+//! changes while it is read is read again, so the target never gets a torn copy stamped with a
+//! stale mtime. Per-path failures are collected in the report; a lost connection aborts.
+
+use super::plan::{Op, Plan};
+use super::scan::{Entry, Snapshot};
+use crate::fs::{Attrs, FileSystem, Meta};
+use crate::path::RelPath;
+use crate::progress::Progress;
+use crate::protocol::{Reply, Request, DATA_CHUNK};
+use crate::rpc::{Pending, Rpc, RpcError};
+use std::collections::VecDeque;
+
+/// Files up to this size travel in a single request.
+pub const SMALL_FILE: u64 = 4 << 20;
+/// Files from this size are sent as deltas when the target has a version.
+pub const DELTA_MIN: u64 = 64 << 10;
+const MAX_INFLIGHT: usize = 4096;
+const READ_TRIES: usize = 3;
+
+#[derive(Debug, Clone, Default)]
+pub struct ApplyOptions {
+    /// Send uid/gid.
+    pub owners: bool,
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct Report {
+    pub ops: u64,
+    pub files_sent: u64,
+    pub delta_files: u64,
+    /// Content bytes of the files sent (whole size, whether sent whole or as delta).
+    pub content_bytes: u64,
+    /// Bytes the transport put on the wire during the apply.
+    pub wire_bytes: u64,
+    /// Per-path failures, in words.
+    pub problems: Vec<String>,
+}
+
+struct Exec<'a> {
+    fs: &'a dyn FileSystem,
+    root: &'a RelPath,
+    src: &'a Snapshot,
+    rpc: &'a dyn Rpc,
+    opts: &'a ApplyOptions,
+    progress: &'a Progress,
+    inflight: VecDeque<(Pending, RelPath, &'static str)>,
+    report: Report,
+    next_stage: u64,
+}
+
+/// Why a delta could not be used; the file is then sent whole.
+struct NoDelta;
+
+pub fn execute(
+    fs: &dyn FileSystem,
+    root: &RelPath,
+    src: &Snapshot,
+    plan: &Plan,
+    rpc: &dyn Rpc,
+    opts: &ApplyOptions,
+    progress: &Progress,
+) -> Result<Report, RpcError> {
+    let start_bytes = rpc.bytes_sent();
+    let mut ex = Exec {
+        fs,
+        root,
+        src,
+        rpc,
+        opts,
+        progress,
+        inflight: VecDeque::new(),
+        report: Report::default(),
+        next_stage: 1,
+    };
+    for op in &plan.ops {
+        ex.report.ops += 1;
+        ex.run(op)?;
+    }
+    ex.settle(0)?;
+    ex.report.wire_bytes = rpc.bytes_sent() - start_bytes;
+    Ok(ex.report)
+}
+
+/// rsync's block size rule: about the square root of the length, a multiple of 8, within
+/// [700, 128 KiB].
+pub fn block_size(len: u64) -> u32 {
+    let root = (len as f64).sqrt() as u64;
+    (root.div_ceil(8) * 8).clamp(704, 128 << 10) as u32
+}
+
+/// Whether two stats of the same file show it unchanged in between.
+fn same_version(a: &Meta, b: &Meta) -> bool {
+    (a.size, a.mtime, a.ctime, a.ino) == (b.size, b.mtime, b.ctime, b.ino)
+}
+
+impl Exec<'_> {
+    fn attrs(&self, meta: &Meta, e: &Entry) -> Attrs {
+        Attrs {
+            perm: meta.perm,
+            owner: self.opts.owners.then_some((meta.uid, meta.gid)),
+            mtime: meta.mtime,
+            xattrs: e.xattrs.clone(),
+        }
+    }
+
+    fn entry(&self, p: &RelPath) -> &Entry {
+        // The plan only names source paths.
+        &self.src.entries[p]
+    }
+
+    fn problem(&mut self, what: String) {
+        log::warn!("{what}");
+        self.report.problems.push(what);
+    }
+
+    /// Records one answer; a lost connection is fatal, anything else is a per-path problem.
+    fn record(
+        &mut self,
+        r: Result<Reply, RpcError>,
+        path: &RelPath,
+        name: &str,
+    ) -> Result<(), RpcError> {
+        match r {
+            Ok(_) => Ok(()),
+            Err(RpcError::Remote(e)) => {
+                self.problem(format!("{name} {path}: {e}"));
+                Ok(())
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    fn send(&mut self, path: &RelPath, req: Request) -> Result<(), RpcError> {
+        let name = req.name();
+        let p = self.rpc.submit(req);
+        self.inflight.push_back((p, path.clone(), name));
+        while self.inflight.front().is_some_and(|(p, _, _)| p.is_ready()) {
+            self.settle_one()?;
+        }
+        self.settle(MAX_INFLIGHT)
+    }
+
+    fn settle_one(&mut self) -> Result<(), RpcError> {
+        if let Some((p, path, name)) = self.inflight.pop_front() {
+            let r = p.wait();
+            self.record(r, &path, name)?;
+        }
+        Ok(())
+    }
+
+    /// Waits until at most `keep` requests are in flight.
+    fn settle(&mut self, keep: usize) -> Result<(), RpcError> {
+        while self.inflight.len() > keep {
+            self.settle_one()?;
+        }
+        Ok(())
+    }
+
+    fn run(&mut self, op: &Op) -> Result<(), RpcError> {
+        match op {
+            Op::Remove(p) => self.send(p, Request::RemoveTree { path: p.clone() }),
+            Op::Mkdir(p) => self.send(
+                p,
+                Request::Mkdir {
+                    path: p.clone(),
+                    perm: 0o700,
+                },
+            ),
+            Op::Attrs(p) => {
+                let e = self.entry(p);
+                let req = Request::ApplyAttrs {
+                    path: p.clone(),
+                    kind: e.meta.kind,
+                    attrs: self.attrs(&e.meta, e),
+                };
+                self.send(p, req)
+            }
+            Op::Symlink(p) => {
+                let target = self.entry(p).link.clone().unwrap_or_default();
+                self.send(
+                    p,
+                    Request::Symlink {
+                        path: p.clone(),
+                        target,
+                    },
+                )
+            }
+            Op::Mknod(p) => {
+                let m = &self.entry(p).meta;
+                let req = Request::Mknod {
+                    path: p.clone(),
+                    kind: m.kind,
+                    perm: m.perm,
+                    rdev: m.rdev,
+                };
+                self.send(p, req)
+            }
+            Op::Link { path, leader } => self.send(
+                path,
+                Request::LinkReplace {
+                    existing: leader.clone(),
+                    path: path.clone(),
+                },
+            ),
+            Op::Transfer { path, basis } => {
+                let size = self.entry(path).meta.size;
+                if *basis && size >= DELTA_MIN {
+                    match self.send_delta(path)? {
+                        Ok(()) => return Ok(()),
+                        Err(NoDelta) => log::debug!("{path}: delta not usable, sending whole"),
+                    }
+                }
+                self.send_whole(path)
+            }
+        }
+    }
+
+    /// Reads the data segments of a source file, again if it changed while being read.
+    /// Returns the stat it was read under and the chunks, or `None` after a problem was noted.
+    fn read_stable(
+        &mut self,
+        path: &RelPath,
+        max_chunk: usize,
+    ) -> Option<(Meta, Vec<(u64, Vec<u8>)>)> {
+        let full = self.root.join_rel(path);
+        let mut last_err = String::new();
+        for _ in 0..READ_TRIES {
+            let r = (|| {
+                let before = self.fs.stat(&full)?;
+                let segs = self.fs.data_segments(&full, before.size)?;
+                let mut chunks = Vec::new();
+                for (off, len) in segs {
+                    let mut o = off;
+                    while o < off + len {
+                        let n = ((off + len - o) as usize).min(max_chunk);
+                        let data = self.fs.read_at(&full, o, n)?;
+                        if data.is_empty() {
+                            break;
+                        }
+                        o += data.len() as u64;
+                        chunks.push((o - data.len() as u64, data));
+                    }
+                }
+                let after = self.fs.stat(&full)?;
+                Ok::<_, crate::fs::FsError>((before, after, chunks))
+            })();
+            match r {
+                Ok((before, after, chunks)) if same_version(&before, &after) => {
+                    return Some((after, chunks))
+                }
+                Ok(_) => last_err = "changed while being read".into(),
+                Err(e) => {
+                    self.problem(format!("read {path}: {e}"));
+                    return None;
+                }
+            }
+        }
+        self.problem(format!(
+            "read {path}: {last_err} ({READ_TRIES} tries); left for the next reconcile"
+        ));
+        None
+    }
+
+    fn send_whole(&mut self, path: &RelPath) -> Result<(), RpcError> {
+        let size = self.entry(path).meta.size;
+        if size > SMALL_FILE {
+            return self.send_staged(path);
+        }
+        let Some((meta, chunks)) = self.read_stable(path, DATA_CHUNK) else {
+            return Ok(());
+        };
+        if meta.size > SMALL_FILE {
+            return self.send_staged(path);
+        }
+        let attrs = self.attrs(&meta, self.entry(path));
+        self.count_file(meta.size);
+        self.send(
+            path,
+            Request::PutFile {
+                path: path.clone(),
+                chunks,
+                size: meta.size,
+                attrs,
+            },
+        )
+    }
+
+    fn count_file(&mut self, bytes: u64) {
+        self.report.files_sent += 1;
+        self.report.content_bytes += bytes;
+        self.progress.file_done(self.report.files_sent, bytes);
+    }
+
+    /// A large file, piece by piece, holes skipped. Read piecewise, so memory stays bounded.
+    fn send_staged(&mut self, path: &RelPath) -> Result<(), RpcError> {
+        let full = self.root.join_rel(path);
+        for _ in 0..READ_TRIES {
+            let before = match self
+                .fs
+                .stat(&full)
+                .and_then(|m| Ok((self.fs.data_segments(&full, m.size)?, m)))
+            {
+                Ok(x) => x,
+                Err(e) => {
+                    self.problem(format!("read {path}: {e}"));
+                    return Ok(());
+                }
+            };
+            let (segs, m0) = before;
+            let stage = self.next_stage;
+            self.next_stage += 1;
+            self.send(
+                path,
+                Request::StageOpen {
+                    stage,
+                    path: path.clone(),
+                    sparse: m0.is_sparse(),
+                },
+            )?;
+            let mut failed = None;
+            'segs: for (off, len) in segs {
+                let mut o = off;
+                while o < off + len {
+                    let n = ((off + len - o) as usize).min(DATA_CHUNK);
+                    match self.fs.read_at(&full, o, n) {
+                        Ok(data) if data.is_empty() => break,
+                        Ok(data) => {
+                            let l = data.len() as u64;
+                            self.send(
+                                path,
+                                Request::StageWrite {
+                                    stage,
+                                    offset: o,
+                                    data,
+                                },
+                            )?;
+                            o += l;
+                        }
+                        Err(e) => {
+                            failed = Some(e.to_string());
+                            break 'segs;
+                        }
+                    }
+                }
+            }
+            let stable = self
+                .fs
+                .stat(&full)
+                .map(|m1| same_version(&m0, &m1))
+                .unwrap_or(false);
+            if failed.is_some() || !stable {
+                self.send(path, Request::StageAbort { stage })?;
+                if let Some(e) = failed {
+                    self.problem(format!("read {path}: {e}"));
+                    return Ok(());
+                }
+                continue;
+            }
+            let attrs = self.attrs(&m0, self.entry(path));
+            self.count_file(m0.size);
+            return self.send(
+                path,
+                Request::StageCommit {
+                    stage,
+                    size: m0.size,
+                    attrs,
+                    hash: None,
+                },
+            );
+        }
+        self.problem(format!("read {path}: changed while being read ({READ_TRIES} tries); left for the next reconcile"));
+        Ok(())
+    }
+
+    /// An rsync delta against the target's current file, in segments of `DATA_CHUNK`.
+    fn send_delta(&mut self, path: &RelPath) -> Result<Result<(), NoDelta>, RpcError> {
+        let full = self.root.join_rel(path);
+        let m0 = match self.fs.stat(&full) {
+            Ok(m) => m,
+            Err(_) => return Ok(Err(NoDelta)),
+        };
+        let sig = match self.rpc.call(Request::Signature {
+            path: path.clone(),
+            block_size: block_size(m0.size),
+        }) {
+            Ok(Reply::Signature(s)) => s,
+            Ok(_) | Err(RpcError::Remote(_)) => return Ok(Err(NoDelta)),
+            Err(e) => return Err(e),
+        };
+        let Ok(sig) = fast_rsync::Signature::deserialize(sig) else {
+            return Ok(Err(NoDelta));
+        };
+        let index = sig.index();
+        let stage = self.next_stage;
+        self.next_stage += 1;
+        let mut parts = vec![self.rpc.submit(Request::StageOpen {
+            stage,
+            path: path.clone(),
+            sparse: m0.is_sparse(),
+        })];
+        let mut hasher = blake3::Hasher::new();
+        let mut off = 0u64;
+        let mut ok = true;
+        while off < m0.size {
+            let data = match self.fs.read_at(&full, off, DATA_CHUNK) {
+                Ok(d) if !d.is_empty() => d,
+                _ => {
+                    ok = false;
+                    break;
+                }
+            };
+            hasher.update(&data);
+            let mut delta = Vec::new();
+            if fast_rsync::diff(&index, &data, &mut delta).is_err() {
+                ok = false;
+                break;
+            }
+            parts.push(self.rpc.submit(Request::StageDelta {
+                stage,
+                offset: off,
+                delta,
+            }));
+            off += data.len() as u64;
+        }
+        let stable = ok
+            && off == m0.size
+            && self
+                .fs
+                .stat(&full)
+                .map(|m1| same_version(&m0, &m1))
+                .unwrap_or(false);
+        let last = if stable {
+            let attrs = self.attrs(&m0, self.entry(path));
+            let hash = Some(*hasher.finalize().as_bytes());
+            self.rpc.submit(Request::StageCommit {
+                stage,
+                size: m0.size,
+                attrs,
+                hash,
+            })
+        } else {
+            self.rpc.submit(Request::StageAbort { stage })
+        };
+        for p in parts {
+            match p.wait() {
+                Ok(_) | Err(RpcError::Remote(_)) => {}
+                Err(e) => return Err(e),
+            }
+        }
+        match last.wait() {
+            Ok(_) if stable => {
+                self.report.delta_files += 1;
+                self.count_file(m0.size);
+                Ok(Ok(()))
+            }
+            Ok(_) => Ok(Err(NoDelta)),
+            Err(RpcError::Remote(e)) => {
+                log::info!("{path}: delta rejected by the target ({e}); sending whole");
+                Ok(Err(NoDelta))
+            }
+            Err(e) => Err(e),
+        }
+    }
+}

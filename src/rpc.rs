@@ -1,0 +1,127 @@
+//! `Rpc`: anything that carries a `Request` to a target and brings back its `Response`. Requests
+//! are submitted in order and may be pipelined: `submit` returns a `Pending` at once, and
+//! `Pending::wait` blocks for that request's own answer only. An in-process closure (as in the
+//! original design) is an `Rpc` that answers at once; `transport::Client` is one over a connection.
+
+use crate::fs::FsError;
+use crate::protocol::{Reply, Request, Response};
+use crossbeam_channel::Receiver;
+use std::sync::Arc;
+use std::time::Duration;
+
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum RpcError {
+    /// The target applied the request and it failed there.
+    #[error("target: {0}")]
+    Remote(FsError),
+    #[error("target connection lost: {0}")]
+    Disconnected(String),
+    #[error("target did not answer within {0:?}")]
+    Timeout(Duration),
+}
+
+/// What the target said about itself in the handshake.
+#[derive(Debug, Clone, Default)]
+pub struct TargetInfo {
+    pub is_root: bool,
+    pub version: u32,
+    pub capabilities: Vec<String>,
+}
+
+/// Something that flushes buffered requests so that a waiter's request reaches the target.
+pub trait Flush: Send + Sync {
+    fn flush(&self);
+}
+
+/// An answer that may not have arrived yet.
+pub enum Pending {
+    Ready(Result<Reply, RpcError>),
+    Waiting {
+        rx: Receiver<Result<Reply, RpcError>>,
+        flusher: Arc<dyn Flush>,
+        timeout: Option<Duration>,
+    },
+}
+
+impl Pending {
+    /// Blocks until the answer is there (or the connection's time limit passes).
+    pub fn wait(self) -> Result<Reply, RpcError> {
+        match self {
+            Pending::Ready(r) => r,
+            Pending::Waiting {
+                rx,
+                flusher,
+                timeout,
+            } => {
+                if let Ok(r) = rx.try_recv() {
+                    return r;
+                }
+                flusher.flush();
+                match timeout {
+                    Some(t) => rx.recv_timeout(t).unwrap_or(Err(RpcError::Timeout(t))),
+                    None => rx.recv().unwrap_or_else(|_| {
+                        Err(RpcError::Disconnected("answer channel closed".into()))
+                    }),
+                }
+            }
+        }
+    }
+
+    /// True once the answer has arrived (never blocks).
+    pub fn is_ready(&self) -> bool {
+        match self {
+            Pending::Ready(_) => true,
+            Pending::Waiting { rx, .. } => !rx.is_empty(),
+        }
+    }
+}
+
+pub trait Rpc: Send + Sync {
+    /// Sends a request; requests are applied by the target in submission order.
+    fn submit(&self, req: Request) -> Pending;
+
+    fn call(&self, req: Request) -> Result<Reply, RpcError> {
+        self.submit(req).wait()
+    }
+
+    /// Sends buffered requests now, without waiting for answers.
+    fn flush(&self) {}
+
+    /// Bytes put on the wire so far (0 where there is no wire).
+    fn bytes_sent(&self) -> u64 {
+        0
+    }
+
+    fn target_info(&self) -> TargetInfo {
+        TargetInfo {
+            is_root: crate::fs::running_as_root(),
+            version: crate::protocol::PROTOCOL_VERSION,
+            capabilities: Vec::new(),
+        }
+    }
+}
+
+/// An in-process closure is an `Rpc` that answers at once.
+impl<F> Rpc for F
+where
+    F: Fn(Request) -> Response + Send + Sync,
+{
+    fn submit(&self, req: Request) -> Pending {
+        Pending::Ready(self(req).map_err(RpcError::Remote))
+    }
+}
+
+impl<R: Rpc + ?Sized> Rpc for Arc<R> {
+    fn submit(&self, req: Request) -> Pending {
+        (**self).submit(req)
+    }
+    fn flush(&self) {
+        (**self).flush()
+    }
+    fn bytes_sent(&self) -> u64 {
+        (**self).bytes_sent()
+    }
+    fn target_info(&self) -> TargetInfo {
+        (**self).target_info()
+    }
+}

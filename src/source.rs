@@ -1,0 +1,194 @@
+//! `ReplicatorSource`: the source side of a replica. Built over a `FileSystem`, a root within it
+//! and an `Rpc` to the target; building one reconciles the target. It owns the reconcile cycle
+//! (target scan asked for first and run while the source is scanned, then plan, then apply),
+//! verification, and forwarding of single requests, on which the mount builds.
+
+use crate::fs::{FileSystem, FsError};
+use crate::path::RelPath;
+use crate::progress::Progress;
+use crate::protocol::{Reply, Request};
+use crate::reconcile::{
+    self, ApplyOptions, Op, PlanError, PlanOptions, Report, ScanOptions, Snapshot,
+};
+use crate::rpc::{Pending, Rpc, RpcError};
+use std::sync::Arc;
+
+#[derive(Debug, Clone, Copy, Default)]
+pub struct SyncOptions {
+    /// Compare content hashes instead of size and mtime.
+    pub checksum: bool,
+    pub allow_mass_delete: bool,
+    /// Show a progress bar (on a terminal only).
+    pub progress: bool,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum SyncError {
+    #[error("scanning the source: {0}")]
+    Scan(FsError),
+    #[error("scanning the target: {0}")]
+    TargetScan(String),
+    #[error(transparent)]
+    Plan(#[from] PlanError),
+    #[error(transparent)]
+    Rpc(#[from] RpcError),
+}
+
+pub struct ReplicatorSource<R: Rpc> {
+    fs: Arc<dyn FileSystem>,
+    root: RelPath,
+    rpc: R,
+    opts: SyncOptions,
+    last: Report,
+}
+
+impl<R: Rpc> ReplicatorSource<R> {
+    /// Mirrors `root` within `fs` to the target behind `rpc`; reconciles the target first.
+    pub fn new(fs: Arc<dyn FileSystem>, root: RelPath, rpc: R) -> Result<Self, SyncError> {
+        Self::with_options(fs, root, rpc, SyncOptions::default())
+    }
+
+    pub fn with_options(
+        fs: Arc<dyn FileSystem>,
+        root: RelPath,
+        rpc: R,
+        opts: SyncOptions,
+    ) -> Result<Self, SyncError> {
+        let mut s = ReplicatorSource {
+            fs,
+            root,
+            rpc,
+            opts,
+            last: Report::default(),
+        };
+        s.last = s.reconcile()?;
+        Ok(s)
+    }
+
+    /// What the reconcile done at construction (or the last `reconcile`) did.
+    pub fn last_report(&self) -> &Report {
+        &self.last
+    }
+
+    pub fn rpc(&self) -> &R {
+        &self.rpc
+    }
+
+    fn plan_options(&self, checksum: bool) -> PlanOptions {
+        PlanOptions {
+            checksum,
+            owners: self.rpc.target_info().is_root,
+            allow_mass_delete: self.opts.allow_mass_delete,
+        }
+    }
+
+    /// Makes the target equal to the source, writing only what differs.
+    pub fn reconcile(&self) -> Result<Report, SyncError> {
+        let (src, dst) = scan_both(self.fs.as_ref(), &self.root, &self.rpc, self.opts.checksum)?;
+        let plan = reconcile::plan(&src, &dst, &self.plan_options(self.opts.checksum))?;
+        let total: u64 = plan
+            .ops
+            .iter()
+            .filter_map(|o| match o {
+                Op::Transfer { path, .. } => src.get(path).map(|e| e.meta.size),
+                _ => None,
+            })
+            .sum();
+        let progress = Progress::new(self.opts.progress, total);
+        let apply = ApplyOptions {
+            owners: self.rpc.target_info().is_root,
+        };
+        let mut report = reconcile::execute(
+            self.fs.as_ref(),
+            &self.root,
+            &src,
+            &plan,
+            &self.rpc,
+            &apply,
+            &progress,
+        )?;
+        progress.finish();
+        report
+            .problems
+            .extend(src.problems.iter().map(|p| format!("source scan: {p}")));
+        Ok(report)
+    }
+
+    /// Every difference between source and target, in words, comparing content by hash.
+    pub fn verify(&self) -> Result<Vec<String>, SyncError> {
+        verify_only(self.fs.clone(), self.root.clone(), &self.rpc)
+    }
+
+    /// Sends one request to the target and waits for its answer.
+    pub fn forward(&self, req: Request) -> Result<Reply, RpcError> {
+        self.rpc.call(req)
+    }
+}
+
+/// Lists the differences without changing anything (building a `ReplicatorSource` would
+/// reconcile first).
+pub fn verify_only(
+    fs: Arc<dyn FileSystem>,
+    root: RelPath,
+    rpc: &dyn Rpc,
+) -> Result<Vec<String>, SyncError> {
+    let (src, dst) = scan_both(fs.as_ref(), &root, rpc, true)?;
+    let opts = PlanOptions {
+        checksum: true,
+        owners: rpc.target_info().is_root,
+        allow_mass_delete: true,
+    };
+    let plan = reconcile::plan(&src, &dst, &opts)?;
+    let mut out: Vec<String> = plan
+        .ops
+        .iter()
+        .map(|op| reconcile::describe(op, &src, &dst))
+        .collect();
+    out.extend(
+        src.problems
+            .iter()
+            .map(|p| format!("could not read source: {p}")),
+    );
+    Ok(out)
+}
+
+/// Scans both sides; the target scans while the source does.
+fn scan_both(
+    fs: &dyn FileSystem,
+    root: &RelPath,
+    rpc: &dyn Rpc,
+    checksum: bool,
+) -> Result<(Snapshot, Snapshot), SyncError> {
+    let pending = rpc.submit(Request::Scan { checksum });
+    rpc.flush();
+    let src = reconcile::scan(fs, root, ScanOptions { checksum }).map_err(SyncError::Scan)?;
+    let dst = collect_scan(rpc, pending)?;
+    Ok((src, dst))
+}
+
+fn collect_scan(rpc: &dyn Rpc, first: Pending) -> Result<Snapshot, SyncError> {
+    let mut entries = Vec::new();
+    let mut next = first;
+    loop {
+        match next.wait() {
+            Ok(Reply::Scan {
+                entries: page,
+                more,
+            }) => {
+                entries.extend(page);
+                if !more {
+                    break;
+                }
+            }
+            Ok(other) => {
+                return Err(SyncError::TargetScan(format!(
+                    "unexpected answer {other:?}"
+                )))
+            }
+            Err(RpcError::Remote(e)) => return Err(SyncError::TargetScan(e.to_string())),
+            Err(e) => return Err(e.into()),
+        }
+        next = rpc.submit(Request::ScanNext);
+    }
+    Ok(Snapshot::from_entries(entries))
+}

@@ -1,0 +1,583 @@
+//! Thin safe wrappers over the libc calls mirrorfs needs. This is the only module with `unsafe`
+//! code: every other module calls these functions, which take Rust types, check return values and
+//! turn `-1` into `io::Error`. Each `unsafe` block says why it is sound in a `// SAFETY:` line.
+
+use std::ffi::{CStr, CString, OsStr};
+use std::io;
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
+use std::os::unix::ffi::OsStrExt;
+
+/// Turns bytes into a C string; a NUL inside is an `InvalidInput` error, never a panic.
+pub fn cstr(bytes: &[u8]) -> io::Result<CString> {
+    CString::new(bytes).map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "NUL byte in name"))
+}
+
+fn check(ret: libc::c_int) -> io::Result<libc::c_int> {
+    if ret < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(ret)
+    }
+}
+
+fn check_size(ret: libc::ssize_t) -> io::Result<usize> {
+    if ret < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(ret as usize)
+    }
+}
+
+/// `openat(2)`; the returned descriptor is owned.
+pub fn openat(dir: BorrowedFd<'_>, name: &CStr, flags: i32, mode: u32) -> io::Result<OwnedFd> {
+    // SAFETY: `name` is a valid NUL-terminated string; the fd returned is new and ours alone.
+    let fd = check(unsafe {
+        libc::openat(
+            dir.as_raw_fd(),
+            name.as_ptr(),
+            flags | libc::O_CLOEXEC,
+            mode,
+        )
+    })?;
+    // SAFETY: `fd` was just returned by openat and is owned by nobody else.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// Opens `path` (relative, may hold several components) beneath `dir` with
+/// `openat2(RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS | RESOLVE_NO_MAGICLINKS)`: no `..` escape, no
+/// symlink followed anywhere, including the last component. Falls back to a component-by-component
+/// walk with `O_NOFOLLOW` where the kernel lacks openat2.
+pub fn open_beneath(dir: BorrowedFd<'_>, path: &[u8], flags: i32) -> io::Result<OwnedFd> {
+    if path.is_empty() {
+        return openat(dir, c".", flags, 0);
+    }
+    let c = cstr(path)?;
+    /// `struct open_how` of openat2(2) (libc's is non-exhaustive).
+    #[repr(C)]
+    struct OpenHow {
+        flags: u64,
+        mode: u64,
+        resolve: u64,
+    }
+    let how = OpenHow {
+        flags: (flags | libc::O_CLOEXEC | libc::O_NOFOLLOW) as u64,
+        mode: 0,
+        resolve: libc::RESOLVE_BENEATH | libc::RESOLVE_NO_SYMLINKS | libc::RESOLVE_NO_MAGICLINKS,
+    };
+    // SAFETY: `c` and `how` live across the call, and the size passed is `how`'s own size.
+    let ret = unsafe {
+        libc::syscall(
+            libc::SYS_openat2,
+            dir.as_raw_fd(),
+            c.as_ptr(),
+            &how as *const OpenHow,
+            std::mem::size_of::<OpenHow>(),
+        )
+    };
+    if ret >= 0 {
+        // SAFETY: the syscall returned a new descriptor that nobody else owns.
+        return Ok(unsafe { OwnedFd::from_raw_fd(ret as RawFd) });
+    }
+    let err = io::Error::last_os_error();
+    if err.raw_os_error() != Some(libc::ENOSYS) {
+        return Err(err);
+    }
+    // Fallback walk: every component opened with O_NOFOLLOW, never `..`.
+    let mut parts = path.split(|b| *b == b'/').peekable();
+    let mut cur: Option<OwnedFd> = None;
+    while let Some(part) = parts.next() {
+        if part.is_empty() || part == b"." || part == b".." {
+            return Err(io::Error::from_raw_os_error(libc::EXDEV));
+        }
+        let last = parts.peek().is_none();
+        let f = if last {
+            flags | libc::O_NOFOLLOW
+        } else {
+            libc::O_PATH | libc::O_DIRECTORY | libc::O_NOFOLLOW
+        };
+        let base = cur.as_ref().map(|f| f.as_fd()).unwrap_or(dir);
+        let next = openat(base, &cstr(part)?, f, 0)?;
+        cur = Some(next);
+    }
+    cur.ok_or_else(|| io::Error::from_raw_os_error(libc::EINVAL))
+}
+
+/// `fstatat(2)`; `follow == false` adds AT_SYMLINK_NOFOLLOW. An empty name stats `dir` itself.
+pub fn fstatat(dir: BorrowedFd<'_>, name: &CStr, follow: bool) -> io::Result<libc::stat> {
+    let mut flags = if follow { 0 } else { libc::AT_SYMLINK_NOFOLLOW };
+    if name.is_empty() {
+        flags |= libc::AT_EMPTY_PATH;
+    }
+    let mut st = std::mem::MaybeUninit::<libc::stat>::uninit();
+    // SAFETY: `st` is a writable stat buffer; it is read only after the call succeeded.
+    check(unsafe { libc::fstatat(dir.as_raw_fd(), name.as_ptr(), st.as_mut_ptr(), flags) })?;
+    // SAFETY: fstatat succeeded, so it filled `st`.
+    Ok(unsafe { st.assume_init() })
+}
+
+pub fn mkdirat(dir: BorrowedFd<'_>, name: &CStr, mode: u32) -> io::Result<()> {
+    // SAFETY: plain syscall on a valid fd and NUL-terminated name.
+    check(unsafe { libc::mkdirat(dir.as_raw_fd(), name.as_ptr(), mode as libc::mode_t) }).map(drop)
+}
+
+pub fn mknodat(dir: BorrowedFd<'_>, name: &CStr, mode: u32, rdev: u64) -> io::Result<()> {
+    // SAFETY: plain syscall on a valid fd and NUL-terminated name.
+    check(unsafe {
+        libc::mknodat(
+            dir.as_raw_fd(),
+            name.as_ptr(),
+            mode as libc::mode_t,
+            rdev as libc::dev_t,
+        )
+    })
+    .map(drop)
+}
+
+pub fn symlinkat(target: &CStr, dir: BorrowedFd<'_>, name: &CStr) -> io::Result<()> {
+    // SAFETY: plain syscall on valid NUL-terminated strings and a valid fd.
+    check(unsafe { libc::symlinkat(target.as_ptr(), dir.as_raw_fd(), name.as_ptr()) }).map(drop)
+}
+
+pub fn linkat(
+    odir: BorrowedFd<'_>,
+    oname: &CStr,
+    ndir: BorrowedFd<'_>,
+    nname: &CStr,
+) -> io::Result<()> {
+    // SAFETY: plain syscall; flags 0 means the old name is not followed if it is a symlink.
+    check(unsafe {
+        libc::linkat(
+            odir.as_raw_fd(),
+            oname.as_ptr(),
+            ndir.as_raw_fd(),
+            nname.as_ptr(),
+            0,
+        )
+    })
+    .map(drop)
+}
+
+pub fn renameat2(
+    odir: BorrowedFd<'_>,
+    oname: &CStr,
+    ndir: BorrowedFd<'_>,
+    nname: &CStr,
+    flags: u32,
+) -> io::Result<()> {
+    // SAFETY: plain syscall on valid fds and NUL-terminated names.
+    check(unsafe {
+        libc::renameat2(
+            odir.as_raw_fd(),
+            oname.as_ptr(),
+            ndir.as_raw_fd(),
+            nname.as_ptr(),
+            flags,
+        )
+    })
+    .map(drop)
+}
+
+pub fn unlinkat(dir: BorrowedFd<'_>, name: &CStr, is_dir: bool) -> io::Result<()> {
+    let flags = if is_dir { libc::AT_REMOVEDIR } else { 0 };
+    // SAFETY: plain syscall on a valid fd and NUL-terminated name.
+    check(unsafe { libc::unlinkat(dir.as_raw_fd(), name.as_ptr(), flags) }).map(drop)
+}
+
+/// `fchmodat` on the entry itself. Linux cannot chmod a symlink, so callers never ask for one.
+pub fn fchmodat(dir: BorrowedFd<'_>, name: &CStr, mode: u32) -> io::Result<()> {
+    // SAFETY: plain syscall on a valid fd and NUL-terminated name.
+    check(unsafe { libc::fchmodat(dir.as_raw_fd(), name.as_ptr(), mode as libc::mode_t, 0) })
+        .map(drop)
+}
+
+/// `fchownat(AT_SYMLINK_NOFOLLOW)`; `u32::MAX` leaves an id unchanged.
+pub fn fchownat(dir: BorrowedFd<'_>, name: &CStr, uid: u32, gid: u32) -> io::Result<()> {
+    // SAFETY: plain syscall on a valid fd and NUL-terminated name.
+    check(unsafe {
+        libc::fchownat(
+            dir.as_raw_fd(),
+            name.as_ptr(),
+            uid,
+            gid,
+            libc::AT_SYMLINK_NOFOLLOW,
+        )
+    })
+    .map(drop)
+}
+
+/// A time to set: a value, "now", or "leave as is".
+#[derive(Clone, Copy, Debug)]
+pub enum TimeSet {
+    At(i64, u32),
+    Now,
+    Omit,
+}
+
+fn timespec(t: TimeSet) -> libc::timespec {
+    match t {
+        TimeSet::At(sec, nsec) => libc::timespec {
+            tv_sec: sec as libc::time_t,
+            tv_nsec: nsec as _,
+        },
+        TimeSet::Now => libc::timespec {
+            tv_sec: 0,
+            tv_nsec: libc::UTIME_NOW,
+        },
+        TimeSet::Omit => libc::timespec {
+            tv_sec: 0,
+            tv_nsec: libc::UTIME_OMIT,
+        },
+    }
+}
+
+/// `utimensat(AT_SYMLINK_NOFOLLOW)`: sets times on the entry itself, symlinks included.
+pub fn utimensat(
+    dir: BorrowedFd<'_>,
+    name: &CStr,
+    atime: TimeSet,
+    mtime: TimeSet,
+) -> io::Result<()> {
+    let ts = [timespec(atime), timespec(mtime)];
+    // SAFETY: `ts` is an array of two timespecs as the call requires.
+    check(unsafe {
+        libc::utimensat(
+            dir.as_raw_fd(),
+            name.as_ptr(),
+            ts.as_ptr(),
+            libc::AT_SYMLINK_NOFOLLOW,
+        )
+    })
+    .map(drop)
+}
+
+pub fn futimens(fd: BorrowedFd<'_>, atime: TimeSet, mtime: TimeSet) -> io::Result<()> {
+    let ts = [timespec(atime), timespec(mtime)];
+    // SAFETY: `ts` is an array of two timespecs as the call requires.
+    check(unsafe { libc::futimens(fd.as_raw_fd(), ts.as_ptr()) }).map(drop)
+}
+
+pub fn fchmod(fd: BorrowedFd<'_>, mode: u32) -> io::Result<()> {
+    // SAFETY: plain syscall on a valid fd.
+    check(unsafe { libc::fchmod(fd.as_raw_fd(), mode as libc::mode_t) }).map(drop)
+}
+
+pub fn fchown(fd: BorrowedFd<'_>, uid: u32, gid: u32) -> io::Result<()> {
+    // SAFETY: plain syscall on a valid fd.
+    check(unsafe { libc::fchown(fd.as_raw_fd(), uid, gid) }).map(drop)
+}
+
+pub fn readlinkat(dir: BorrowedFd<'_>, name: &CStr) -> io::Result<Vec<u8>> {
+    let mut buf = vec![0u8; 4096];
+    loop {
+        // SAFETY: `buf` is writable for `buf.len()` bytes.
+        let n = check_size(unsafe {
+            libc::readlinkat(
+                dir.as_raw_fd(),
+                name.as_ptr(),
+                buf.as_mut_ptr().cast(),
+                buf.len(),
+            )
+        })?;
+        if n < buf.len() {
+            buf.truncate(n);
+            return Ok(buf);
+        }
+        buf.resize(buf.len() * 2, 0);
+    }
+}
+
+pub fn pread(fd: BorrowedFd<'_>, buf: &mut [u8], offset: u64) -> io::Result<usize> {
+    // SAFETY: `buf` is writable for its length.
+    check_size(unsafe {
+        libc::pread(
+            fd.as_raw_fd(),
+            buf.as_mut_ptr().cast(),
+            buf.len(),
+            offset as libc::off_t,
+        )
+    })
+}
+
+pub fn pwrite_all(fd: BorrowedFd<'_>, mut buf: &[u8], mut offset: u64) -> io::Result<()> {
+    while !buf.is_empty() {
+        // SAFETY: `buf` is readable for its length.
+        let n = check_size(unsafe {
+            libc::pwrite(
+                fd.as_raw_fd(),
+                buf.as_ptr().cast(),
+                buf.len(),
+                offset as libc::off_t,
+            )
+        })?;
+        if n == 0 {
+            return Err(io::ErrorKind::WriteZero.into());
+        }
+        buf = &buf[n..];
+        offset += n as u64;
+    }
+    Ok(())
+}
+
+pub fn ftruncate(fd: BorrowedFd<'_>, size: u64) -> io::Result<()> {
+    // SAFETY: plain syscall on a valid fd.
+    check(unsafe { libc::ftruncate(fd.as_raw_fd(), size as libc::off_t) }).map(drop)
+}
+
+pub fn fallocate(fd: BorrowedFd<'_>, mode: i32, offset: u64, len: u64) -> io::Result<()> {
+    // SAFETY: plain syscall on a valid fd.
+    check(unsafe {
+        libc::fallocate(
+            fd.as_raw_fd(),
+            mode,
+            offset as libc::off_t,
+            len as libc::off_t,
+        )
+    })
+    .map(drop)
+}
+
+pub fn fsync(fd: BorrowedFd<'_>, datasync: bool) -> io::Result<()> {
+    // SAFETY: plain syscall on a valid fd.
+    check(unsafe {
+        if datasync {
+            libc::fdatasync(fd.as_raw_fd())
+        } else {
+            libc::fsync(fd.as_raw_fd())
+        }
+    })
+    .map(drop)
+}
+
+/// `lseek` with SEEK_DATA / SEEK_HOLE; `None` when there is no more data (ENXIO).
+pub fn seek_data_hole(fd: BorrowedFd<'_>, offset: u64, data: bool) -> io::Result<Option<u64>> {
+    let whence = if data {
+        libc::SEEK_DATA
+    } else {
+        libc::SEEK_HOLE
+    };
+    // SAFETY: plain syscall on a valid fd.
+    let r = unsafe { libc::lseek(fd.as_raw_fd(), offset as libc::off_t, whence) };
+    if r < 0 {
+        let e = io::Error::last_os_error();
+        if e.raw_os_error() == Some(libc::ENXIO) {
+            return Ok(None);
+        }
+        return Err(e);
+    }
+    Ok(Some(r as u64))
+}
+
+/// The path `/proc/self/fd/<dir>/<name>`: used for the xattr calls, which have no `*at` form.
+/// The `l*xattr` calls do not follow the last component, and the fd link pins the directory.
+fn fd_path(dir: BorrowedFd<'_>, name: &[u8]) -> io::Result<CString> {
+    let mut p = format!("/proc/self/fd/{}", dir.as_raw_fd()).into_bytes();
+    if !name.is_empty() {
+        p.push(b'/');
+        p.extend_from_slice(name);
+    }
+    cstr(&p)
+}
+
+pub fn llistxattr(dir: BorrowedFd<'_>, name: &[u8]) -> io::Result<Vec<Vec<u8>>> {
+    let p = fd_path(dir, name)?;
+    let mut buf = vec![0u8; 1024];
+    loop {
+        // SAFETY: `buf` is writable for its length.
+        let r = unsafe { libc::llistxattr(p.as_ptr(), buf.as_mut_ptr().cast(), buf.len()) };
+        if r < 0 {
+            let e = io::Error::last_os_error();
+            match e.raw_os_error() {
+                Some(libc::ERANGE) => {
+                    buf.resize(buf.len() * 4, 0);
+                    continue;
+                }
+                Some(libc::ENOTSUP) => return Ok(Vec::new()),
+                _ => return Err(e),
+            }
+        }
+        buf.truncate(r as usize);
+        return Ok(buf
+            .split(|b| *b == 0)
+            .filter(|s| !s.is_empty())
+            .map(<[u8]>::to_vec)
+            .collect());
+    }
+}
+
+pub fn lgetxattr(dir: BorrowedFd<'_>, name: &[u8], attr: &[u8]) -> io::Result<Vec<u8>> {
+    let p = fd_path(dir, name)?;
+    let a = cstr(attr)?;
+    let mut buf = vec![0u8; 256];
+    loop {
+        // SAFETY: `buf` is writable for its length.
+        let r =
+            unsafe { libc::lgetxattr(p.as_ptr(), a.as_ptr(), buf.as_mut_ptr().cast(), buf.len()) };
+        if r < 0 {
+            let e = io::Error::last_os_error();
+            if e.raw_os_error() == Some(libc::ERANGE) && buf.len() < 1 << 20 {
+                buf.resize(buf.len() * 8, 0);
+                continue;
+            }
+            return Err(e);
+        }
+        buf.truncate(r as usize);
+        return Ok(buf);
+    }
+}
+
+pub fn lsetxattr(
+    dir: BorrowedFd<'_>,
+    name: &[u8],
+    attr: &[u8],
+    value: &[u8],
+    flags: i32,
+) -> io::Result<()> {
+    let p = fd_path(dir, name)?;
+    let a = cstr(attr)?;
+    // SAFETY: all pointers are valid for the lengths given.
+    check(unsafe {
+        libc::lsetxattr(
+            p.as_ptr(),
+            a.as_ptr(),
+            value.as_ptr().cast(),
+            value.len(),
+            flags,
+        )
+    })
+    .map(drop)
+}
+
+pub fn lremovexattr(dir: BorrowedFd<'_>, name: &[u8], attr: &[u8]) -> io::Result<()> {
+    let p = fd_path(dir, name)?;
+    let a = cstr(attr)?;
+    // SAFETY: valid NUL-terminated strings.
+    check(unsafe { libc::lremovexattr(p.as_ptr(), a.as_ptr()) }).map(drop)
+}
+
+/// Lists the names in the directory `fd` (without `.` and `..`). The fd must be opened for reading.
+pub fn read_dir_names(fd: OwnedFd) -> io::Result<Vec<Vec<u8>>> {
+    use std::os::fd::IntoRawFd;
+    let raw = fd.into_raw_fd();
+    // SAFETY: `raw` is an open directory fd we own; fdopendir takes it over on success.
+    let dir = unsafe { libc::fdopendir(raw) };
+    if dir.is_null() {
+        let e = io::Error::last_os_error();
+        // SAFETY: fdopendir failed, so we still own `raw` and close it once.
+        unsafe { libc::close(raw) };
+        return Err(e);
+    }
+    let mut names = Vec::new();
+    let result = loop {
+        // SAFETY: errno is thread-local; reset so a NULL from readdir can be told apart.
+        unsafe { *libc::__errno_location() = 0 };
+        // SAFETY: `dir` is a valid DIR* until closedir below.
+        let ent = unsafe { libc::readdir64(dir) };
+        if ent.is_null() {
+            let e = io::Error::last_os_error();
+            break if e.raw_os_error().unwrap_or(0) == 0 {
+                Ok(())
+            } else {
+                Err(e)
+            };
+        }
+        // SAFETY: readdir returned a valid dirent whose d_name is NUL-terminated.
+        let name = unsafe { CStr::from_ptr((*ent).d_name.as_ptr()) }.to_bytes();
+        if name != b"." && name != b".." {
+            names.push(name.to_vec());
+        }
+    };
+    // SAFETY: `dir` came from fdopendir and is closed exactly once.
+    unsafe { libc::closedir(dir) };
+    result.map(|()| names)
+}
+
+/// A read-only memory map of a whole file, unmapped on drop. Used for the rsync basis on the
+/// target, which only mirrorfs writes.
+pub struct Mmap {
+    ptr: *mut libc::c_void,
+    len: usize,
+}
+
+// SAFETY: the mapping is read-only and owned; sharing `&[u8]` across threads is sound.
+unsafe impl Send for Mmap {}
+// SAFETY: as above; no interior mutability.
+unsafe impl Sync for Mmap {}
+
+impl Mmap {
+    pub fn map(fd: BorrowedFd<'_>, len: usize) -> io::Result<Mmap> {
+        if len == 0 {
+            return Ok(Mmap {
+                ptr: std::ptr::null_mut(),
+                len: 0,
+            });
+        }
+        // SAFETY: a fresh private read-only mapping of `len` bytes of a file we hold open.
+        let ptr = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ,
+                libc::MAP_PRIVATE,
+                fd.as_raw_fd(),
+                0,
+            )
+        };
+        if ptr == libc::MAP_FAILED {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(Mmap { ptr, len })
+    }
+}
+
+impl std::ops::Deref for Mmap {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        if self.len == 0 {
+            return &[];
+        }
+        // SAFETY: `ptr` maps `len` readable bytes for as long as `self` lives.
+        unsafe { std::slice::from_raw_parts(self.ptr as *const u8, self.len) }
+    }
+}
+
+impl Drop for Mmap {
+    fn drop(&mut self) {
+        if self.len > 0 {
+            // SAFETY: `ptr`/`len` are exactly the mapping made in `map`, unmapped once.
+            unsafe { libc::munmap(self.ptr, self.len) };
+        }
+    }
+}
+
+pub fn geteuid() -> u32 {
+    // SAFETY: geteuid cannot fail and touches no memory.
+    unsafe { libc::geteuid() }
+}
+
+pub fn os(bytes: &[u8]) -> &OsStr {
+    OsStr::from_bytes(bytes)
+}
+
+/// `chmod` of the inode an `O_PATH` fd refers to, through its `/proc/self/fd` link (fchmod
+/// refuses O_PATH fds). The fd pins the inode, so no symlink can be swapped in.
+pub fn chmod_opath(fd: BorrowedFd<'_>, mode: u32) -> io::Result<()> {
+    let p = fd_path(fd, b"")?;
+    // SAFETY: `p` is a valid NUL-terminated path.
+    check(unsafe { libc::chmod(p.as_ptr(), mode as libc::mode_t) }).map(drop)
+}
+
+/// `copy_file_range(2)` between two fds; returns the bytes copied (0 at end of input).
+pub fn copy_file_range(
+    src: BorrowedFd<'_>,
+    src_off: u64,
+    dst: BorrowedFd<'_>,
+    dst_off: u64,
+    len: usize,
+) -> io::Result<usize> {
+    let mut so = src_off as libc::loff_t;
+    let mut d = dst_off as libc::loff_t;
+    // SAFETY: the offsets are valid locals the kernel updates; fds are open.
+    check_size(unsafe {
+        libc::copy_file_range(src.as_raw_fd(), &mut so, dst.as_raw_fd(), &mut d, len, 0)
+    } as libc::ssize_t)
+}

@@ -1,0 +1,267 @@
+//! `Client`: the source's end of a connection, an `Rpc` that pipelines. `submit` numbers a
+//! request, queues its answer slot and writes the frame into a buffer without waiting; a reader
+//! thread matches answers (which come in order) to slots. `Pending::wait` flushes the buffer
+//! first, so bulk work rides in large writes while a lone syscall's request leaves at once. When
+//! the connection is lost, every waiter gets `Disconnected`; with a time limit, a waiter gives up
+//! after it with `Timeout` instead of hanging.
+
+use super::{auth, TransportError};
+use crate::protocol::{
+    self, ClientAuth, ClientHello, Reply, Request, Response, ServerAuth, ServerHello, MAGIC,
+    PROTOCOL_VERSION,
+};
+use crate::rpc::{Flush, Pending, Rpc, RpcError, TargetInfo};
+use crossbeam_channel::Sender;
+use parking_lot::Mutex;
+use std::collections::VecDeque;
+use std::io::{BufReader, BufWriter, Read, Write};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+type Slot = Sender<Result<Reply, RpcError>>;
+
+struct Queue {
+    slots: VecDeque<(u64, Slot)>,
+    dead: Option<String>,
+    /// Set when we close on purpose, so the end of the stream is not reported as a loss.
+    closing: bool,
+}
+
+struct Shared {
+    writer: Mutex<(BufWriter<Box<dyn Write + Send>>, u64)>,
+    queue: Mutex<Queue>,
+    bytes_sent: AtomicU64,
+}
+
+impl Shared {
+    fn kill(&self, reason: String) {
+        let mut q = self.queue.lock();
+        if q.dead.is_none() && !(q.closing && q.slots.is_empty()) {
+            log::warn!("target connection lost: {reason}");
+            q.dead = Some(reason.clone());
+        }
+        for (_, slot) in q.slots.drain(..) {
+            let _ = slot.send(Err(RpcError::Disconnected(reason.clone())));
+        }
+    }
+}
+
+impl Flush for Shared {
+    fn flush(&self) {
+        let r = self.writer.lock().0.flush();
+        if let Err(e) = r {
+            self.kill(e.to_string());
+        }
+    }
+}
+
+pub struct Client {
+    shared: Arc<Shared>,
+    info: TargetInfo,
+    timeout: Option<Duration>,
+    shutdown: Box<dyn Fn() + Send + Sync>,
+    reader: Option<JoinHandle<()>>,
+    server: Option<JoinHandle<()>>,
+}
+
+impl Client {
+    pub(crate) fn over_unix(
+        s: std::os::unix::net::UnixStream,
+        key: Option<auth::Key>,
+        timeout: Option<Duration>,
+        server: Option<JoinHandle<()>>,
+    ) -> Result<Client, TransportError> {
+        let r = s.try_clone().map_err(|e| TransportError::io("socket", e))?;
+        let shut = s.try_clone().map_err(|e| TransportError::io("socket", e))?;
+        Client::handshake(
+            Box::new(r),
+            Box::new(s),
+            key,
+            timeout,
+            Box::new(move || {
+                let _ = shut.shutdown(std::net::Shutdown::Write);
+            }),
+            server,
+        )
+    }
+
+    /// Runs the handshake over a reader and writer, then starts the answer reader.
+    pub fn handshake(
+        r: Box<dyn Read + Send>,
+        w: Box<dyn Write + Send>,
+        key: Option<auth::Key>,
+        timeout: Option<Duration>,
+        shutdown: Box<dyn Fn() + Send + Sync>,
+        server: Option<JoinHandle<()>>,
+    ) -> Result<Client, TransportError> {
+        let mut r = BufReader::with_capacity(1 << 20, r);
+        let mut w = BufWriter::with_capacity(1 << 20, w);
+        let proto =
+            |e: protocol::FrameError| TransportError::Protocol(format!("during handshake: {e}"));
+        let hello = ClientHello {
+            magic: MAGIC,
+            version: PROTOCOL_VERSION,
+            capabilities: vec!["delta".into(), "stage".into()],
+        };
+        protocol::write_frame(&mut w, &hello).map_err(proto)?;
+        w.flush().map_err(|e| TransportError::io("handshake", e))?;
+        let sh: ServerHello = protocol::read_frame(&mut r).map_err(|e| match e {
+            protocol::FrameError::Malformed(_) | protocol::FrameError::TooLarge(_) => {
+                TransportError::NotMirrorfs
+            }
+            e => proto(e),
+        })?;
+        if sh.magic != MAGIC {
+            return Err(TransportError::NotMirrorfs);
+        }
+        if sh.version != PROTOCOL_VERSION {
+            return Err(TransportError::VersionMismatch {
+                ours: PROTOCOL_VERSION,
+                theirs: sh.version,
+            });
+        }
+        if let Some(why) = sh.refusal {
+            return Err(TransportError::Refused(why));
+        }
+        if let Some(challenge) = sh.challenge {
+            let key = key.ok_or_else(|| {
+                TransportError::Auth("the target requires a token; pass --token-file".into())
+            })?;
+            let nonce = auth::nonce().map_err(|e| TransportError::io("random nonce", e))?;
+            let ca = ClientAuth {
+                nonce,
+                proof: auth::proof(&key, b"client", &challenge, &nonce),
+            };
+            protocol::write_frame(&mut w, &ca).map_err(proto)?;
+            w.flush().map_err(|e| TransportError::io("handshake", e))?;
+            let sa: ServerAuth = protocol::read_frame(&mut r).map_err(proto)?;
+            if !sa.ok {
+                return Err(TransportError::Auth("the target rejected our token".into()));
+            }
+            if !auth::verify(&auth::proof(&key, b"server", &nonce, &challenge), &sa.proof) {
+                return Err(TransportError::Auth(
+                    "the target could not prove it knows the token".into(),
+                ));
+            }
+        } else if key.is_some() {
+            log::warn!("a token file was given but the target does not ask for authentication");
+        }
+        let info = TargetInfo {
+            is_root: sh.is_root,
+            version: sh.version,
+            capabilities: sh.capabilities,
+        };
+        let shared = Arc::new(Shared {
+            writer: Mutex::new((w, 1)),
+            queue: Mutex::new(Queue {
+                slots: VecDeque::new(),
+                dead: None,
+                closing: false,
+            }),
+            bytes_sent: AtomicU64::new(0),
+        });
+        let s2 = shared.clone();
+        let reader = std::thread::Builder::new()
+            .name("rpc-reader".into())
+            .spawn(move || read_answers(r, s2))
+            .map_err(|e| TransportError::io("spawn reader", e))?;
+        Ok(Client {
+            shared,
+            info,
+            timeout,
+            shutdown,
+            reader: Some(reader),
+            server,
+        })
+    }
+}
+
+fn read_answers(mut r: BufReader<Box<dyn Read + Send>>, shared: Arc<Shared>) {
+    loop {
+        match protocol::read_frame::<(u64, Response)>(&mut r) {
+            Ok((id, resp)) => {
+                let front = shared.queue.lock().slots.pop_front();
+                match front {
+                    Some((want, slot)) if want == id => {
+                        let _ = slot.send(resp.map_err(RpcError::Remote));
+                    }
+                    other => {
+                        let want = other.map(|o| o.0);
+                        shared.kill(format!("answer {id} arrived while {want:?} was expected"));
+                        return;
+                    }
+                }
+            }
+            Err(protocol::FrameError::Closed) => {
+                shared.kill("the target closed the connection".into());
+                return;
+            }
+            Err(e) => {
+                shared.kill(e.to_string());
+                return;
+            }
+        }
+    }
+}
+
+impl Rpc for Client {
+    fn submit(&self, req: Request) -> Pending {
+        let (tx, rx) = crossbeam_channel::bounded(1);
+        let mut w = self.shared.writer.lock();
+        let id = w.1;
+        {
+            let mut q = self.shared.queue.lock();
+            if let Some(why) = &q.dead {
+                return Pending::Ready(Err(RpcError::Disconnected(why.clone())));
+            }
+            q.slots.push_back((id, tx));
+        }
+        w.1 += 1;
+        match protocol::write_frame(&mut w.0, &(id, &req)) {
+            Ok(n) => {
+                self.shared
+                    .bytes_sent
+                    .fetch_add(n as u64, Ordering::Relaxed);
+            }
+            Err(e) => {
+                drop(w);
+                self.shared.kill(format!("sending {}: {e}", req.name()));
+            }
+        }
+        Pending::Waiting {
+            rx,
+            flusher: self.shared.clone(),
+            timeout: self.timeout,
+        }
+    }
+
+    fn flush(&self) {
+        Flush::flush(&*self.shared);
+    }
+
+    fn bytes_sent(&self) -> u64 {
+        self.shared.bytes_sent.load(Ordering::Relaxed)
+    }
+
+    fn target_info(&self) -> TargetInfo {
+        self.info.clone()
+    }
+}
+
+impl Drop for Client {
+    /// Sends what is buffered, closes our half, and waits until the target has applied all of
+    /// it and closed its side (and, in-process, until its thread ended).
+    fn drop(&mut self) {
+        self.shared.flush();
+        self.shared.queue.lock().closing = true;
+        (self.shutdown)();
+        if let Some(h) = self.reader.take() {
+            let _ = h.join();
+        }
+        if let Some(h) = self.server.take() {
+            let _ = h.join();
+        }
+    }
+}

@@ -1,0 +1,139 @@
+//! Transports: where a target is and how to reach it. `Endpoint` parses `unix:PATH`,
+//! `tcp:HOST:PORT` or a plain local directory (served in-process over a socket pair, through the
+//! same code as a remote target). `client` holds the pipelined connection (`Client`, an `Rpc`),
+//! `server` the accept loops and the per-connection request loop, `auth` the token challenge.
+
+pub mod auth;
+pub mod client;
+pub mod server;
+
+pub use client::Client;
+pub use server::{listen, serve_stream};
+
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Endpoint {
+    /// A directory on this machine, served in-process.
+    Local(PathBuf),
+    Unix(PathBuf),
+    Tcp(String),
+}
+
+impl Endpoint {
+    pub fn parse(s: &str) -> Result<Endpoint, TransportError> {
+        if let Some(p) = s.strip_prefix("unix:") {
+            if p.is_empty() {
+                return Err(TransportError::BadEndpoint(
+                    s.into(),
+                    "unix: needs a socket path",
+                ));
+            }
+            return Ok(Endpoint::Unix(p.into()));
+        }
+        if let Some(a) = s.strip_prefix("tcp:") {
+            match a.rsplit_once(':') {
+                Some((host, port)) if !host.is_empty() && port.parse::<u16>().is_ok() => {
+                    return Ok(Endpoint::Tcp(a.into()))
+                }
+                _ => {
+                    return Err(TransportError::BadEndpoint(
+                        s.into(),
+                        "tcp: needs HOST:PORT",
+                    ))
+                }
+            }
+        }
+        if s.is_empty() {
+            return Err(TransportError::BadEndpoint(s.into(), "empty target"));
+        }
+        Ok(Endpoint::Local(s.into()))
+    }
+}
+
+impl fmt::Display for Endpoint {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Endpoint::Local(p) => write!(f, "{}", p.display()),
+            Endpoint::Unix(p) => write!(f, "unix:{}", p.display()),
+            Endpoint::Tcp(a) => write!(f, "tcp:{a}"),
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum TransportError {
+    #[error("bad target {0:?}: {1}")]
+    BadEndpoint(String, &'static str),
+    #[error("{0}")]
+    Io(String),
+    #[error("protocol version mismatch: this mirrorfs speaks version {ours}, the other side speaks version {theirs}")]
+    VersionMismatch { ours: u32, theirs: u32 },
+    #[error("the other side is not a mirrorfs endpoint")]
+    NotMirrorfs,
+    #[error("target refused the connection: {0}")]
+    Refused(String),
+    #[error("authentication failed: {0}")]
+    Auth(String),
+    #[error("protocol error: {0}")]
+    Protocol(String),
+}
+
+impl TransportError {
+    pub fn io(what: impl fmt::Display, e: impl fmt::Display) -> TransportError {
+        TransportError::Io(format!("{what}: {e}"))
+    }
+}
+
+/// Connects to a target; a local directory is served in-process.
+pub fn connect(
+    ep: &Endpoint,
+    token_file: Option<&Path>,
+    timeout: Option<Duration>,
+) -> Result<Client, TransportError> {
+    let key = token_file
+        .map(auth::load_key)
+        .transpose()
+        .map_err(|e| TransportError::Io(e.to_string()))?;
+    match ep {
+        Endpoint::Local(dir) => {
+            let fs = crate::fs::LocalFs::new(dir)
+                .map_err(|e| TransportError::Io(format!("target: {e}")))?;
+            let (a, b) = std::os::unix::net::UnixStream::pair()
+                .map_err(|e| TransportError::io("socketpair", e))?;
+            let fs: std::sync::Arc<dyn crate::fs::FileSystem> = std::sync::Arc::new(fs);
+            let b2 = b
+                .try_clone()
+                .map_err(|e| TransportError::io("socketpair", e))?;
+            let server = std::thread::Builder::new()
+                .name("target".into())
+                .spawn(move || serve_stream(Box::new(b), Box::new(b2), fs, None))
+                .map_err(|e| TransportError::io("spawn target thread", e))?;
+            Client::over_unix(a, key, timeout, Some(server))
+        }
+        Endpoint::Unix(path) => {
+            let s = std::os::unix::net::UnixStream::connect(path)
+                .map_err(|e| TransportError::io(format!("connect {}", path.display()), e))?;
+            Client::over_unix(s, key, timeout, None)
+        }
+        Endpoint::Tcp(addr) => {
+            let s = std::net::TcpStream::connect(addr)
+                .map_err(|e| TransportError::io(format!("connect {addr}"), e))?;
+            let _ = s.set_nodelay(true);
+            let r = s.try_clone().map_err(|e| TransportError::io("socket", e))?;
+            let shut = s.try_clone().map_err(|e| TransportError::io("socket", e))?;
+            Client::handshake(
+                Box::new(r),
+                Box::new(s),
+                key,
+                timeout,
+                Box::new(move || {
+                    let _ = shut.shutdown(std::net::Shutdown::Write);
+                }),
+                None,
+            )
+        }
+    }
+}

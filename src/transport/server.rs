@@ -1,0 +1,255 @@
+//! The target's side: accept loops for unix and tcp listeners, and `serve_stream`, which runs
+//! the handshake and then the request loop of one connection. Requests are applied one at a time
+//! in arrival order; answers are buffered and flushed whenever no further request is already
+//! waiting, so a pipelined stream costs few writes. A malformed request is answered with an error
+//! under its id when the id can be read, and otherwise ends the connection with a log line; an
+//! oversized frame ends the connection. Nothing here panics on input.
+
+use super::{auth, TransportError};
+use crate::fs::{FileSystem, FsError};
+use crate::path::RelPath;
+use crate::protocol::{
+    self, ClientAuth, ClientHello, FrameError, Request, Response, ServerAuth, ServerHello, MAGIC,
+    PROTOCOL_VERSION,
+};
+use crate::target::ReplicatorTarget;
+use std::io::{BufRead, BufReader, BufWriter, Read, Write};
+use std::net::{IpAddr, SocketAddr, TcpListener};
+use std::os::unix::net::UnixListener;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+/// Serves one connection until it closes. Errors are logged, never returned.
+pub fn serve_stream(
+    r: Box<dyn Read + Send>,
+    w: Box<dyn Write + Send>,
+    fs: Arc<dyn FileSystem>,
+    key: Option<auth::Key>,
+) {
+    let mut r = BufReader::with_capacity(1 << 20, r);
+    let mut w = BufWriter::with_capacity(1 << 20, w);
+    match handshake(&mut r, &mut w, key) {
+        Ok(()) => {}
+        Err(e) => {
+            log::warn!("connection refused: {e}");
+            let _ = w.flush();
+            return;
+        }
+    }
+    let mut target = ReplicatorTarget::new(fs, RelPath::root());
+    loop {
+        let payload = match protocol::read_payload(&mut r) {
+            Ok(p) => p,
+            Err(FrameError::Closed) => break,
+            Err(e) => {
+                log::error!("closing connection: {e}");
+                break;
+            }
+        };
+        let answer: (u64, Response) = match protocol::decode::<(u64, Request)>(&payload) {
+            Ok((id, req)) => (id, target.handle_request(req)),
+            Err(e) => match protocol::peek_id(&payload) {
+                Some(id) => {
+                    log::error!("malformed request {id}: {e}");
+                    (
+                        id,
+                        Err(FsError::msg(
+                            libc::EPROTO,
+                            "decode",
+                            &RelPath::root(),
+                            format!("malformed request: {e}"),
+                        )),
+                    )
+                }
+                None => {
+                    log::error!("closing connection: malformed frame without a request id: {e}");
+                    break;
+                }
+            },
+        };
+        if let Err(e) = protocol::write_frame(&mut w, &answer) {
+            log::error!("closing connection: cannot answer: {e}");
+            break;
+        }
+        if r.buffer().is_empty() {
+            if let Err(e) = w.flush() {
+                log::error!("closing connection: {e}");
+                break;
+            }
+        }
+    }
+    let _ = w.flush();
+}
+
+fn handshake(
+    r: &mut impl BufRead,
+    w: &mut impl Write,
+    key: Option<auth::Key>,
+) -> Result<(), TransportError> {
+    let proto = |e: FrameError| TransportError::Protocol(e.to_string());
+    let ch: ClientHello = protocol::read_frame(r).map_err(|_| TransportError::NotMirrorfs)?;
+    if ch.magic != MAGIC {
+        return Err(TransportError::NotMirrorfs);
+    }
+    let mut hello = ServerHello {
+        magic: MAGIC,
+        version: PROTOCOL_VERSION,
+        capabilities: vec!["delta".into(), "stage".into()],
+        is_root: crate::fs::running_as_root(),
+        challenge: None,
+        refusal: None,
+    };
+    if ch.version != PROTOCOL_VERSION {
+        let e = TransportError::VersionMismatch {
+            ours: PROTOCOL_VERSION,
+            theirs: ch.version,
+        };
+        hello.refusal = Some(e.to_string());
+        protocol::write_frame(w, &hello).map_err(proto)?;
+        return Err(e);
+    }
+    let challenge = match key {
+        Some(_) => Some(auth::nonce().map_err(|e| TransportError::io("random nonce", e))?),
+        None => None,
+    };
+    hello.challenge = challenge;
+    protocol::write_frame(w, &hello).map_err(proto)?;
+    w.flush().map_err(|e| TransportError::io("handshake", e))?;
+    if let (Some(key), Some(challenge)) = (key, challenge) {
+        let ca: ClientAuth = protocol::read_frame(r).map_err(proto)?;
+        let ok = auth::verify(
+            &auth::proof(&key, b"client", &challenge, &ca.nonce),
+            &ca.proof,
+        );
+        let sa = ServerAuth {
+            ok,
+            proof: if ok {
+                auth::proof(&key, b"server", &ca.nonce, &challenge)
+            } else {
+                [0; 32]
+            },
+        };
+        protocol::write_frame(w, &sa).map_err(proto)?;
+        w.flush().map_err(|e| TransportError::io("handshake", e))?;
+        if !ok {
+            return Err(TransportError::Auth(
+                "client sent a wrong token proof".into(),
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// Where `serve` listens.
+#[derive(Debug, Clone)]
+pub enum Listen {
+    Unix(PathBuf),
+    Tcp(SocketAddr),
+}
+
+impl Listen {
+    pub fn parse(s: &str) -> Result<Listen, String> {
+        if let Some(p) = s.strip_prefix("unix:") {
+            if p.is_empty() {
+                return Err("unix: needs a socket path".into());
+            }
+            return Ok(Listen::Unix(p.into()));
+        }
+        if let Some(a) = s.strip_prefix("tcp:") {
+            let addr = std::net::ToSocketAddrs::to_socket_addrs(a)
+                .map_err(|e| format!("bad tcp address {a:?}: {e}"))?
+                .next()
+                .ok_or_else(|| format!("tcp address {a:?} resolves to nothing"))?;
+            return Ok(Listen::Tcp(addr));
+        }
+        Err(format!(
+            "--listen takes unix:PATH or tcp:HOST:PORT, not {s:?}"
+        ))
+    }
+}
+
+fn is_loopback(ip: IpAddr) -> bool {
+    ip.is_loopback()
+}
+
+/// Checks the listen address against the token rule: TCP off loopback needs a token.
+pub fn check_listen(l: &Listen, have_token: bool) -> Result<(), String> {
+    if let Listen::Tcp(a) = l {
+        if !is_loopback(a.ip()) && !have_token {
+            return Err(format!(
+                "listening on {a}, which is not a loopback address, requires --token-file"
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// Accepts connections forever, one thread each. `ready` is called once the socket is bound.
+pub fn listen(
+    l: &Listen,
+    dir: &Path,
+    token_file: Option<&Path>,
+    ready: impl FnOnce(String),
+) -> Result<(), TransportError> {
+    check_listen(l, token_file.is_some()).map_err(TransportError::Io)?;
+    let key = token_file
+        .map(auth::load_key)
+        .transpose()
+        .map_err(|e| TransportError::Io(e.to_string()))?;
+    let fs: Arc<dyn FileSystem> = Arc::new(
+        crate::fs::LocalFs::new(dir)
+            .map_err(|e| TransportError::Io(format!("target directory: {e}")))?,
+    );
+    match l {
+        Listen::Unix(path) => {
+            if path.exists() {
+                if std::os::unix::net::UnixStream::connect(path).is_ok() {
+                    return Err(TransportError::Io(format!(
+                        "{} is in use by a running server",
+                        path.display()
+                    )));
+                }
+                let _ = std::fs::remove_file(path);
+            }
+            let lis = UnixListener::bind(path)
+                .map_err(|e| TransportError::io(format!("bind {}", path.display()), e))?;
+            use std::os::unix::fs::PermissionsExt;
+            let _ = std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600));
+            ready(format!("unix:{}", path.display()));
+            for s in lis.incoming() {
+                let s = match s {
+                    Ok(s) => s,
+                    Err(e) => {
+                        log::warn!("accept: {e}");
+                        continue;
+                    }
+                };
+                let fs = fs.clone();
+                let Ok(r) = s.try_clone() else { continue };
+                std::thread::spawn(move || serve_stream(Box::new(r), Box::new(s), fs, key));
+            }
+        }
+        Listen::Tcp(addr) => {
+            let lis = TcpListener::bind(addr)
+                .map_err(|e| TransportError::io(format!("bind {addr}"), e))?;
+            let local = lis
+                .local_addr()
+                .map_err(|e| TransportError::io("bind", e))?;
+            ready(format!("tcp:{local}"));
+            for s in lis.incoming() {
+                let s = match s {
+                    Ok(s) => s,
+                    Err(e) => {
+                        log::warn!("accept: {e}");
+                        continue;
+                    }
+                };
+                let _ = s.set_nodelay(true);
+                let fs = fs.clone();
+                let Ok(r) = s.try_clone() else { continue };
+                std::thread::spawn(move || serve_stream(Box::new(r), Box::new(s), fs, key));
+            }
+        }
+    }
+    Ok(())
+}
