@@ -90,10 +90,7 @@ pub fn check_target(target: &str, src: &Path) -> Result<Endpoint, String> {
         }
         let t = std::fs::canonicalize(dir).map_err(|e| format!("target {}: {e}", dir.display()))?;
         if t == src {
-            return Err(format!(
-                "source and target are the same directory ({})",
-                t.display()
-            ));
+            return Err(format!("source and target are the same directory ({})", t.display()));
         }
         if t.starts_with(src) {
             return Err(format!(
@@ -103,7 +100,11 @@ pub fn check_target(target: &str, src: &Path) -> Result<Endpoint, String> {
             ));
         }
         if src.starts_with(&t) {
-            return Err(format!("source {} lies inside the target {}; the sync would delete or overwrite its own source", src.display(), t.display()));
+            return Err(format!(
+                "source {} lies inside the target {}; the sync would delete or overwrite its own source",
+                src.display(),
+                t.display()
+            ));
         }
     }
     Ok(ep)

@@ -55,17 +55,12 @@ impl Kind {
 
     /// Kinds made with mknod.
     pub fn is_special(self) -> bool {
-        matches!(
-            self,
-            Kind::Fifo | Kind::Socket | Kind::CharDev | Kind::BlockDev
-        )
+        matches!(self, Kind::Fifo | Kind::Socket | Kind::CharDev | Kind::BlockDev)
     }
 }
 
 /// A point in time with nanoseconds.
-#[derive(
-    Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default, Serialize, Deserialize,
-)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default, Serialize, Deserialize)]
 pub struct Time {
     pub sec: i64,
     pub nsec: u32,
@@ -235,11 +230,7 @@ pub trait FileSystem: Send + Sync {
     fn read_at(&self, p: &RelPath, offset: u64, len: usize) -> FsResult<Vec<u8>>;
     /// The (offset, length) ranges that hold data; holes are left out. `size` is the file size.
     fn data_segments(&self, _p: &RelPath, size: u64) -> FsResult<Vec<(u64, u64)>> {
-        Ok(if size == 0 {
-            Vec::new()
-        } else {
-            vec![(0, size)]
-        })
+        Ok(if size == 0 { Vec::new() } else { vec![(0, size)] })
     }
     /// The whole content, for use as an rsync basis.
     fn map_file(&self, p: &RelPath) -> FsResult<FileBytes>;
@@ -267,14 +258,7 @@ pub trait FileSystem: Send + Sync {
     fn fsync(&self, p: &RelPath, datasync: bool) -> FsResult<()>;
 
     /// Copies a byte range between two files.
-    fn copy_range(
-        &self,
-        src: &RelPath,
-        src_off: u64,
-        dst: &RelPath,
-        dst_off: u64,
-        len: u64,
-    ) -> FsResult<()> {
+    fn copy_range(&self, src: &RelPath, src_off: u64, dst: &RelPath, dst_off: u64, len: u64) -> FsResult<()> {
         let mut done = 0u64;
         while done < len {
             let n = ((len - done) as usize).min(CHUNK);

@@ -15,8 +15,7 @@ fn main() -> ExitCode {
         Command::Serve(_) => "info",
         _ => "warn",
     };
-    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or(default_level))
-        .init();
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or(default_level)).init();
     let r = match cli.command {
         Command::Sync(a) => sync(a),
         Command::Verify(a) => verify(a),
@@ -35,8 +34,7 @@ fn connect(a: &TargetArgs) -> Result<(Arc<LocalFs>, mirrorfs::transport::Client)
     let src = cli::check_source(&a.src)?;
     let ep = cli::check_target(&a.target, &src)?;
     let fs = Arc::new(LocalFs::new(&src).map_err(|e| format!("source: {e}"))?);
-    let client = transport::connect(&ep, a.token_file.as_deref(), None)
-        .map_err(|e| format!("target {ep}: {e}"))?;
+    let client = transport::connect(&ep, a.token_file.as_deref(), None).map_err(|e| format!("target {ep}: {e}"))?;
     Ok((fs, client))
 }
 
@@ -48,8 +46,7 @@ fn sync(a: SyncArgs) -> Result<ExitCode, String> {
         progress: !a.target.quiet,
     };
     let started = std::time::Instant::now();
-    let source = ReplicatorSource::with_options(fs, RelPath::root(), client, opts)
-        .map_err(|e| e.to_string())?;
+    let source = ReplicatorSource::with_options(fs, RelPath::root(), client, opts).map_err(|e| e.to_string())?;
     let r = source.last_report().clone();
     drop(source);
     for p in &r.problems {
@@ -64,7 +61,11 @@ fn sync(a: SyncArgs) -> Result<ExitCode, String> {
             r.delta_files,
             r.content_bytes,
             r.wire_bytes,
-            if r.problems.is_empty() { String::new() } else { format!(", {} problems", r.problems.len()) }
+            if r.problems.is_empty() {
+                String::new()
+            } else {
+                format!(", {} problems", r.problems.len())
+            }
         );
     }
     Ok(if r.problems.is_empty() {
@@ -77,8 +78,7 @@ fn sync(a: SyncArgs) -> Result<ExitCode, String> {
 fn verify(a: TargetArgs) -> Result<ExitCode, String> {
     let (fs, client) = connect(&a)?;
     // Building a source reconciles; verify must not change anything, so it uses the parts.
-    let diffs =
-        mirrorfs::source::verify_only(fs, RelPath::root(), &client).map_err(|e| e.to_string())?;
+    let diffs = mirrorfs::source::verify_only(fs, RelPath::root(), &client).map_err(|e| e.to_string())?;
     for d in &diffs {
         println!("{d}");
     }
@@ -93,29 +93,19 @@ fn verify(a: TargetArgs) -> Result<ExitCode, String> {
 }
 
 fn serve(a: ServeArgs) -> Result<ExitCode, String> {
-    let meta = std::fs::metadata(&a.dir)
-        .map_err(|e| format!("target directory {}: {e}", a.dir.display()))?;
+    let meta = std::fs::metadata(&a.dir).map_err(|e| format!("target directory {}: {e}", a.dir.display()))?;
     if !meta.is_dir() {
-        return Err(format!(
-            "target directory {} is not a directory",
-            a.dir.display()
-        ));
+        return Err(format!("target directory {} is not a directory", a.dir.display()));
     }
     if a.stdio {
-        let fs: Arc<dyn mirrorfs::FileSystem> =
-            Arc::new(LocalFs::new(&a.dir).map_err(|e| e.to_string())?);
+        let fs: Arc<dyn mirrorfs::FileSystem> = Arc::new(LocalFs::new(&a.dir).map_err(|e| e.to_string())?);
         let key = a
             .token_file
             .as_deref()
             .map(transport::auth::load_key)
             .transpose()
             .map_err(|e| e.to_string())?;
-        transport::serve_stream(
-            Box::new(std::io::stdin()),
-            Box::new(std::io::stdout()),
-            fs,
-            key,
-        );
+        transport::serve_stream(Box::new(std::io::stdin()), Box::new(std::io::stdout()), fs, key);
         return Ok(ExitCode::SUCCESS);
     }
     let l = Listen::parse(a.listen.as_deref().unwrap_or_default())?;

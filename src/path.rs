@@ -78,12 +78,7 @@ impl RelPath {
 
     /// Appends one name; the name must be a single valid component.
     pub fn join(&self, name: &[u8]) -> Result<RelPath, PathError> {
-        if name.is_empty()
-            || name == b"."
-            || name == b".."
-            || name.contains(&b'/')
-            || name.contains(&0)
-        {
+        if name.is_empty() || name == b"." || name == b".." || name.contains(&b'/') || name.contains(&0) {
             return Err(PathError::NotAName(show(name)));
         }
         let mut v = Vec::with_capacity(self.0.len() + 1 + name.len());
@@ -148,8 +143,7 @@ impl RelPath {
         if other.is_root() {
             return true;
         }
-        self.0.starts_with(&other.0)
-            && (self.0.len() == other.0.len() || self.0[other.0.len()] == b'/')
+        self.0.starts_with(&other.0) && (self.0.len() == other.0.len() || self.0[other.0.len()] == b'/')
     }
 
     pub fn depth(&self) -> usize {
@@ -282,9 +276,7 @@ mod tests {
         assert!(p.join(b"..").is_err());
         assert!(p.join(b"a/b").is_err());
         assert!(p.starts_with(&RelPath::new("x/y").unwrap()));
-        assert!(!RelPath::new("x/yy")
-            .unwrap()
-            .starts_with(&RelPath::new("x/y").unwrap()));
+        assert!(!RelPath::new("x/yy").unwrap().starts_with(&RelPath::new("x/y").unwrap()));
     }
 
     #[test]

@@ -142,6 +142,10 @@ pub enum Request {
     },
     /// The next page of the scan started last.
     ScanNext,
+    /// BLAKE3 of the target's file at `path`.
+    Hash {
+        path: RelPath,
+    },
     /// rsync signature of the target's file at `path`.
     Signature {
         path: RelPath,
@@ -222,6 +226,7 @@ impl Request {
             Request::Fsync { .. } => "fsync",
             Request::Scan { .. } => "scan",
             Request::ScanNext => "scan_next",
+            Request::Hash { .. } => "hash",
             Request::Signature { .. } => "signature",
             Request::PutFile { .. } => "put_file",
             Request::StageOpen { .. } => "stage_open",
@@ -242,6 +247,7 @@ pub enum Reply {
     Done,
     Scan { entries: Vec<Entry>, more: bool },
     Signature(Vec<u8>),
+    Hash([u8; 32]),
 }
 
 /// Success, or an errno with a message.
@@ -270,8 +276,7 @@ pub enum FrameError {
 
 pub fn encode<T: Serialize>(value: &T) -> Result<Vec<u8>, FrameError> {
     let mut buf = vec![0u8; 4];
-    bincode::serde::encode_into_std_write(value, &mut buf, cfg())
-        .map_err(|e| FrameError::Malformed(e.to_string()))?;
+    bincode::serde::encode_into_std_write(value, &mut buf, cfg()).map_err(|e| FrameError::Malformed(e.to_string()))?;
     let len = buf.len() - 4;
     if len > MAX_FRAME {
         return Err(FrameError::TooLarge(len));
@@ -305,8 +310,8 @@ pub fn read_payload(r: &mut impl Read) -> Result<Vec<u8>, FrameError> {
 }
 
 pub fn decode<T: DeserializeOwned>(payload: &[u8]) -> Result<T, FrameError> {
-    let (v, used) = bincode::serde::decode_from_slice(payload, cfg())
-        .map_err(|e| FrameError::Malformed(e.to_string()))?;
+    let (v, used) =
+        bincode::serde::decode_from_slice(payload, cfg()).map_err(|e| FrameError::Malformed(e.to_string()))?;
     if used != payload.len() {
         return Err(FrameError::Malformed(format!(
             "{} trailing bytes",
@@ -350,14 +355,8 @@ mod tests {
         assert_eq!(peek_id(&buf[4..]), Some(7));
 
         let huge = ((MAX_FRAME + 1) as u32).to_le_bytes();
-        assert!(matches!(
-            read_payload(&mut &huge[..]),
-            Err(FrameError::TooLarge(_))
-        ));
-        assert!(matches!(
-            read_payload(&mut &[][..]),
-            Err(FrameError::Closed)
-        ));
+        assert!(matches!(read_payload(&mut &huge[..]), Err(FrameError::TooLarge(_))));
+        assert!(matches!(read_payload(&mut &[][..]), Err(FrameError::Closed)));
         let junk = [3u8, 0, 0, 0, 1, 0xff, 0xff];
         assert!(matches!(
             read_frame::<(u64, Request)>(&mut &junk[..]),

@@ -48,20 +48,16 @@ impl Pending {
     pub fn wait(self) -> Result<Reply, RpcError> {
         match self {
             Pending::Ready(r) => r,
-            Pending::Waiting {
-                rx,
-                flusher,
-                timeout,
-            } => {
+            Pending::Waiting { rx, flusher, timeout } => {
                 if let Ok(r) = rx.try_recv() {
                     return r;
                 }
                 flusher.flush();
                 match timeout {
                     Some(t) => rx.recv_timeout(t).unwrap_or(Err(RpcError::Timeout(t))),
-                    None => rx.recv().unwrap_or_else(|_| {
-                        Err(RpcError::Disconnected("answer channel closed".into()))
-                    }),
+                    None => rx
+                        .recv()
+                        .unwrap_or_else(|_| Err(RpcError::Disconnected("answer channel closed".into()))),
                 }
             }
         }

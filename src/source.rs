@@ -7,9 +7,7 @@ use crate::fs::{FileSystem, FsError};
 use crate::path::RelPath;
 use crate::progress::Progress;
 use crate::protocol::{Reply, Request};
-use crate::reconcile::{
-    self, ApplyOptions, Op, PlanError, PlanOptions, Report, ScanOptions, Snapshot,
-};
+use crate::reconcile::{self, ApplyOptions, Op, PlanError, PlanOptions, Report, ScanOptions, Snapshot};
 use crate::rpc::{Pending, Rpc, RpcError};
 use std::sync::Arc;
 
@@ -48,12 +46,7 @@ impl<R: Rpc> ReplicatorSource<R> {
         Self::with_options(fs, root, rpc, SyncOptions::default())
     }
 
-    pub fn with_options(
-        fs: Arc<dyn FileSystem>,
-        root: RelPath,
-        rpc: R,
-        opts: SyncOptions,
-    ) -> Result<Self, SyncError> {
+    pub fn with_options(fs: Arc<dyn FileSystem>, root: RelPath, rpc: R, opts: SyncOptions) -> Result<Self, SyncError> {
         let mut s = ReplicatorSource {
             fs,
             root,
@@ -98,15 +91,7 @@ impl<R: Rpc> ReplicatorSource<R> {
         let apply = ApplyOptions {
             owners: self.rpc.target_info().is_root,
         };
-        let mut report = reconcile::execute(
-            self.fs.as_ref(),
-            &self.root,
-            &src,
-            &plan,
-            &self.rpc,
-            &apply,
-            &progress,
-        )?;
+        let mut report = reconcile::execute(self.fs.as_ref(), &self.root, &src, &plan, &self.rpc, &apply, &progress)?;
         progress.finish();
         report
             .problems
@@ -127,11 +112,7 @@ impl<R: Rpc> ReplicatorSource<R> {
 
 /// Lists the differences without changing anything (building a `ReplicatorSource` would
 /// reconcile first).
-pub fn verify_only(
-    fs: Arc<dyn FileSystem>,
-    root: RelPath,
-    rpc: &dyn Rpc,
-) -> Result<Vec<String>, SyncError> {
+pub fn verify_only(fs: Arc<dyn FileSystem>, root: RelPath, rpc: &dyn Rpc) -> Result<Vec<String>, SyncError> {
     let (src, dst) = scan_both(fs.as_ref(), &root, rpc, true)?;
     let opts = PlanOptions {
         checksum: true,
@@ -139,16 +120,8 @@ pub fn verify_only(
         allow_mass_delete: true,
     };
     let plan = reconcile::plan(&src, &dst, &opts)?;
-    let mut out: Vec<String> = plan
-        .ops
-        .iter()
-        .map(|op| reconcile::describe(op, &src, &dst))
-        .collect();
-    out.extend(
-        src.problems
-            .iter()
-            .map(|p| format!("could not read source: {p}")),
-    );
+    let mut out: Vec<String> = plan.ops.iter().map(|op| reconcile::describe(op, &src, &dst)).collect();
+    out.extend(src.problems.iter().map(|p| format!("could not read source: {p}")));
     Ok(out)
 }
 
@@ -171,20 +144,13 @@ fn collect_scan(rpc: &dyn Rpc, first: Pending) -> Result<Snapshot, SyncError> {
     let mut next = first;
     loop {
         match next.wait() {
-            Ok(Reply::Scan {
-                entries: page,
-                more,
-            }) => {
+            Ok(Reply::Scan { entries: page, more }) => {
                 entries.extend(page);
                 if !more {
                     break;
                 }
             }
-            Ok(other) => {
-                return Err(SyncError::TargetScan(format!(
-                    "unexpected answer {other:?}"
-                )))
-            }
+            Ok(other) => return Err(SyncError::TargetScan(format!("unexpected answer {other:?}"))),
             Err(RpcError::Remote(e)) => return Err(SyncError::TargetScan(e.to_string())),
             Err(e) => return Err(e.into()),
         }

@@ -31,14 +31,7 @@ fn check_size(ret: libc::ssize_t) -> io::Result<usize> {
 /// `openat(2)`; the returned descriptor is owned.
 pub fn openat(dir: BorrowedFd<'_>, name: &CStr, flags: i32, mode: u32) -> io::Result<OwnedFd> {
     // SAFETY: `name` is a valid NUL-terminated string; the fd returned is new and ours alone.
-    let fd = check(unsafe {
-        libc::openat(
-            dir.as_raw_fd(),
-            name.as_ptr(),
-            flags | libc::O_CLOEXEC,
-            mode,
-        )
-    })?;
+    let fd = check(unsafe { libc::openat(dir.as_raw_fd(), name.as_ptr(), flags | libc::O_CLOEXEC, mode) })?;
     // SAFETY: `fd` was just returned by openat and is owned by nobody else.
     Ok(unsafe { OwnedFd::from_raw_fd(fd) })
 }
@@ -138,32 +131,12 @@ pub fn symlinkat(target: &CStr, dir: BorrowedFd<'_>, name: &CStr) -> io::Result<
     check(unsafe { libc::symlinkat(target.as_ptr(), dir.as_raw_fd(), name.as_ptr()) }).map(drop)
 }
 
-pub fn linkat(
-    odir: BorrowedFd<'_>,
-    oname: &CStr,
-    ndir: BorrowedFd<'_>,
-    nname: &CStr,
-) -> io::Result<()> {
+pub fn linkat(odir: BorrowedFd<'_>, oname: &CStr, ndir: BorrowedFd<'_>, nname: &CStr) -> io::Result<()> {
     // SAFETY: plain syscall; flags 0 means the old name is not followed if it is a symlink.
-    check(unsafe {
-        libc::linkat(
-            odir.as_raw_fd(),
-            oname.as_ptr(),
-            ndir.as_raw_fd(),
-            nname.as_ptr(),
-            0,
-        )
-    })
-    .map(drop)
+    check(unsafe { libc::linkat(odir.as_raw_fd(), oname.as_ptr(), ndir.as_raw_fd(), nname.as_ptr(), 0) }).map(drop)
 }
 
-pub fn renameat2(
-    odir: BorrowedFd<'_>,
-    oname: &CStr,
-    ndir: BorrowedFd<'_>,
-    nname: &CStr,
-    flags: u32,
-) -> io::Result<()> {
+pub fn renameat2(odir: BorrowedFd<'_>, oname: &CStr, ndir: BorrowedFd<'_>, nname: &CStr, flags: u32) -> io::Result<()> {
     // SAFETY: plain syscall on valid fds and NUL-terminated names.
     check(unsafe {
         libc::renameat2(
@@ -186,23 +159,13 @@ pub fn unlinkat(dir: BorrowedFd<'_>, name: &CStr, is_dir: bool) -> io::Result<()
 /// `fchmodat` on the entry itself. Linux cannot chmod a symlink, so callers never ask for one.
 pub fn fchmodat(dir: BorrowedFd<'_>, name: &CStr, mode: u32) -> io::Result<()> {
     // SAFETY: plain syscall on a valid fd and NUL-terminated name.
-    check(unsafe { libc::fchmodat(dir.as_raw_fd(), name.as_ptr(), mode as libc::mode_t, 0) })
-        .map(drop)
+    check(unsafe { libc::fchmodat(dir.as_raw_fd(), name.as_ptr(), mode as libc::mode_t, 0) }).map(drop)
 }
 
 /// `fchownat(AT_SYMLINK_NOFOLLOW)`; `u32::MAX` leaves an id unchanged.
 pub fn fchownat(dir: BorrowedFd<'_>, name: &CStr, uid: u32, gid: u32) -> io::Result<()> {
     // SAFETY: plain syscall on a valid fd and NUL-terminated name.
-    check(unsafe {
-        libc::fchownat(
-            dir.as_raw_fd(),
-            name.as_ptr(),
-            uid,
-            gid,
-            libc::AT_SYMLINK_NOFOLLOW,
-        )
-    })
-    .map(drop)
+    check(unsafe { libc::fchownat(dir.as_raw_fd(), name.as_ptr(), uid, gid, libc::AT_SYMLINK_NOFOLLOW) }).map(drop)
 }
 
 /// A time to set: a value, "now", or "leave as is".
@@ -231,23 +194,10 @@ fn timespec(t: TimeSet) -> libc::timespec {
 }
 
 /// `utimensat(AT_SYMLINK_NOFOLLOW)`: sets times on the entry itself, symlinks included.
-pub fn utimensat(
-    dir: BorrowedFd<'_>,
-    name: &CStr,
-    atime: TimeSet,
-    mtime: TimeSet,
-) -> io::Result<()> {
+pub fn utimensat(dir: BorrowedFd<'_>, name: &CStr, atime: TimeSet, mtime: TimeSet) -> io::Result<()> {
     let ts = [timespec(atime), timespec(mtime)];
     // SAFETY: `ts` is an array of two timespecs as the call requires.
-    check(unsafe {
-        libc::utimensat(
-            dir.as_raw_fd(),
-            name.as_ptr(),
-            ts.as_ptr(),
-            libc::AT_SYMLINK_NOFOLLOW,
-        )
-    })
-    .map(drop)
+    check(unsafe { libc::utimensat(dir.as_raw_fd(), name.as_ptr(), ts.as_ptr(), libc::AT_SYMLINK_NOFOLLOW) }).map(drop)
 }
 
 pub fn futimens(fd: BorrowedFd<'_>, atime: TimeSet, mtime: TimeSet) -> io::Result<()> {
@@ -271,12 +221,7 @@ pub fn readlinkat(dir: BorrowedFd<'_>, name: &CStr) -> io::Result<Vec<u8>> {
     loop {
         // SAFETY: `buf` is writable for `buf.len()` bytes.
         let n = check_size(unsafe {
-            libc::readlinkat(
-                dir.as_raw_fd(),
-                name.as_ptr(),
-                buf.as_mut_ptr().cast(),
-                buf.len(),
-            )
+            libc::readlinkat(dir.as_raw_fd(), name.as_ptr(), buf.as_mut_ptr().cast(), buf.len())
         })?;
         if n < buf.len() {
             buf.truncate(n);
@@ -301,14 +246,8 @@ pub fn pread(fd: BorrowedFd<'_>, buf: &mut [u8], offset: u64) -> io::Result<usiz
 pub fn pwrite_all(fd: BorrowedFd<'_>, mut buf: &[u8], mut offset: u64) -> io::Result<()> {
     while !buf.is_empty() {
         // SAFETY: `buf` is readable for its length.
-        let n = check_size(unsafe {
-            libc::pwrite(
-                fd.as_raw_fd(),
-                buf.as_ptr().cast(),
-                buf.len(),
-                offset as libc::off_t,
-            )
-        })?;
+        let n =
+            check_size(unsafe { libc::pwrite(fd.as_raw_fd(), buf.as_ptr().cast(), buf.len(), offset as libc::off_t) })?;
         if n == 0 {
             return Err(io::ErrorKind::WriteZero.into());
         }
@@ -325,15 +264,7 @@ pub fn ftruncate(fd: BorrowedFd<'_>, size: u64) -> io::Result<()> {
 
 pub fn fallocate(fd: BorrowedFd<'_>, mode: i32, offset: u64, len: u64) -> io::Result<()> {
     // SAFETY: plain syscall on a valid fd.
-    check(unsafe {
-        libc::fallocate(
-            fd.as_raw_fd(),
-            mode,
-            offset as libc::off_t,
-            len as libc::off_t,
-        )
-    })
-    .map(drop)
+    check(unsafe { libc::fallocate(fd.as_raw_fd(), mode, offset as libc::off_t, len as libc::off_t) }).map(drop)
 }
 
 pub fn fsync(fd: BorrowedFd<'_>, datasync: bool) -> io::Result<()> {
@@ -350,11 +281,7 @@ pub fn fsync(fd: BorrowedFd<'_>, datasync: bool) -> io::Result<()> {
 
 /// `lseek` with SEEK_DATA / SEEK_HOLE; `None` when there is no more data (ENXIO).
 pub fn seek_data_hole(fd: BorrowedFd<'_>, offset: u64, data: bool) -> io::Result<Option<u64>> {
-    let whence = if data {
-        libc::SEEK_DATA
-    } else {
-        libc::SEEK_HOLE
-    };
+    let whence = if data { libc::SEEK_DATA } else { libc::SEEK_HOLE };
     // SAFETY: plain syscall on a valid fd.
     let r = unsafe { libc::lseek(fd.as_raw_fd(), offset as libc::off_t, whence) };
     if r < 0 {
@@ -410,8 +337,7 @@ pub fn lgetxattr(dir: BorrowedFd<'_>, name: &[u8], attr: &[u8]) -> io::Result<Ve
     let mut buf = vec![0u8; 256];
     loop {
         // SAFETY: `buf` is writable for its length.
-        let r =
-            unsafe { libc::lgetxattr(p.as_ptr(), a.as_ptr(), buf.as_mut_ptr().cast(), buf.len()) };
+        let r = unsafe { libc::lgetxattr(p.as_ptr(), a.as_ptr(), buf.as_mut_ptr().cast(), buf.len()) };
         if r < 0 {
             let e = io::Error::last_os_error();
             if e.raw_os_error() == Some(libc::ERANGE) && buf.len() < 1 << 20 {
@@ -425,26 +351,11 @@ pub fn lgetxattr(dir: BorrowedFd<'_>, name: &[u8], attr: &[u8]) -> io::Result<Ve
     }
 }
 
-pub fn lsetxattr(
-    dir: BorrowedFd<'_>,
-    name: &[u8],
-    attr: &[u8],
-    value: &[u8],
-    flags: i32,
-) -> io::Result<()> {
+pub fn lsetxattr(dir: BorrowedFd<'_>, name: &[u8], attr: &[u8], value: &[u8], flags: i32) -> io::Result<()> {
     let p = fd_path(dir, name)?;
     let a = cstr(attr)?;
     // SAFETY: all pointers are valid for the lengths given.
-    check(unsafe {
-        libc::lsetxattr(
-            p.as_ptr(),
-            a.as_ptr(),
-            value.as_ptr().cast(),
-            value.len(),
-            flags,
-        )
-    })
-    .map(drop)
+    check(unsafe { libc::lsetxattr(p.as_ptr(), a.as_ptr(), value.as_ptr().cast(), value.len(), flags) }).map(drop)
 }
 
 pub fn lremovexattr(dir: BorrowedFd<'_>, name: &[u8], attr: &[u8]) -> io::Result<()> {
@@ -577,7 +488,7 @@ pub fn copy_file_range(
     let mut so = src_off as libc::loff_t;
     let mut d = dst_off as libc::loff_t;
     // SAFETY: the offsets are valid locals the kernel updates; fds are open.
-    check_size(unsafe {
-        libc::copy_file_range(src.as_raw_fd(), &mut so, dst.as_raw_fd(), &mut d, len, 0)
-    } as libc::ssize_t)
+    check_size(
+        unsafe { libc::copy_file_range(src.as_raw_fd(), &mut so, dst.as_raw_fd(), &mut d, len, 0) } as libc::ssize_t,
+    )
 }

@@ -51,13 +51,7 @@ fn tmp_name_for(dst: &RelPath) -> FsResult<RelPath> {
 }
 
 /// Writes `data` at `off`, leaving 4 KiB blocks that are all zero as holes when `sparse`.
-fn write_maybe_sparse(
-    fs: &dyn FileSystem,
-    p: &RelPath,
-    off: u64,
-    data: &[u8],
-    sparse: bool,
-) -> FsResult<()> {
+fn write_maybe_sparse(fs: &dyn FileSystem, p: &RelPath, off: u64, data: &[u8], sparse: bool) -> FsResult<()> {
     if !sparse {
         return fs.write_at(p, off, data);
     }
@@ -110,39 +104,21 @@ impl ReplicatorTarget {
     }
 
     fn stage(&mut self, id: u64) -> FsResult<&mut Stage> {
-        self.stages.get_mut(&id).ok_or_else(|| {
-            FsError::msg(
-                libc::EBADF,
-                "stage",
-                &RelPath::root(),
-                format!("no stage {id}"),
-            )
-        })
+        self.stages
+            .get_mut(&id)
+            .ok_or_else(|| FsError::msg(libc::EBADF, "stage", &RelPath::root(), format!("no stage {id}")))
     }
 
     fn apply(&mut self, req: Request) -> Response {
         let fs = self.fs.clone();
         let fs = fs.as_ref();
         match req {
-            Request::Create {
-                path,
-                perm,
-                exclusive,
-            } => fs.create(&self.full(&path), perm, exclusive)?,
+            Request::Create { path, perm, exclusive } => fs.create(&self.full(&path), perm, exclusive)?,
             Request::Mkdir { path, perm } => fs.mkdir(&self.full(&path), perm)?,
-            Request::Mknod {
-                path,
-                kind,
-                perm,
-                rdev,
-            } => fs.mknod(&self.full(&path), kind, perm, rdev)?,
+            Request::Mknod { path, kind, perm, rdev } => fs.mknod(&self.full(&path), kind, perm, rdev)?,
             Request::Symlink { path, target } => fs.symlink(&target, &self.full(&path))?,
-            Request::Link { existing, path } => {
-                fs.link(&self.full(&existing), &self.full(&path))?
-            }
-            Request::Write { path, offset, data } => {
-                fs.write_at(&self.full(&path), offset, &data)?
-            }
+            Request::Link { existing, path } => fs.link(&self.full(&existing), &self.full(&path))?,
+            Request::Write { path, offset, data } => fs.write_at(&self.full(&path), offset, &data)?,
             Request::Truncate { path, size } => fs.truncate(&self.full(&path), size)?,
             Request::Fallocate {
                 path,
@@ -156,13 +132,7 @@ impl ReplicatorTarget {
                 dst,
                 dst_offset,
                 len,
-            } => fs.copy_range(
-                &self.full(&src),
-                src_offset,
-                &self.full(&dst),
-                dst_offset,
-                len,
-            )?,
+            } => fs.copy_range(&self.full(&src), src_offset, &self.full(&dst), dst_offset, len)?,
             Request::SetAttr {
                 path,
                 perm,
@@ -182,15 +152,11 @@ impl ReplicatorTarget {
                     fs.set_times(&p, atime, mtime)?;
                 }
             }
-            Request::SetXattr { path, name, value } => {
-                fs.set_xattr(&self.full(&path), &name, &value)?
-            }
+            Request::SetXattr { path, name, value } => fs.set_xattr(&self.full(&path), &name, &value)?,
             Request::RemoveXattr { path, name } => fs.remove_xattr(&self.full(&path), &name)?,
             Request::Unlink { path } => fs.unlink(&self.full(&path))?,
             Request::Rmdir { path } => fs.rmdir(&self.full(&path))?,
-            Request::Rename { from, to, flags } => {
-                fs.rename(&self.full(&from), &self.full(&to), flags)?
-            }
+            Request::Rename { from, to, flags } => fs.rename(&self.full(&from), &self.full(&to), flags)?,
             Request::Fsync { path, datasync } => fs.fsync(&self.full(&path), datasync)?,
             Request::Scan { checksum } => {
                 let snap = scan(fs, &self.root, ScanOptions { checksum })?;
@@ -201,6 +167,7 @@ impl ReplicatorTarget {
                 return Ok(self.scan_page());
             }
             Request::ScanNext => return Ok(self.scan_page()),
+            Request::Hash { path } => return Ok(Reply::Hash(fs.hash_file(&self.full(&path))?)),
             Request::Signature { path, block_size } => {
                 if !(64..=(1 << 20)).contains(&block_size) {
                     return Err(FsError::msg(
@@ -230,11 +197,7 @@ impl ReplicatorTarget {
                 let tmp = tmp_name_for(&dst)?;
                 fs.install_file(&tmp, &dst, &chunks, size, &attrs)?
             }
-            Request::StageOpen {
-                stage,
-                path,
-                sparse,
-            } => {
+            Request::StageOpen { stage, path, sparse } => {
                 let dst = self.full(&path);
                 let tmp = tmp_name_for(&dst)?;
                 fs.create(&tmp, 0o600, true)?;
@@ -254,11 +217,7 @@ impl ReplicatorTarget {
                     let _ = fs.unlink(&old.tmp);
                 }
             }
-            Request::StageWrite {
-                stage,
-                offset,
-                data,
-            } => {
+            Request::StageWrite { stage, offset, data } => {
                 let st = self.stage(stage)?;
                 let tmp = st.tmp.clone();
                 if let Err(e) = fs.write_at(&tmp, offset, &data) {
@@ -266,11 +225,7 @@ impl ReplicatorTarget {
                     return Err(e);
                 }
             }
-            Request::StageDelta {
-                stage,
-                offset,
-                delta,
-            } => {
+            Request::StageDelta { stage, offset, delta } => {
                 let st = self.stage(stage)?;
                 let r = Self::apply_delta(fs, st, offset, &delta);
                 if let Err(e) = &r {
@@ -284,14 +239,10 @@ impl ReplicatorTarget {
                 attrs,
                 hash,
             } => {
-                let st = self.stages.remove(&stage).ok_or_else(|| {
-                    FsError::msg(
-                        libc::EBADF,
-                        "stage",
-                        &RelPath::root(),
-                        format!("no stage {stage}"),
-                    )
-                })?;
+                let st = self
+                    .stages
+                    .remove(&stage)
+                    .ok_or_else(|| FsError::msg(libc::EBADF, "stage", &RelPath::root(), format!("no stage {stage}")))?;
                 let check = || -> FsResult<()> {
                     if let Some(e) = st.failed.clone() {
                         return Err(e);
@@ -319,9 +270,7 @@ impl ReplicatorTarget {
                     fs.unlink(&st.tmp)?;
                 }
             }
-            Request::ApplyAttrs { path, kind, attrs } => {
-                fs.apply_attrs(&self.full(&path), kind, &attrs)?
-            }
+            Request::ApplyAttrs { path, kind, attrs } => fs.apply_attrs(&self.full(&path), kind, &attrs)?,
             Request::LinkReplace { existing, path } => {
                 let dst = self.full(&path);
                 let tmp = tmp_name_for(&dst)?;

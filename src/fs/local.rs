@@ -5,9 +5,7 @@
 //! following it. Content is read and written through fds opened `O_NONBLOCK`, so a fifo at a path
 //! never blocks the caller.
 
-use super::{
-    Attrs, DirEntry, FileBytes, FileSystem, FsError, FsResult, Kind, Meta, SetTime, Xattr,
-};
+use super::{Attrs, DirEntry, FileBytes, FileSystem, FsError, FsResult, Kind, Meta, SetTime, Xattr};
 use crate::path::RelPath;
 use crate::sys;
 use std::ffi::CString;
@@ -109,11 +107,7 @@ impl LocalFs {
         } else {
             None
         };
-        let xattrs = if xattrs {
-            read_xattrs(dir, name)?
-        } else {
-            Vec::new()
-        };
+        let xattrs = if xattrs { read_xattrs(dir, name)? } else { Vec::new() };
         Ok(DirEntry {
             name: name.to_vec(),
             meta,
@@ -173,8 +167,8 @@ impl FileSystem for LocalFs {
         let mut buf = vec![0u8; len];
         let mut got = 0;
         while got < len {
-            let n = sys::pread(fd.as_fd(), &mut buf[got..], offset + got as u64)
-                .map_err(|e| FsError::io(e, "read", p))?;
+            let n =
+                sys::pread(fd.as_fd(), &mut buf[got..], offset + got as u64).map_err(|e| FsError::io(e, "read", p))?;
             if n == 0 {
                 break;
             }
@@ -189,9 +183,7 @@ impl FileSystem for LocalFs {
         let mut out = Vec::new();
         let mut off = 0u64;
         while off < size {
-            let Some(start) = sys::seek_data_hole(fd.as_fd(), off, true)
-                .map_err(|e| FsError::io(e, "seek", p))?
-            else {
+            let Some(start) = sys::seek_data_hole(fd.as_fd(), off, true).map_err(|e| FsError::io(e, "seek", p))? else {
                 break;
             };
             if start >= size {
@@ -210,8 +202,7 @@ impl FileSystem for LocalFs {
     fn map_file(&self, p: &RelPath) -> FsResult<FileBytes> {
         let fd = self.open(p, RD, "map")?;
         let st = sys::fstatat(fd.as_fd(), c"", false).map_err(|e| FsError::io(e, "map", p))?;
-        let m = sys::Mmap::map(fd.as_fd(), st.st_size as usize)
-            .map_err(|e| FsError::io(e, "map", p))?;
+        let m = sys::Mmap::map(fd.as_fd(), st.st_size as usize).map_err(|e| FsError::io(e, "map", p))?;
         Ok(FileBytes::Mapped(m))
     }
 
@@ -227,14 +218,7 @@ impl FileSystem for LocalFs {
 
     fn create(&self, p: &RelPath, perm: u32, exclusive: bool) -> FsResult<()> {
         let (dir, name) = self.at(p, "create")?;
-        let flags = WR
-            | libc::O_CREAT
-            | libc::O_NOFOLLOW
-            | if exclusive {
-                libc::O_EXCL
-            } else {
-                libc::O_TRUNC
-            };
+        let flags = WR | libc::O_CREAT | libc::O_NOFOLLOW | if exclusive { libc::O_EXCL } else { libc::O_TRUNC };
         sys::openat(dir.fd(), &name, flags, perm)
             .map(drop)
             .map_err(|e| FsError::io(e, "create", p))
@@ -255,8 +239,7 @@ impl FileSystem for LocalFs {
             ));
         }
         let (dir, name) = self.at(p, "mknod")?;
-        sys::mknodat(dir.fd(), &name, kind.type_bits() | perm, rdev)
-            .map_err(|e| FsError::io(e, "mknod", p))
+        sys::mknodat(dir.fd(), &name, kind.type_bits() | perm, rdev).map_err(|e| FsError::io(e, "mknod", p))
     }
 
     fn symlink(&self, target: &[u8], p: &RelPath) -> FsResult<()> {
@@ -277,8 +260,7 @@ impl FileSystem for LocalFs {
         }
         let (od, on) = self.at(from, "rename")?;
         let (nd, nn) = self.at(to, "rename")?;
-        sys::renameat2(od.fd(), &on, nd.fd(), &nn, flags)
-            .map_err(|e| FsError::io(e, "rename", from))
+        sys::renameat2(od.fd(), &on, nd.fd(), &nn, flags).map_err(|e| FsError::io(e, "rename", from))
     }
 
     fn unlink(&self, p: &RelPath) -> FsResult<()> {
@@ -302,19 +284,13 @@ impl FileSystem for LocalFs {
 
     fn set_owner(&self, p: &RelPath, uid: Option<u32>, gid: Option<u32>) -> FsResult<()> {
         let (dir, name) = self.at(p, "chown")?;
-        sys::fchownat(
-            dir.fd(),
-            &name,
-            uid.unwrap_or(u32::MAX),
-            gid.unwrap_or(u32::MAX),
-        )
-        .map_err(|e| FsError::io(e, "chown", p))
+        sys::fchownat(dir.fd(), &name, uid.unwrap_or(u32::MAX), gid.unwrap_or(u32::MAX))
+            .map_err(|e| FsError::io(e, "chown", p))
     }
 
     fn set_times(&self, p: &RelPath, atime: SetTime, mtime: SetTime) -> FsResult<()> {
         let (dir, name) = self.at(p, "utimens")?;
-        sys::utimensat(dir.fd(), &name, atime.to_sys(), mtime.to_sys())
-            .map_err(|e| FsError::io(e, "utimens", p))
+        sys::utimensat(dir.fd(), &name, atime.to_sys(), mtime.to_sys()).map_err(|e| FsError::io(e, "utimens", p))
     }
 
     fn truncate(&self, p: &RelPath, size: u64) -> FsResult<()> {
@@ -329,14 +305,12 @@ impl FileSystem for LocalFs {
 
     fn set_xattr(&self, p: &RelPath, name: &[u8], value: &[u8]) -> FsResult<()> {
         let (dir, n) = self.at(p, "setxattr")?;
-        sys::lsetxattr(dir.fd(), n.as_bytes(), name, value, 0)
-            .map_err(|e| FsError::io(e, "setxattr", p))
+        sys::lsetxattr(dir.fd(), n.as_bytes(), name, value, 0).map_err(|e| FsError::io(e, "setxattr", p))
     }
 
     fn remove_xattr(&self, p: &RelPath, name: &[u8]) -> FsResult<()> {
         let (dir, n) = self.at(p, "removexattr")?;
-        sys::lremovexattr(dir.fd(), n.as_bytes(), name)
-            .map_err(|e| FsError::io(e, "removexattr", p))
+        sys::lremovexattr(dir.fd(), n.as_bytes(), name).map_err(|e| FsError::io(e, "removexattr", p))
     }
 
     fn fsync(&self, p: &RelPath, datasync: bool) -> FsResult<()> {
@@ -344,14 +318,7 @@ impl FileSystem for LocalFs {
         sys::fsync(fd.as_fd(), datasync).map_err(|e| FsError::io(e, "fsync", p))
     }
 
-    fn copy_range(
-        &self,
-        src: &RelPath,
-        src_off: u64,
-        dst: &RelPath,
-        dst_off: u64,
-        len: u64,
-    ) -> FsResult<()> {
+    fn copy_range(&self, src: &RelPath, src_off: u64, dst: &RelPath, dst_off: u64, len: u64) -> FsResult<()> {
         let s = self.open(src, RD, "copy_file_range")?;
         let d = self.open_file_wr(dst, "copy_file_range")?;
         let mut done = 0u64;

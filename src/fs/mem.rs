@@ -40,10 +40,7 @@ impl Default for MemFs {
 impl MemFs {
     pub fn new() -> MemFs {
         let mut nodes = HashMap::new();
-        nodes.insert(
-            ROOT,
-            Node::new(Kind::Dir, 0o755, ROOT, Time::new(1_000_000, 0)),
-        );
+        nodes.insert(ROOT, Node::new(Kind::Dir, 0o755, ROOT, Time::new(1_000_000, 0)));
         MemFs {
             state: Mutex::new(State {
                 nodes,
@@ -71,8 +68,7 @@ impl MemFs {
 
     fn count(&self, bytes: usize) {
         self.writes.fetch_add(1, Ordering::Relaxed);
-        self.bytes_written
-            .fetch_add(bytes as u64, Ordering::Relaxed);
+        self.bytes_written.fetch_add(bytes as u64, Ordering::Relaxed);
     }
 }
 
@@ -158,11 +154,7 @@ impl State {
             node.meta.nlink = 2;
         }
         self.nodes.insert(ino, node);
-        self.nodes
-            .get_mut(&dir)
-            .unwrap()
-            .children
-            .insert(name.to_vec(), ino);
+        self.nodes.get_mut(&dir).unwrap().children.insert(name.to_vec(), ino);
         self.touch_dir(dir);
         Ok(ino)
     }
@@ -219,10 +211,7 @@ impl FileSystem for MemFs {
                     meta: n.meta.clone(),
                     link: (n.meta.kind == Kind::Symlink).then(|| n.link.clone()),
                     xattrs: if xattrs {
-                        n.xattrs
-                            .iter()
-                            .map(|(k, v)| (k.clone(), v.clone()))
-                            .collect()
+                        n.xattrs.iter().map(|(k, v)| (k.clone(), v.clone())).collect()
                     } else {
                         Vec::new()
                     },
@@ -260,10 +249,7 @@ impl FileSystem for MemFs {
     fn xattrs(&self, p: &RelPath) -> FsResult<Vec<Xattr>> {
         let s = self.state.lock();
         let n = &s.nodes[&s.lookup(p, "listxattr")?];
-        Ok(n.xattrs
-            .iter()
-            .map(|(k, v)| (k.clone(), v.clone()))
-            .collect())
+        Ok(n.xattrs.iter().map(|(k, v)| (k.clone(), v.clone())).collect())
     }
 
     fn write_at(&self, p: &RelPath, offset: u64, data: &[u8]) -> FsResult<()> {
@@ -292,15 +278,13 @@ impl FileSystem for MemFs {
             return Ok(());
         }
         let t = s.tick();
-        s.add(p, Node::new(Kind::File, perm, 0, t), "create")
-            .map(drop)
+        s.add(p, Node::new(Kind::File, perm, 0, t), "create").map(drop)
     }
 
     fn mkdir(&self, p: &RelPath, perm: u32) -> FsResult<()> {
         let mut s = self.state.lock();
         let t = s.tick();
-        s.add(p, Node::new(Kind::Dir, perm, 0, t), "mkdir")
-            .map(drop)
+        s.add(p, Node::new(Kind::Dir, perm, 0, t), "mkdir").map(drop)
     }
 
     fn mknod(&self, p: &RelPath, kind: Kind, perm: u32, rdev: u64) -> FsResult<()> {
@@ -333,11 +317,7 @@ impl FileSystem for MemFs {
         if s.nodes[&dir].children.contains_key(name) {
             return Err(err(libc::EEXIST, "link", new));
         }
-        s.nodes
-            .get_mut(&dir)
-            .unwrap()
-            .children
-            .insert(name.to_vec(), ino);
+        s.nodes.get_mut(&dir).unwrap().children.insert(name.to_vec(), ino);
         s.nodes.get_mut(&ino).unwrap().meta.nlink += 1;
         s.touch_dir(dir);
         Ok(())
@@ -357,16 +337,8 @@ impl FileSystem for MemFs {
         let dst = s.nodes[&td].children.get(tname).copied();
         if flags & super::RENAME_EXCHANGE != 0 {
             let dst = dst.ok_or_else(|| err(libc::ENOENT, "rename", to))?;
-            s.nodes
-                .get_mut(&fd)
-                .unwrap()
-                .children
-                .insert(fname.to_vec(), dst);
-            s.nodes
-                .get_mut(&td)
-                .unwrap()
-                .children
-                .insert(tname.to_vec(), src);
+            s.nodes.get_mut(&fd).unwrap().children.insert(fname.to_vec(), dst);
+            s.nodes.get_mut(&td).unwrap().children.insert(tname.to_vec(), src);
         } else {
             if let Some(d) = dst {
                 if flags & super::RENAME_NOREPLACE != 0 {
@@ -389,11 +361,7 @@ impl FileSystem for MemFs {
                 s.drop_link(d);
             }
             s.nodes.get_mut(&fd).unwrap().children.remove(fname);
-            s.nodes
-                .get_mut(&td)
-                .unwrap()
-                .children
-                .insert(tname.to_vec(), src);
+            s.nodes.get_mut(&td).unwrap().children.insert(tname.to_vec(), src);
         }
         s.touch_dir(fd);
         s.touch_dir(td);

@@ -118,12 +118,7 @@ impl Exec<'_> {
     }
 
     /// Records one answer; a lost connection is fatal, anything else is a per-path problem.
-    fn record(
-        &mut self,
-        r: Result<Reply, RpcError>,
-        path: &RelPath,
-        name: &str,
-    ) -> Result<(), RpcError> {
+    fn record(&mut self, r: Result<Reply, RpcError>, path: &RelPath, name: &str) -> Result<(), RpcError> {
         match r {
             Ok(_) => Ok(()),
             Err(RpcError::Remote(e)) => {
@@ -206,6 +201,29 @@ impl Exec<'_> {
                     path: path.clone(),
                 },
             ),
+            Op::Check(path) => {
+                let pending = self.rpc.submit(Request::Hash { path: path.clone() });
+                self.rpc.flush();
+                let mine = self.fs.hash_file(&self.root.join_rel(path));
+                let theirs = match pending.wait() {
+                    Ok(Reply::Hash(h)) => Some(h),
+                    Ok(_) | Err(RpcError::Remote(_)) => None,
+                    Err(e) => return Err(e),
+                };
+                let e = self.entry(path);
+                if mine.is_ok_and(|m| Some(m) == theirs) {
+                    let req = Request::ApplyAttrs {
+                        path: path.clone(),
+                        kind: e.meta.kind,
+                        attrs: self.attrs(&e.meta, e),
+                    };
+                    return self.send(path, req);
+                }
+                self.run(&Op::Transfer {
+                    path: path.clone(),
+                    basis: true,
+                })
+            }
             Op::Transfer { path, basis } => {
                 let size = self.entry(path).meta.size;
                 if *basis && size >= DELTA_MIN {
@@ -221,11 +239,7 @@ impl Exec<'_> {
 
     /// Reads the data segments of a source file, again if it changed while being read.
     /// Returns the stat it was read under and the chunks, or `None` after a problem was noted.
-    fn read_stable(
-        &mut self,
-        path: &RelPath,
-        max_chunk: usize,
-    ) -> Option<(Meta, Vec<(u64, Vec<u8>)>)> {
+    fn read_stable(&mut self, path: &RelPath, max_chunk: usize) -> Option<(Meta, Vec<(u64, Vec<u8>)>)> {
         let full = self.root.join_rel(path);
         let mut last_err = String::new();
         for _ in 0..READ_TRIES {
@@ -249,9 +263,7 @@ impl Exec<'_> {
                 Ok::<_, crate::fs::FsError>((before, after, chunks))
             })();
             match r {
-                Ok((before, after, chunks)) if same_version(&before, &after) => {
-                    return Some((after, chunks))
-                }
+                Ok((before, after, chunks)) if same_version(&before, &after) => return Some((after, chunks)),
                 Ok(_) => last_err = "changed while being read".into(),
                 Err(e) => {
                     self.problem(format!("read {path}: {e}"));
@@ -330,14 +342,7 @@ impl Exec<'_> {
                         Ok(data) if data.is_empty() => break,
                         Ok(data) => {
                             let l = data.len() as u64;
-                            self.send(
-                                path,
-                                Request::StageWrite {
-                                    stage,
-                                    offset: o,
-                                    data,
-                                },
-                            )?;
+                            self.send(path, Request::StageWrite { stage, offset: o, data })?;
                             o += l;
                         }
                         Err(e) => {
@@ -347,11 +352,7 @@ impl Exec<'_> {
                     }
                 }
             }
-            let stable = self
-                .fs
-                .stat(&full)
-                .map(|m1| same_version(&m0, &m1))
-                .unwrap_or(false);
+            let stable = self.fs.stat(&full).map(|m1| same_version(&m0, &m1)).unwrap_or(false);
             if failed.is_some() || !stable {
                 self.send(path, Request::StageAbort { stage })?;
                 if let Some(e) = failed {
@@ -372,7 +373,9 @@ impl Exec<'_> {
                 },
             );
         }
-        self.problem(format!("read {path}: changed while being read ({READ_TRIES} tries); left for the next reconcile"));
+        self.problem(format!(
+            "read {path}: changed while being read ({READ_TRIES} tries); left for the next reconcile"
+        ));
         Ok(())
     }
 
@@ -426,13 +429,7 @@ impl Exec<'_> {
             }));
             off += data.len() as u64;
         }
-        let stable = ok
-            && off == m0.size
-            && self
-                .fs
-                .stat(&full)
-                .map(|m1| same_version(&m0, &m1))
-                .unwrap_or(false);
+        let stable = ok && off == m0.size && self.fs.stat(&full).map(|m1| same_version(&m0, &m1)).unwrap_or(false);
         let last = if stable {
             let attrs = self.attrs(&m0, self.entry(path));
             let hash = Some(*hasher.finalize().as_bytes());

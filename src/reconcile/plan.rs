@@ -25,6 +25,9 @@ pub enum Op {
         path: RelPath,
         basis: bool,
     },
+    /// Same size, other mtime (a `touch`): compare content hashes, send content only if they
+    /// differ, otherwise only metadata.
+    Check(RelPath),
     /// Make `path` a hard link of `leader`, which is already in place.
     Link {
         path: RelPath,
@@ -40,7 +43,7 @@ pub enum Op {
 impl Op {
     pub fn path(&self) -> &RelPath {
         match self {
-            Op::Remove(p) | Op::Mkdir(p) | Op::Symlink(p) | Op::Mknod(p) | Op::Attrs(p) => p,
+            Op::Remove(p) | Op::Mkdir(p) | Op::Symlink(p) | Op::Mknod(p) | Op::Attrs(p) | Op::Check(p) => p,
             Op::Transfer { path, .. } | Op::Link { path, .. } => path,
         }
     }
@@ -116,7 +119,7 @@ pub fn plan(src: &Snapshot, dst: &Snapshot, opts: &PlanOptions) -> Result<Plan, 
     let mut rewritten: HashSet<RelPath> = HashSet::new();
 
     let push = |ops: &mut Vec<Op>, touched: &mut HashSet<RelPath>, op: Op| {
-        if !matches!(op, Op::Attrs(_)) {
+        if !matches!(op, Op::Attrs(_) | Op::Check(_)) {
             if let Some(parent) = op.path().parent() {
                 touched.insert(parent);
             }
@@ -130,9 +133,7 @@ pub fn plan(src: &Snapshot, dst: &Snapshot, opts: &PlanOptions) -> Result<Plan, 
             continue;
         }
         let parent = p.parent().unwrap_or_default();
-        if src.get(&parent).is_some_and(|e| e.meta.kind == Kind::Dir)
-            && !src.incomplete.contains(&parent)
-        {
+        if src.get(&parent).is_some_and(|e| e.meta.kind == Kind::Dir) && !src.incomplete.contains(&parent) {
             push(&mut ops, &mut touched, Op::Remove(p.clone()));
         }
     }
@@ -179,9 +180,7 @@ pub fn plan(src: &Snapshot, dst: &Snapshot, opts: &PlanOptions) -> Result<Plan, 
                 let group = (s.meta.nlink > 1).then(|| &src_groups[&inode(s)]);
                 if let Some(leader) = group.map(|g| &g[0]).filter(|l| *l != p) {
                     let linked = t.zip(dst.get(leader)).is_some_and(|(te, tl)| {
-                        inode(te) == inode(tl)
-                            && !rewritten.contains(leader)
-                            && !gone(&replaced, leader)
+                        inode(te) == inode(tl) && !rewritten.contains(leader) && !gone(&replaced, leader)
                     });
                     if !linked {
                         push(
@@ -202,8 +201,7 @@ pub fn plan(src: &Snapshot, dst: &Snapshot, opts: &PlanOptions) -> Result<Plan, 
                         return false;
                     }
                     let tg = dst_groups.get(&inode(te)).map(Vec::as_slice).unwrap_or(&[]);
-                    let sg: &[RelPath] =
-                        group.map(Vec::as_slice).unwrap_or(std::slice::from_ref(p));
+                    let sg: &[RelPath] = group.map(Vec::as_slice).unwrap_or(std::slice::from_ref(p));
                     te.meta.nlink as usize != tg.len() || tg != sg
                 });
                 match t {
@@ -212,16 +210,13 @@ pub fn plan(src: &Snapshot, dst: &Snapshot, opts: &PlanOptions) -> Result<Plan, 
                             push(&mut ops, &mut touched, Op::Attrs(p.clone()));
                         }
                     }
+                    Some(te) if !opts.checksum && !shared_wrongly && te.meta.size == s.meta.size && s.meta.size > 0 => {
+                        push(&mut ops, &mut touched, Op::Check(p.clone()));
+                        rewritten.insert(p.clone());
+                    }
                     _ => {
                         let basis = t.is_some_and(|te| te.meta.size > 0 && !shared_wrongly);
-                        push(
-                            &mut ops,
-                            &mut touched,
-                            Op::Transfer {
-                                path: p.clone(),
-                                basis,
-                            },
-                        );
+                        push(&mut ops, &mut touched, Op::Transfer { path: p.clone(), basis });
                         rewritten.insert(p.clone());
                     }
                 }
@@ -272,6 +267,7 @@ pub fn describe(op: &Op, src: &Snapshot, dst: &Snapshot) -> String {
         Op::Mkdir(p) => format!("directory missing on target: {p}"),
         Op::Transfer { path, .. } if t.is_none() => format!("file missing on target: {path}"),
         Op::Transfer { path, .. } => format!("content differs: {path}"),
+        Op::Check(p) => format!("mtime differs, content may too: {p}"),
         Op::Link { path, leader } => format!("not hard-linked to {leader} on target: {path}"),
         Op::Symlink(p) => format!("symlink missing on target: {p}"),
         Op::Mknod(p) => format!("special file missing on target: {p}"),
@@ -416,6 +412,7 @@ mod tests {
                 Op::Symlink(p) => format!("symlink {p}"),
                 Op::Mknod(p) => format!("mknod {p}"),
                 Op::Attrs(p) => format!("attrs {p}"),
+                Op::Check(p) => format!("check {p}"),
             })
             .collect()
     }
@@ -468,10 +465,10 @@ mod tests {
                 &["put x (delta)", "attrs ."],
             ),
             (
-                "changed mtime sends a delta",
+                "changed mtime with the same size is checked by hash",
                 &["f:x:3:200"],
                 &["f:x:3:100"],
-                &["put x (delta)", "attrs ."],
+                &["check x"],
             ),
             (
                 "extra entries are removed, topmost only",
@@ -551,10 +548,7 @@ mod tests {
         let src = snap(&["f:x:3:100"]);
         let mut dst = snap(&["f:x:3:100"]);
         dst.entries.get_mut(&p("x")).unwrap().meta.uid = 5;
-        assert!(plan(&src, &dst, &PlanOptions::default())
-            .unwrap()
-            .ops
-            .is_empty());
+        assert!(plan(&src, &dst, &PlanOptions::default()).unwrap().ops.is_empty());
         assert_eq!(
             show(
                 &plan(
@@ -611,13 +605,9 @@ mod tests {
     fn unreadable_source_dir_deletes_nothing_beneath() {
         let mut src = snap(&["d:a"]);
         src.incomplete.insert(p("a"));
-        let ops = plan(
-            &src,
-            &snap(&["d:a", "f:a/keep:1:1"]),
-            &PlanOptions::default(),
-        )
-        .unwrap()
-        .ops;
+        let ops = plan(&src, &snap(&["d:a", "f:a/keep:1:1"]), &PlanOptions::default())
+            .unwrap()
+            .ops;
         assert!(!ops.iter().any(|o| matches!(o, Op::Remove(_))), "{ops:?}");
     }
 }

@@ -9,12 +9,8 @@ pub type Key = [u8; 32];
 
 /// Reads the token file (surrounding whitespace ignored) and derives the key.
 pub fn load_key(path: &Path) -> io::Result<Key> {
-    let raw = std::fs::read(path).map_err(|e| {
-        io::Error::new(
-            e.kind(),
-            format!("cannot read token file {}: {e}", path.display()),
-        )
-    })?;
+    let raw = std::fs::read(path)
+        .map_err(|e| io::Error::new(e.kind(), format!("cannot read token file {}: {e}", path.display())))?;
     let token = raw.trim_ascii();
     if token.len() < 16 {
         return Err(io::Error::new(
@@ -26,10 +22,7 @@ pub fn load_key(path: &Path) -> io::Result<Key> {
             ),
         ));
     }
-    Ok(blake3::derive_key(
-        "mirrorfs 2026 token authentication v1",
-        token,
-    ))
+    Ok(blake3::derive_key("mirrorfs 2026 token authentication v1", token))
 }
 
 pub fn nonce() -> io::Result<[u8; 32]> {

@@ -7,8 +7,7 @@
 
 use super::{auth, TransportError};
 use crate::protocol::{
-    self, ClientAuth, ClientHello, Reply, Request, Response, ServerAuth, ServerHello, MAGIC,
-    PROTOCOL_VERSION,
+    self, ClientAuth, ClientHello, Reply, Request, Response, ServerAuth, ServerHello, MAGIC, PROTOCOL_VERSION,
 };
 use crate::rpc::{Flush, Pending, Rpc, RpcError, TargetInfo};
 use crossbeam_channel::Sender;
@@ -98,8 +97,7 @@ impl Client {
     ) -> Result<Client, TransportError> {
         let mut r = BufReader::with_capacity(1 << 20, r);
         let mut w = BufWriter::with_capacity(1 << 20, w);
-        let proto =
-            |e: protocol::FrameError| TransportError::Protocol(format!("during handshake: {e}"));
+        let proto = |e: protocol::FrameError| TransportError::Protocol(format!("during handshake: {e}"));
         let hello = ClientHello {
             magic: MAGIC,
             version: PROTOCOL_VERSION,
@@ -108,9 +106,7 @@ impl Client {
         protocol::write_frame(&mut w, &hello).map_err(proto)?;
         w.flush().map_err(|e| TransportError::io("handshake", e))?;
         let sh: ServerHello = protocol::read_frame(&mut r).map_err(|e| match e {
-            protocol::FrameError::Malformed(_) | protocol::FrameError::TooLarge(_) => {
-                TransportError::NotMirrorfs
-            }
+            protocol::FrameError::Malformed(_) | protocol::FrameError::TooLarge(_) => TransportError::NotMirrorfs,
             e => proto(e),
         })?;
         if sh.magic != MAGIC {
@@ -126,9 +122,8 @@ impl Client {
             return Err(TransportError::Refused(why));
         }
         if let Some(challenge) = sh.challenge {
-            let key = key.ok_or_else(|| {
-                TransportError::Auth("the target requires a token; pass --token-file".into())
-            })?;
+            let key =
+                key.ok_or_else(|| TransportError::Auth("the target requires a token; pass --token-file".into()))?;
             let nonce = auth::nonce().map_err(|e| TransportError::io("random nonce", e))?;
             let ca = ClientAuth {
                 nonce,
@@ -221,9 +216,7 @@ impl Rpc for Client {
         w.1 += 1;
         match protocol::write_frame(&mut w.0, &(id, &req)) {
             Ok(n) => {
-                self.shared
-                    .bytes_sent
-                    .fetch_add(n as u64, Ordering::Relaxed);
+                self.shared.bytes_sent.fetch_add(n as u64, Ordering::Relaxed);
             }
             Err(e) => {
                 drop(w);

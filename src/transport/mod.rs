@@ -26,10 +26,7 @@ impl Endpoint {
     pub fn parse(s: &str) -> Result<Endpoint, TransportError> {
         if let Some(p) = s.strip_prefix("unix:") {
             if p.is_empty() {
-                return Err(TransportError::BadEndpoint(
-                    s.into(),
-                    "unix: needs a socket path",
-                ));
+                return Err(TransportError::BadEndpoint(s.into(), "unix: needs a socket path"));
             }
             return Ok(Endpoint::Unix(p.into()));
         }
@@ -38,12 +35,7 @@ impl Endpoint {
                 Some((host, port)) if !host.is_empty() && port.parse::<u16>().is_ok() => {
                     return Ok(Endpoint::Tcp(a.into()))
                 }
-                _ => {
-                    return Err(TransportError::BadEndpoint(
-                        s.into(),
-                        "tcp: needs HOST:PORT",
-                    ))
-                }
+                _ => return Err(TransportError::BadEndpoint(s.into(), "tcp: needs HOST:PORT")),
             }
         }
         if s.is_empty() {
@@ -88,25 +80,17 @@ impl TransportError {
 }
 
 /// Connects to a target; a local directory is served in-process.
-pub fn connect(
-    ep: &Endpoint,
-    token_file: Option<&Path>,
-    timeout: Option<Duration>,
-) -> Result<Client, TransportError> {
+pub fn connect(ep: &Endpoint, token_file: Option<&Path>, timeout: Option<Duration>) -> Result<Client, TransportError> {
     let key = token_file
         .map(auth::load_key)
         .transpose()
         .map_err(|e| TransportError::Io(e.to_string()))?;
     match ep {
         Endpoint::Local(dir) => {
-            let fs = crate::fs::LocalFs::new(dir)
-                .map_err(|e| TransportError::Io(format!("target: {e}")))?;
-            let (a, b) = std::os::unix::net::UnixStream::pair()
-                .map_err(|e| TransportError::io("socketpair", e))?;
+            let fs = crate::fs::LocalFs::new(dir).map_err(|e| TransportError::Io(format!("target: {e}")))?;
+            let (a, b) = std::os::unix::net::UnixStream::pair().map_err(|e| TransportError::io("socketpair", e))?;
             let fs: std::sync::Arc<dyn crate::fs::FileSystem> = std::sync::Arc::new(fs);
-            let b2 = b
-                .try_clone()
-                .map_err(|e| TransportError::io("socketpair", e))?;
+            let b2 = b.try_clone().map_err(|e| TransportError::io("socketpair", e))?;
             let server = std::thread::Builder::new()
                 .name("target".into())
                 .spawn(move || serve_stream(Box::new(b), Box::new(b2), fs, None))
@@ -119,8 +103,7 @@ pub fn connect(
             Client::over_unix(s, key, timeout, None)
         }
         Endpoint::Tcp(addr) => {
-            let s = std::net::TcpStream::connect(addr)
-                .map_err(|e| TransportError::io(format!("connect {addr}"), e))?;
+            let s = std::net::TcpStream::connect(addr).map_err(|e| TransportError::io(format!("connect {addr}"), e))?;
             let _ = s.set_nodelay(true);
             let r = s.try_clone().map_err(|e| TransportError::io("socket", e))?;
             let shut = s.try_clone().map_err(|e| TransportError::io("socket", e))?;

@@ -9,8 +9,7 @@ use super::{auth, TransportError};
 use crate::fs::{FileSystem, FsError};
 use crate::path::RelPath;
 use crate::protocol::{
-    self, ClientAuth, ClientHello, FrameError, Request, Response, ServerAuth, ServerHello, MAGIC,
-    PROTOCOL_VERSION,
+    self, ClientAuth, ClientHello, FrameError, Request, Response, ServerAuth, ServerHello, MAGIC, PROTOCOL_VERSION,
 };
 use crate::target::ReplicatorTarget;
 use std::io::{BufRead, BufReader, BufWriter, Read, Write};
@@ -81,11 +80,7 @@ pub fn serve_stream(
     let _ = w.flush();
 }
 
-fn handshake(
-    r: &mut impl BufRead,
-    w: &mut impl Write,
-    key: Option<auth::Key>,
-) -> Result<(), TransportError> {
+fn handshake(r: &mut impl BufRead, w: &mut impl Write, key: Option<auth::Key>) -> Result<(), TransportError> {
     let proto = |e: FrameError| TransportError::Protocol(e.to_string());
     let ch: ClientHello = protocol::read_frame(r).map_err(|_| TransportError::NotMirrorfs)?;
     if ch.magic != MAGIC {
@@ -117,10 +112,7 @@ fn handshake(
     w.flush().map_err(|e| TransportError::io("handshake", e))?;
     if let (Some(key), Some(challenge)) = (key, challenge) {
         let ca: ClientAuth = protocol::read_frame(r).map_err(proto)?;
-        let ok = auth::verify(
-            &auth::proof(&key, b"client", &challenge, &ca.nonce),
-            &ca.proof,
-        );
+        let ok = auth::verify(&auth::proof(&key, b"client", &challenge, &ca.nonce), &ca.proof);
         let sa = ServerAuth {
             ok,
             proof: if ok {
@@ -132,9 +124,7 @@ fn handshake(
         protocol::write_frame(w, &sa).map_err(proto)?;
         w.flush().map_err(|e| TransportError::io("handshake", e))?;
         if !ok {
-            return Err(TransportError::Auth(
-                "client sent a wrong token proof".into(),
-            ));
+            return Err(TransportError::Auth("client sent a wrong token proof".into()));
         }
     }
     Ok(())
@@ -162,9 +152,7 @@ impl Listen {
                 .ok_or_else(|| format!("tcp address {a:?} resolves to nothing"))?;
             return Ok(Listen::Tcp(addr));
         }
-        Err(format!(
-            "--listen takes unix:PATH or tcp:HOST:PORT, not {s:?}"
-        ))
+        Err(format!("--listen takes unix:PATH or tcp:HOST:PORT, not {s:?}"))
     }
 }
 
@@ -196,10 +184,8 @@ pub fn listen(
         .map(auth::load_key)
         .transpose()
         .map_err(|e| TransportError::Io(e.to_string()))?;
-    let fs: Arc<dyn FileSystem> = Arc::new(
-        crate::fs::LocalFs::new(dir)
-            .map_err(|e| TransportError::Io(format!("target directory: {e}")))?,
-    );
+    let fs: Arc<dyn FileSystem> =
+        Arc::new(crate::fs::LocalFs::new(dir).map_err(|e| TransportError::Io(format!("target directory: {e}")))?);
     match l {
         Listen::Unix(path) => {
             if path.exists() {
@@ -211,8 +197,8 @@ pub fn listen(
                 }
                 let _ = std::fs::remove_file(path);
             }
-            let lis = UnixListener::bind(path)
-                .map_err(|e| TransportError::io(format!("bind {}", path.display()), e))?;
+            let lis =
+                UnixListener::bind(path).map_err(|e| TransportError::io(format!("bind {}", path.display()), e))?;
             use std::os::unix::fs::PermissionsExt;
             let _ = std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600));
             ready(format!("unix:{}", path.display()));
@@ -230,11 +216,8 @@ pub fn listen(
             }
         }
         Listen::Tcp(addr) => {
-            let lis = TcpListener::bind(addr)
-                .map_err(|e| TransportError::io(format!("bind {addr}"), e))?;
-            let local = lis
-                .local_addr()
-                .map_err(|e| TransportError::io("bind", e))?;
+            let lis = TcpListener::bind(addr).map_err(|e| TransportError::io(format!("bind {addr}"), e))?;
+            let local = lis.local_addr().map_err(|e| TransportError::io("bind", e))?;
             ready(format!("tcp:{local}"));
             for s in lis.incoming() {
                 let s = match s {
