@@ -119,7 +119,7 @@ pub fn plan(src: &Snapshot, dst: &Snapshot, opts: &PlanOptions) -> Result<Plan, 
     let mut rewritten: HashSet<RelPath> = HashSet::new();
 
     let push = |ops: &mut Vec<Op>, touched: &mut HashSet<RelPath>, op: Op| {
-        if !matches!(op, Op::Attrs(_) | Op::Check(_)) {
+        if !matches!(op, Op::Attrs(_)) {
             if let Some(parent) = op.path().parent() {
                 touched.insert(parent);
             }
@@ -468,7 +468,7 @@ mod tests {
                 "changed mtime with the same size is checked by hash",
                 &["f:x:3:200"],
                 &["f:x:3:100"],
-                &["check x"],
+                &["check x", "attrs ."],
             ),
             (
                 "extra entries are removed, topmost only",

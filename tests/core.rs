@@ -1,0 +1,226 @@
+//! Library-level tests of the original design's API (`ReplicatorSource`, `ReplicatorTarget`,
+//! `FileSystem`): the in-memory logic tests with `MemFs`, the target's refusal of every escape on
+//! a real directory, and the server's behaviour on bad frames and versions over a real socket.
+
+mod common;
+
+use mirrorfs::fs::{FileSystem, Kind, LocalFs, MemFs, SetTime};
+use mirrorfs::protocol::{self, ClientHello, Reply, Request, Response, ServerHello, MAGIC, PROTOCOL_VERSION};
+use mirrorfs::{RelPath, ReplicatorSource, ReplicatorTarget};
+use parking_lot::Mutex;
+use std::fs;
+use std::io::Write;
+use std::sync::Arc;
+
+fn p(s: &str) -> RelPath {
+    RelPath::new(s).unwrap()
+}
+
+fn mem_tree() -> Arc<MemFs> {
+    let m = Arc::new(MemFs::new());
+    m.mkdir(&p("d"), 0o755).unwrap();
+    m.create(&p("d/a"), 0o644, true).unwrap();
+    m.write_at(&p("d/a"), 0, b"hello").unwrap();
+    m.create(&p("b"), 0o600, true).unwrap();
+    m.write_at(&p("b"), 0, &vec![9u8; 200_000]).unwrap();
+    m.symlink(b"d/a", &p("s")).unwrap();
+    m.link(&p("d/a"), &p("hl")).unwrap();
+    m.mknod(&p("fifo"), Kind::Fifo, 0o644, 0).unwrap();
+    m.set_xattr(&p("b"), b"user.x", b"1").unwrap();
+    m.reset_counters();
+    m
+}
+
+/// The original design: a source and an in-process target joined by a closure.
+fn replicate(src: &Arc<MemFs>, dst: &Arc<MemFs>) -> mirrorfs::reconcile::Report {
+    let target = Mutex::new(ReplicatorTarget::new(dst.clone(), RelPath::root()));
+    let rpc = move |req: Request| -> Response { target.lock().handle_request(req) };
+    let s = ReplicatorSource::new(src.clone(), RelPath::root(), rpc).unwrap();
+    s.last_report().clone()
+}
+
+fn mem_equal(a: &MemFs, b: &MemFs) {
+    let opts = mirrorfs::reconcile::ScanOptions { checksum: true };
+    let sa = mirrorfs::reconcile::scan(a, &RelPath::root(), opts).unwrap();
+    let sb = mirrorfs::reconcile::scan(b, &RelPath::root(), opts).unwrap();
+    let plan = mirrorfs::reconcile::plan(
+        &sa,
+        &sb,
+        &mirrorfs::reconcile::PlanOptions { checksum: true, owners: true, allow_mass_delete: true },
+    )
+    .unwrap();
+    assert!(plan.ops.is_empty(), "differences: {:?}", plan.ops);
+}
+
+#[test]
+fn memfs_second_reconcile_writes_nothing() {
+    let src = mem_tree();
+    let dst = Arc::new(MemFs::new());
+    let r = replicate(&src, &dst);
+    assert!(r.problems.is_empty(), "{:?}", r.problems);
+    mem_equal(&src, &dst);
+    assert!(dst.write_count() > 0);
+    dst.reset_counters();
+    let r = replicate(&src, &dst);
+    assert_eq!(r.ops, 0);
+    assert_eq!(dst.write_count(), 0, "an unchanged tree was written to");
+    // Metadata-only changes: still no content written.
+    src.set_perm(&p("d/a"), 0o640).unwrap();
+    src.set_owner(&p("b"), Some(5), Some(6)).unwrap();
+    src.set_times(&p("s"), SetTime::Omit, SetTime::At(mirrorfs::fs::Time::new(42, 7))).unwrap();
+    let r = replicate(&src, &dst);
+    assert_eq!(dst.write_count(), 0, "a metadata change wrote content");
+    assert_eq!(r.files_sent, 0);
+    mem_equal(&src, &dst);
+}
+
+#[test]
+fn memfs_delta_sends_a_small_fraction() {
+    let src = Arc::new(MemFs::new());
+    let data: Vec<u8> = (0..4_000_000u32).map(|i| (i.wrapping_mul(2654435761) >> 11) as u8).collect();
+    src.create(&p("big"), 0o644, true).unwrap();
+    src.write_at(&p("big"), 0, &data).unwrap();
+    let dst = Arc::new(MemFs::new());
+    replicate(&src, &dst);
+    src.write_at(&p("big"), 2_000_000, b"a small change").unwrap();
+    dst.reset_counters();
+    let r = replicate(&src, &dst);
+    assert_eq!(r.delta_files, 1);
+    mem_equal(&src, &dst);
+}
+
+/// A target over a real directory with a symlink planted to the outside.
+struct Escape {
+    _d: tempfile::TempDir,
+    root: std::path::PathBuf,
+    outside: std::path::PathBuf,
+    target: ReplicatorTarget,
+}
+
+fn escape_setup() -> Escape {
+    let d = tempfile::tempdir().unwrap();
+    let root = d.path().join("target");
+    let outside = d.path().join("outside");
+    fs::create_dir(&root).unwrap();
+    fs::create_dir(&outside).unwrap();
+    fs::write(outside.join("secret"), b"secret").unwrap();
+    fs::write(root.join("inside"), b"in").unwrap();
+    std::os::unix::fs::symlink(&outside, root.join("link")).unwrap();
+    std::os::unix::fs::symlink(outside.join("secret"), root.join("filelink")).unwrap();
+    let fs: Arc<dyn FileSystem> = Arc::new(LocalFs::new(&root).unwrap());
+    Escape { target: ReplicatorTarget::new(fs, RelPath::root()), root, outside, _d: d }
+}
+
+fn outside_untouched(e: &Escape) {
+    let names: Vec<_> = fs::read_dir(&e.outside).unwrap().map(|x| x.unwrap().file_name()).collect();
+    assert_eq!(names, ["secret"], "something was created outside the root");
+    assert_eq!(fs::read(e.outside.join("secret")).unwrap(), b"secret");
+    use std::os::unix::fs::PermissionsExt;
+    assert_eq!(fs::metadata(e.outside.join("secret")).unwrap().permissions().mode() & 0o777, 0o644);
+}
+
+#[test]
+fn escapes_are_refused() {
+    // `..` and absolute paths cannot even be formed, and are refused when decoded off the wire.
+    for bad in ["../x", "/etc/passwd", "a/../../x", "a//b", "a\0b"] {
+        assert!(RelPath::new(bad).is_err(), "{bad:?} accepted");
+    }
+    let mut e = escape_setup();
+    let attempts = vec![
+        Request::Create { path: p("link/new"), perm: 0o644, exclusive: false },
+        Request::Mkdir { path: p("link/newdir"), perm: 0o755 },
+        Request::Write { path: p("filelink"), offset: 0, data: b"pwned".to_vec() },
+        Request::Write { path: p("link/secret"), offset: 0, data: b"pwned".to_vec() },
+        Request::Truncate { path: p("filelink"), size: 0 },
+        Request::SetAttr {
+            path: p("filelink"),
+            perm: Some(0o777),
+            uid: None,
+            gid: None,
+            atime: SetTime::Omit,
+            mtime: SetTime::Omit,
+        },
+        Request::SetXattr { path: p("link/secret"), name: b"user.x".to_vec(), value: b"1".to_vec() },
+        Request::Rename { from: p("inside"), to: p("link/stolen"), flags: 0 },
+        Request::Link { existing: p("inside"), path: p("link/hard") },
+        Request::Symlink { path: p("link/sym"), target: b"/".to_vec() },
+        Request::Unlink { path: p("link/secret") },
+        Request::RemoveTree { path: p("link/secret") },
+        Request::PutFile {
+            path: p("link/put"),
+            chunks: vec![(0, b"x".to_vec())],
+            size: 1,
+            attrs: mirrorfs::fs::Attrs { perm: 0o644, owner: None, mtime: Default::default(), xattrs: vec![] },
+        },
+        Request::StageOpen { stage: 1, path: p("link/staged"), sparse: false },
+        Request::Signature { path: p("link/secret"), block_size: 1024 },
+        Request::Hash { path: p("filelink") },
+        Request::CopyRange { src: p("link/secret"), src_offset: 0, dst: p("inside"), dst_offset: 0, len: 6 },
+        Request::RemoveTree { path: RelPath::root() },
+    ];
+    for req in attempts {
+        let name = format!("{req:?}");
+        let r = e.target.handle_request(req);
+        assert!(r.is_err(), "escape attempt succeeded: {name}");
+        outside_untouched(&e);
+    }
+    assert_eq!(fs::read(e.root.join("inside")).unwrap(), b"in");
+    // Removing the planted link removes the link, not what it points to.
+    assert!(e.target.handle_request(Request::RemoveTree { path: p("link") }).is_ok());
+    assert!(e.target.handle_request(Request::Unlink { path: p("filelink") }).is_ok());
+    outside_untouched(&e);
+    assert!(!e.root.join("link").exists());
+}
+
+#[test]
+fn server_answers_bad_frames_and_versions_without_dying() {
+    let d = tempfile::tempdir().unwrap();
+    let dir = d.path().join("t");
+    fs::create_dir(&dir).unwrap();
+    let sock = d.path().join("s.sock");
+    let listen = format!("unix:{}", sock.display());
+    let _server = common::serve(&dir, &listen, &[]);
+
+    // A newer client is refused with both versions named.
+    let mut c = std::os::unix::net::UnixStream::connect(&sock).unwrap();
+    protocol::write_frame(&mut c, &ClientHello { magic: MAGIC, version: 99, capabilities: vec![] }).unwrap();
+    let sh: ServerHello = protocol::read_frame(&mut c).unwrap();
+    let why = sh.refusal.unwrap();
+    assert!(why.contains(&PROTOCOL_VERSION.to_string()) && why.contains("99"), "{why}");
+
+    // A malformed request gets an error under its id; the connection then still works.
+    let mut c = std::os::unix::net::UnixStream::connect(&sock).unwrap();
+    protocol::write_frame(&mut c, &ClientHello { magic: MAGIC, version: PROTOCOL_VERSION, capabilities: vec![] })
+        .unwrap();
+    let _: ServerHello = protocol::read_frame(&mut c).unwrap();
+    let mut junk = vec![0u8; 4];
+    junk.extend_from_slice(&[5u8, 0xfe, 0xff, 0xff, 0xff, 0xff]);
+    let n = (junk.len() - 4) as u32;
+    junk[..4].copy_from_slice(&n.to_le_bytes());
+    c.write_all(&junk).unwrap();
+    let (id, r): (u64, Response) = protocol::read_frame(&mut c).unwrap();
+    assert_eq!(id, 5);
+    assert!(r.unwrap_err().message.contains("malformed"));
+    protocol::write_frame(&mut c, &(6u64, Request::Mkdir { path: p("made"), perm: 0o755 })).unwrap();
+    let (id, r): (u64, Response) = protocol::read_frame(&mut c).unwrap();
+    assert_eq!(id, 6);
+    assert!(matches!(r, Ok(Reply::Done)));
+    assert!(dir.join("made").is_dir());
+
+    // An oversized frame ends that connection cleanly...
+    let mut c = std::os::unix::net::UnixStream::connect(&sock).unwrap();
+    protocol::write_frame(&mut c, &ClientHello { magic: MAGIC, version: PROTOCOL_VERSION, capabilities: vec![] })
+        .unwrap();
+    let _: ServerHello = protocol::read_frame(&mut c).unwrap();
+    c.write_all(&u32::MAX.to_le_bytes()).unwrap();
+    let r: Result<(u64, Response), _> = protocol::read_frame(&mut c);
+    assert!(matches!(r, Err(protocol::FrameError::Closed)), "{r:?}");
+    // ...and garbage instead of a hello is refused; the server still serves the next client.
+    let mut c = std::os::unix::net::UnixStream::connect(&sock).unwrap();
+    c.write_all(b"GET / HTTP/1.1\r\n\r\n").unwrap();
+    let src = d.path().join("src");
+    fs::create_dir(&src).unwrap();
+    fs::write(src.join("f"), b"still alive").unwrap();
+    common::sync(&src, &listen, &["-q"]);
+    common::assert_same_tree(&src, &dir);
+}
