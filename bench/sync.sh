@@ -1,0 +1,88 @@
+#!/usr/bin/env bash
+# Benchmark: `mirrorfs sync` against `rsync -a` on the same trees, side by side in one run, and
+# the ratios between them. Absolute times on a shared machine say little; the ratios are the
+# result. Each timing is the median of ROUNDS runs, mirrorfs and rsync alternating.
+#
+#   bench/sync.sh                 # Rust docs tree + large-file tree + 1 GiB delta case
+#   ROUNDS=5 WORK=/var/tmp/b bench/sync.sh
+set -euo pipefail
+cd "$(dirname "$0")/.."
+ROUNDS=${ROUNDS:-3}
+WORK=${WORK:-/tmp/mirrorfs-bench}
+command -v rsync >/dev/null || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq rsync; }
+cargo build --release -q
+M=$PWD/target/release/mirrorfs
+
+rm -rf "$WORK"
+mkdir -p "$WORK"
+DOCS=$(rustc --print sysroot)/share/doc
+echo "# trees"
+cp -a "$DOCS" "$WORK/docs"
+echo "many files: $(find "$WORK/docs" -type f | wc -l) files, $(du -sh "$WORK/docs" | cut -f1) (Rust docs)"
+mkdir -p "$WORK/large"
+for i in 1 2 3 4 5 6 7 8; do head -c $((64 << 20)) /dev/urandom > "$WORK/large/f$i"; done
+echo "large files: 8 x 64 MiB random"
+
+now() { date +%s.%N; }
+elapsed() { awk -v a="$1" -v b="$(now)" 'BEGIN { printf "%.6f", b - a }'; }
+median() { sort -g | awk '{a[NR]=$1} END {print a[int((NR+1)/2)]}'; }
+ratio() { awk -v a="$1" -v b="$2" 'BEGIN { if (b > 0) printf "%.2f", a / b; else print "n/a" }'; }
+results=()
+row() { results+=("$(printf '%-44s %10s %10s %8s' "$1" "$2" "$3" "$4")"); }
+
+# time_pair NAME PREP MIRRORFS_CMD RSYNC_CMD: PREP runs before each timed command (untimed).
+time_pair() {
+  local name=$1 prep=$2 mcmd=$3 rcmd=$4 mt=() rt=() t0
+  for _ in $(seq "$ROUNDS"); do
+    eval "$prep mirror"; t0=$(now); eval "$mcmd" >/dev/null 2>&1; mt+=("$(elapsed "$t0")")
+    eval "$prep rsync"; t0=$(now); eval "$rcmd" >/dev/null 2>&1; rt+=("$(elapsed "$t0")")
+  done
+  local m r
+  m=$(printf '%s\n' "${mt[@]}" | median)
+  r=$(printf '%s\n' "${rt[@]}" | median)
+  row "$name (time, s)" "$(printf %.3f "$m")" "$(printf %.3f "$r")" "$(ratio "$m" "$r")"
+}
+
+for tree in docs large; do
+  S=$WORK/$tree
+  fresh() { rm -rf "$WORK/t-$1"; mkdir "$WORK/t-$1"; sync; }
+  time_pair "$tree: initial copy to empty target" fresh \
+    "$M sync $S --target $WORK/t-mirror -q" "rsync -a $S/ $WORK/t-rsync/"
+  noop() { :; }
+  time_pair "$tree: re-run, nothing changed" noop \
+    "$M sync $S --target $WORK/t-mirror -q" "rsync -a $S/ $WORK/t-rsync/"
+done
+
+# Append to 1% of the many-file tree, then both catch up; bytes from each tool's own count.
+S=$WORK/docs
+mapfile -t files < <(find "$S" -type f | awk 'NR % 100 == 0')
+append() { if [ "$1" = mirror ]; then for f in "${files[@]}"; do echo "appended $RANDOM" >> "$f"; done; fi; }
+time_pair "docs: after appending to 1% of files" append \
+  "$M sync $S --target $WORK/t-mirror -q" "rsync -a $S/ $WORK/t-rsync/"
+for f in "${files[@]}"; do echo "appended again" >> "$f"; done
+mb=$($M sync "$S" --target "$WORK/t-mirror" 2>&1 | sed -n 's/.* \([0-9]*\) bytes on the wire.*/\1/p')
+rb=$(rsync -a --stats "$S/" "$WORK/t-rsync/" | sed -n 's/^Total bytes sent: //p' | tr -d ,)
+row "docs: 1% appended (bytes sent)" "$mb" "$rb" "$(ratio "$mb" "$rb")"
+for f in "${files[@]}"; do echo "appended a third time" >> "$f"; done
+rbd=$(rsync -a --no-whole-file --stats "$S/" "$WORK/t-rsync/" | sed -n 's/^Total bytes sent: //p' | tr -d ,)
+$M sync "$S" --target "$WORK/t-mirror" -q
+row "  (rsync --no-whole-file bytes, reference)" "-" "$rbd" "-"
+
+# One 1 GiB file, 1 MiB changed in its middle.
+rm -rf "$WORK/docs" "$WORK/large" "$WORK"/t-*
+mkdir -p "$WORK/one" "$WORK/t-mirror"
+head -c $((1 << 30)) /dev/urandom > "$WORK/one/big"
+$M sync "$WORK/one" --target "$WORK/t-mirror" -q
+head -c $((1 << 20)) /dev/urandom | dd of="$WORK/one/big" bs=1M seek=512 conv=notrunc status=none
+t0=$(now)
+out=$($M sync "$WORK/one" --target "$WORK/t-mirror" 2>&1)
+t=$(elapsed "$t0")
+wb=$(echo "$out" | sed -n 's/.* \([0-9]*\) bytes on the wire.*/\1/p')
+row "1 GiB file, 1 MiB changed (bytes sent)" "$wb" "$((1 << 30))" "$(ratio "$wb" $((1 << 30)))"
+echo "  (that sync took $(printf %.2f "$t") s; the ratio column is bytes sent / file size)"
+$M verify "$WORK/one" --target "$WORK/t-mirror" -q && echo "  verify: target equals source"
+rm -rf "$WORK"
+
+echo
+printf '%-44s %10s %10s %8s\n' "case" "mirrorfs" "rsync" "ratio"
+printf '%s\n' "${results[@]}"
