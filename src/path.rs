@@ -152,8 +152,17 @@ impl RelPath {
 }
 
 impl Ord for RelPath {
+    /// Component-wise order, computed on the bytes: at the first byte that differs, `/` (the end
+    /// of a component) sorts before everything, which is exactly comparing component lists.
     fn cmp(&self, other: &Self) -> Ordering {
-        self.components().cmp(other.components())
+        let (a, b) = (&self.0, &other.0);
+        match a.iter().zip(b.iter()).position(|(x, y)| x != y) {
+            Some(i) => {
+                let key = |c: u8| if c == b'/' { 0 } else { c };
+                key(a[i]).cmp(&key(b[i]))
+            }
+            None => a.len().cmp(&b.len()),
+        }
     }
 }
 
@@ -264,6 +273,19 @@ mod tests {
         v.sort();
         let s: Vec<String> = v.iter().map(|p| p.to_string()).collect();
         assert_eq!(s, ["a", "a/b", "a/b/c", "a b", "a.x", "b"]);
+    }
+
+    #[test]
+    fn byte_order_matches_component_order() {
+        let names = [
+            "a", "a/b", "a b", "a/b/c", "a.x", "a/\x01", "a\x01", "ab", "a/ab", "b", "a/b c", "a/b/c/d",
+        ];
+        for x in names {
+            for y in names {
+                let (px, py) = (RelPath::new(x).unwrap(), RelPath::new(y).unwrap());
+                assert_eq!(px.cmp(&py), px.components().cmp(py.components()), "{x:?} vs {y:?}");
+            }
+        }
     }
 
     #[test]

@@ -305,12 +305,43 @@ fn fd_path(dir: BorrowedFd<'_>, name: &[u8]) -> io::Result<CString> {
     cstr(&p)
 }
 
+/// Set once the kernel has said it lacks listxattrat(2) (Linux < 6.13).
+static NO_LISTXATTRAT: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+const SYS_LISTXATTRAT: libc::c_long = 465;
+
+/// Lists the xattr names of `name` in `dir` (the entry itself, never a symlink's target). Uses
+/// listxattrat(2) where the kernel has it, which saves resolving a `/proc/self/fd` path.
 pub fn llistxattr(dir: BorrowedFd<'_>, name: &[u8]) -> io::Result<Vec<Vec<u8>>> {
-    let p = fd_path(dir, name)?;
+    use std::sync::atomic::Ordering;
+    let at_name = cstr(if name.is_empty() { b"." } else { name })?;
+    let mut proc_path = None;
     let mut buf = vec![0u8; 1024];
     loop {
-        // SAFETY: `buf` is writable for its length.
-        let r = unsafe { libc::llistxattr(p.as_ptr(), buf.as_mut_ptr().cast(), buf.len()) };
+        let r = if !NO_LISTXATTRAT.load(Ordering::Relaxed) {
+            // SAFETY: `at_name` is NUL-terminated and `buf` is writable for its length.
+            let r = unsafe {
+                libc::syscall(
+                    SYS_LISTXATTRAT,
+                    dir.as_raw_fd(),
+                    at_name.as_ptr(),
+                    libc::AT_SYMLINK_NOFOLLOW,
+                    buf.as_mut_ptr(),
+                    buf.len(),
+                )
+            };
+            if r < 0 && io::Error::last_os_error().raw_os_error() == Some(libc::ENOSYS) {
+                NO_LISTXATTRAT.store(true, Ordering::Relaxed);
+                continue;
+            }
+            r as isize
+        } else {
+            if proc_path.is_none() {
+                proc_path = Some(fd_path(dir, name)?);
+            }
+            let p = proc_path.as_ref().unwrap_or_else(|| unreachable!());
+            // SAFETY: `p` is NUL-terminated and `buf` is writable for its length.
+            unsafe { libc::llistxattr(p.as_ptr(), buf.as_mut_ptr().cast(), buf.len()) }
+        };
         if r < 0 {
             let e = io::Error::last_os_error();
             match e.raw_os_error() {

@@ -46,7 +46,11 @@ fn mem_equal(a: &MemFs, b: &MemFs) {
     let plan = mirrorfs::reconcile::plan(
         &sa,
         &sb,
-        &mirrorfs::reconcile::PlanOptions { checksum: true, owners: true, allow_mass_delete: true },
+        &mirrorfs::reconcile::PlanOptions {
+            checksum: true,
+            owners: true,
+            allow_mass_delete: true,
+        },
     )
     .unwrap();
     assert!(plan.ops.is_empty(), "differences: {:?}", plan.ops);
@@ -67,7 +71,8 @@ fn memfs_second_reconcile_writes_nothing() {
     // Metadata-only changes: still no content written.
     src.set_perm(&p("d/a"), 0o640).unwrap();
     src.set_owner(&p("b"), Some(5), Some(6)).unwrap();
-    src.set_times(&p("s"), SetTime::Omit, SetTime::At(mirrorfs::fs::Time::new(42, 7))).unwrap();
+    src.set_times(&p("s"), SetTime::Omit, SetTime::At(mirrorfs::fs::Time::new(42, 7)))
+        .unwrap();
     let r = replicate(&src, &dst);
     assert_eq!(dst.write_count(), 0, "a metadata change wrote content");
     assert_eq!(r.files_sent, 0);
@@ -77,7 +82,9 @@ fn memfs_second_reconcile_writes_nothing() {
 #[test]
 fn memfs_delta_sends_a_small_fraction() {
     let src = Arc::new(MemFs::new());
-    let data: Vec<u8> = (0..4_000_000u32).map(|i| (i.wrapping_mul(2654435761) >> 11) as u8).collect();
+    let data: Vec<u8> = (0..4_000_000u32)
+        .map(|i| (i.wrapping_mul(2654435761) >> 11) as u8)
+        .collect();
     src.create(&p("big"), 0o644, true).unwrap();
     src.write_at(&p("big"), 0, &data).unwrap();
     let dst = Arc::new(MemFs::new());
@@ -108,15 +115,26 @@ fn escape_setup() -> Escape {
     std::os::unix::fs::symlink(&outside, root.join("link")).unwrap();
     std::os::unix::fs::symlink(outside.join("secret"), root.join("filelink")).unwrap();
     let fs: Arc<dyn FileSystem> = Arc::new(LocalFs::new(&root).unwrap());
-    Escape { target: ReplicatorTarget::new(fs, RelPath::root()), root, outside, _d: d }
+    Escape {
+        target: ReplicatorTarget::new(fs, RelPath::root()),
+        root,
+        outside,
+        _d: d,
+    }
 }
 
 fn outside_untouched(e: &Escape) {
-    let names: Vec<_> = fs::read_dir(&e.outside).unwrap().map(|x| x.unwrap().file_name()).collect();
+    let names: Vec<_> = fs::read_dir(&e.outside)
+        .unwrap()
+        .map(|x| x.unwrap().file_name())
+        .collect();
     assert_eq!(names, ["secret"], "something was created outside the root");
     assert_eq!(fs::read(e.outside.join("secret")).unwrap(), b"secret");
     use std::os::unix::fs::PermissionsExt;
-    assert_eq!(fs::metadata(e.outside.join("secret")).unwrap().permissions().mode() & 0o777, 0o644);
+    assert_eq!(
+        fs::metadata(e.outside.join("secret")).unwrap().permissions().mode() & 0o777,
+        0o644
+    );
 }
 
 #[test]
@@ -127,11 +145,29 @@ fn escapes_are_refused() {
     }
     let mut e = escape_setup();
     let attempts = vec![
-        Request::Create { path: p("link/new"), perm: 0o644, exclusive: false },
-        Request::Mkdir { path: p("link/newdir"), perm: 0o755 },
-        Request::Write { path: p("filelink"), offset: 0, data: b"pwned".to_vec() },
-        Request::Write { path: p("link/secret"), offset: 0, data: b"pwned".to_vec() },
-        Request::Truncate { path: p("filelink"), size: 0 },
+        Request::Create {
+            path: p("link/new"),
+            perm: 0o644,
+            exclusive: false,
+        },
+        Request::Mkdir {
+            path: p("link/newdir"),
+            perm: 0o755,
+        },
+        Request::Write {
+            path: p("filelink"),
+            offset: 0,
+            data: b"pwned".to_vec(),
+        },
+        Request::Write {
+            path: p("link/secret"),
+            offset: 0,
+            data: b"pwned".to_vec(),
+        },
+        Request::Truncate {
+            path: p("filelink"),
+            size: 0,
+        },
         Request::SetAttr {
             path: p("filelink"),
             perm: Some(0o777),
@@ -140,22 +176,54 @@ fn escapes_are_refused() {
             atime: SetTime::Omit,
             mtime: SetTime::Omit,
         },
-        Request::SetXattr { path: p("link/secret"), name: b"user.x".to_vec(), value: b"1".to_vec() },
-        Request::Rename { from: p("inside"), to: p("link/stolen"), flags: 0 },
-        Request::Link { existing: p("inside"), path: p("link/hard") },
-        Request::Symlink { path: p("link/sym"), target: b"/".to_vec() },
+        Request::SetXattr {
+            path: p("link/secret"),
+            name: b"user.x".to_vec(),
+            value: b"1".to_vec(),
+        },
+        Request::Rename {
+            from: p("inside"),
+            to: p("link/stolen"),
+            flags: 0,
+        },
+        Request::Link {
+            existing: p("inside"),
+            path: p("link/hard"),
+        },
+        Request::Symlink {
+            path: p("link/sym"),
+            target: b"/".to_vec(),
+        },
         Request::Unlink { path: p("link/secret") },
         Request::RemoveTree { path: p("link/secret") },
         Request::PutFile {
             path: p("link/put"),
             chunks: vec![(0, b"x".to_vec())],
             size: 1,
-            attrs: mirrorfs::fs::Attrs { perm: 0o644, owner: None, mtime: Default::default(), xattrs: vec![] },
+            attrs: mirrorfs::fs::Attrs {
+                perm: 0o644,
+                owner: None,
+                mtime: Default::default(),
+                xattrs: vec![],
+            },
         },
-        Request::StageOpen { stage: 1, path: p("link/staged"), sparse: false },
-        Request::Signature { path: p("link/secret"), block_size: 1024 },
+        Request::StageOpen {
+            stage: 1,
+            path: p("link/staged"),
+            sparse: false,
+        },
+        Request::Signature {
+            path: p("link/secret"),
+            block_size: 1024,
+        },
         Request::Hash { path: p("filelink") },
-        Request::CopyRange { src: p("link/secret"), src_offset: 0, dst: p("inside"), dst_offset: 0, len: 6 },
+        Request::CopyRange {
+            src: p("link/secret"),
+            src_offset: 0,
+            dst: p("inside"),
+            dst_offset: 0,
+            len: 6,
+        },
         Request::RemoveTree { path: RelPath::root() },
     ];
     for req in attempts {
@@ -183,15 +251,33 @@ fn server_answers_bad_frames_and_versions_without_dying() {
 
     // A newer client is refused with both versions named.
     let mut c = std::os::unix::net::UnixStream::connect(&sock).unwrap();
-    protocol::write_frame(&mut c, &ClientHello { magic: MAGIC, version: 99, capabilities: vec![] }).unwrap();
+    protocol::write_frame(
+        &mut c,
+        &ClientHello {
+            magic: MAGIC,
+            version: 99,
+            capabilities: vec![],
+        },
+    )
+    .unwrap();
     let sh: ServerHello = protocol::read_frame(&mut c).unwrap();
     let why = sh.refusal.unwrap();
-    assert!(why.contains(&PROTOCOL_VERSION.to_string()) && why.contains("99"), "{why}");
+    assert!(
+        why.contains(&PROTOCOL_VERSION.to_string()) && why.contains("99"),
+        "{why}"
+    );
 
     // A malformed request gets an error under its id; the connection then still works.
     let mut c = std::os::unix::net::UnixStream::connect(&sock).unwrap();
-    protocol::write_frame(&mut c, &ClientHello { magic: MAGIC, version: PROTOCOL_VERSION, capabilities: vec![] })
-        .unwrap();
+    protocol::write_frame(
+        &mut c,
+        &ClientHello {
+            magic: MAGIC,
+            version: PROTOCOL_VERSION,
+            capabilities: vec![],
+        },
+    )
+    .unwrap();
     let _: ServerHello = protocol::read_frame(&mut c).unwrap();
     let mut junk = vec![0u8; 4];
     junk.extend_from_slice(&[5u8, 0xfe, 0xff, 0xff, 0xff, 0xff]);
@@ -201,7 +287,17 @@ fn server_answers_bad_frames_and_versions_without_dying() {
     let (id, r): (u64, Response) = protocol::read_frame(&mut c).unwrap();
     assert_eq!(id, 5);
     assert!(r.unwrap_err().message.contains("malformed"));
-    protocol::write_frame(&mut c, &(6u64, Request::Mkdir { path: p("made"), perm: 0o755 })).unwrap();
+    protocol::write_frame(
+        &mut c,
+        &(
+            6u64,
+            Request::Mkdir {
+                path: p("made"),
+                perm: 0o755,
+            },
+        ),
+    )
+    .unwrap();
     let (id, r): (u64, Response) = protocol::read_frame(&mut c).unwrap();
     assert_eq!(id, 6);
     assert!(matches!(r, Ok(Reply::Done)));
@@ -209,8 +305,15 @@ fn server_answers_bad_frames_and_versions_without_dying() {
 
     // An oversized frame ends that connection cleanly...
     let mut c = std::os::unix::net::UnixStream::connect(&sock).unwrap();
-    protocol::write_frame(&mut c, &ClientHello { magic: MAGIC, version: PROTOCOL_VERSION, capabilities: vec![] })
-        .unwrap();
+    protocol::write_frame(
+        &mut c,
+        &ClientHello {
+            magic: MAGIC,
+            version: PROTOCOL_VERSION,
+            capabilities: vec![],
+        },
+    )
+    .unwrap();
     let _: ServerHello = protocol::read_frame(&mut c).unwrap();
     c.write_all(&u32::MAX.to_le_bytes()).unwrap();
     let r: Result<(u64, Response), _> = protocol::read_frame(&mut c);

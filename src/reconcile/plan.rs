@@ -141,6 +141,9 @@ pub fn plan(src: &Snapshot, dst: &Snapshot, opts: &PlanOptions) -> Result<Plan, 
     let src_groups = link_groups(src);
     let dst_groups = link_groups(dst);
     let gone = |replaced: &HashSet<RelPath>, p: &RelPath| {
+        if replaced.is_empty() {
+            return false;
+        }
         let mut cur = Some(p.clone());
         while let Some(c) = cur {
             if replaced.contains(&c) {
