@@ -66,22 +66,20 @@ pub struct Client {
 }
 
 impl Client {
-    pub(crate) fn over_unix(
-        s: std::os::unix::net::UnixStream,
+    pub(crate) fn over_stream<S: super::Stream>(
+        s: S,
         key: Option<auth::Key>,
         timeout: Option<Duration>,
         server: Option<JoinHandle<()>>,
     ) -> Result<Client, TransportError> {
-        let r = s.try_clone().map_err(|e| TransportError::io("socket", e))?;
-        let shut = s.try_clone().map_err(|e| TransportError::io("socket", e))?;
+        let r = s.try_clone_stream().map_err(|e| TransportError::io("socket", e))?;
+        let shut = s.try_clone_stream().map_err(|e| TransportError::io("socket", e))?;
         Client::handshake(
             Box::new(r),
             Box::new(s),
             key,
             timeout,
-            Box::new(move || {
-                let _ = shut.shutdown(std::net::Shutdown::Write);
-            }),
+            Box::new(move || shut.shutdown_write()),
             server,
         )
     }

@@ -79,6 +79,31 @@ impl TransportError {
     }
 }
 
+/// A socket that can be split into a reader and a writer, and half-closed.
+pub trait Stream: std::io::Read + std::io::Write + Send + Sync + Sized + 'static {
+    fn try_clone_stream(&self) -> std::io::Result<Self>;
+    fn shutdown_write(&self);
+}
+
+impl Stream for std::os::unix::net::UnixStream {
+    fn try_clone_stream(&self) -> std::io::Result<Self> {
+        self.try_clone()
+    }
+    fn shutdown_write(&self) {
+        let _ = self.shutdown(std::net::Shutdown::Write);
+    }
+}
+
+impl Stream for std::net::TcpStream {
+    fn try_clone_stream(&self) -> std::io::Result<Self> {
+        let _ = self.set_nodelay(true);
+        self.try_clone()
+    }
+    fn shutdown_write(&self) {
+        let _ = self.shutdown(std::net::Shutdown::Write);
+    }
+}
+
 /// Connects to a target; a local directory is served in-process.
 pub fn connect(ep: &Endpoint, token_file: Option<&Path>, timeout: Option<Duration>) -> Result<Client, TransportError> {
     let key = token_file
@@ -95,28 +120,16 @@ pub fn connect(ep: &Endpoint, token_file: Option<&Path>, timeout: Option<Duratio
                 .name("target".into())
                 .spawn(move || serve_stream(Box::new(b), Box::new(b2), fs, None))
                 .map_err(|e| TransportError::io("spawn target thread", e))?;
-            Client::over_unix(a, key, timeout, Some(server))
+            Client::over_stream(a, key, timeout, Some(server))
         }
         Endpoint::Unix(path) => {
             let s = std::os::unix::net::UnixStream::connect(path)
                 .map_err(|e| TransportError::io(format!("connect {}", path.display()), e))?;
-            Client::over_unix(s, key, timeout, None)
+            Client::over_stream(s, key, timeout, None)
         }
         Endpoint::Tcp(addr) => {
             let s = std::net::TcpStream::connect(addr).map_err(|e| TransportError::io(format!("connect {addr}"), e))?;
-            let _ = s.set_nodelay(true);
-            let r = s.try_clone().map_err(|e| TransportError::io("socket", e))?;
-            let shut = s.try_clone().map_err(|e| TransportError::io("socket", e))?;
-            Client::handshake(
-                Box::new(r),
-                Box::new(s),
-                key,
-                timeout,
-                Box::new(move || {
-                    let _ = shut.shutdown(std::net::Shutdown::Write);
-                }),
-                None,
-            )
+            Client::over_stream(s, key, timeout, None)
         }
     }
 }

@@ -202,37 +202,38 @@ pub fn listen(
             use std::os::unix::fs::PermissionsExt;
             let _ = std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600));
             ready(format!("unix:{}", path.display()));
-            for s in lis.incoming() {
-                let s = match s {
-                    Ok(s) => s,
-                    Err(e) => {
-                        log::warn!("accept: {e}");
-                        continue;
-                    }
-                };
-                let fs = fs.clone();
-                let Ok(r) = s.try_clone() else { continue };
-                std::thread::spawn(move || serve_stream(Box::new(r), Box::new(s), fs, key));
-            }
+            accept_loop(lis.incoming(), &fs, key);
         }
         Listen::Tcp(addr) => {
             let lis = TcpListener::bind(addr).map_err(|e| TransportError::io(format!("bind {addr}"), e))?;
             let local = lis.local_addr().map_err(|e| TransportError::io("bind", e))?;
             ready(format!("tcp:{local}"));
-            for s in lis.incoming() {
-                let s = match s {
-                    Ok(s) => s,
-                    Err(e) => {
-                        log::warn!("accept: {e}");
-                        continue;
-                    }
-                };
-                let _ = s.set_nodelay(true);
-                let fs = fs.clone();
-                let Ok(r) = s.try_clone() else { continue };
-                std::thread::spawn(move || serve_stream(Box::new(r), Box::new(s), fs, key));
-            }
+            accept_loop(lis.incoming(), &fs, key);
         }
     }
     Ok(())
+}
+
+/// Serves every accepted connection on its own thread.
+fn accept_loop<S: super::Stream>(
+    incoming: impl Iterator<Item = std::io::Result<S>>,
+    fs: &Arc<dyn FileSystem>,
+    key: Option<auth::Key>,
+) {
+    for s in incoming {
+        let s = match s {
+            Ok(s) => s,
+            Err(e) => {
+                log::warn!("accept: {e}");
+                continue;
+            }
+        };
+        let fs = fs.clone();
+        match s.try_clone_stream() {
+            Ok(r) => {
+                std::thread::spawn(move || serve_stream(Box::new(r), Box::new(s), fs, key));
+            }
+            Err(e) => log::warn!("accept: {e}"),
+        }
+    }
 }
