@@ -25,6 +25,62 @@ pub enum Command {
     Verify(TargetArgs),
     /// Run the target side: apply requests beneath DIR.
     Serve(ServeArgs),
+    /// Reconcile the target, then mount SRC (over itself, or at MOUNTPOINT) and replicate
+    /// every change made through the mount before the syscall returns.
+    Mount(MountArgs),
+    /// Unmount a mirrorfs mount; the daemon finishes and exits.
+    Umount(UmountArgs),
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct MountArgs {
+    /// The source directory.
+    pub src: PathBuf,
+    /// Where to mount; SRC itself when left out.
+    pub mountpoint: Option<PathBuf>,
+    /// Target: a local DIR, unix:SOCKET or tcp:HOST:PORT.
+    #[arg(long, short)]
+    pub target: String,
+    /// File holding the shared token for a tcp target.
+    #[arg(long)]
+    pub token_file: Option<PathBuf>,
+    /// Stay in the foreground (for systemd and tests) instead of leaving a daemon.
+    #[arg(long, short)]
+    pub foreground: bool,
+    /// Seconds to wait for the target's answer before giving up on it.
+    #[arg(long, default_value_t = 30.0, value_parser = positive_secs)]
+    pub timeout: f64,
+    /// Where the daemon writes its log (default: a file under the temp directory).
+    #[arg(long)]
+    pub log_file: Option<PathBuf>,
+    /// Serve reads through the daemon even where the kernel offers passthrough.
+    #[arg(long)]
+    pub no_passthrough: bool,
+    /// FUSE worker threads.
+    #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u16).range(1..=64))]
+    pub threads: u16,
+    /// Allow an empty source to empty a non-empty target at the startup walk.
+    #[arg(long)]
+    pub allow_mass_delete: bool,
+    /// No progress bar.
+    #[arg(long, short)]
+    pub quiet: bool,
+}
+
+fn positive_secs(s: &str) -> Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(v) if v > 0.0 && v.is_finite() => Ok(v),
+        _ => Err(format!("{s:?} is not a positive number of seconds")),
+    }
+}
+
+#[derive(Args, Debug)]
+pub struct UmountArgs {
+    /// The mountpoint.
+    pub path: PathBuf,
+    /// Detach now even if files are still open inside (umount -l).
+    #[arg(long, short)]
+    pub lazy: bool,
 }
 
 #[derive(Args, Debug)]

@@ -1,10 +1,13 @@
 //! mirrorfs keeps a target directory an exact mirror of a source directory. The library holds
 //! the replication core: the `FileSystem` interface (`fs`), validated paths (`path`), the wire
 //! protocol (`protocol`), transports (`transport`), the target that applies requests (`target`),
-//! reconcile (`reconcile`: scan, pure plan, apply) and the source side (`source`).
+//! reconcile (`reconcile`: scan, pure plan, apply), the source side (`source`, with the
+//! mount's `Replicator`), the FUSE mount (`fuse`) and the mount daemon's start (`daemon`).
 
 pub mod cli;
+pub mod daemon;
 pub mod fs;
+pub mod fuse;
 pub mod path;
 pub mod progress;
 pub mod protocol;

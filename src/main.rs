@@ -3,7 +3,7 @@
 //! 23 sync finished with per-path problems, as rsync's "partial transfer").
 
 use clap::Parser;
-use mirrorfs::cli::{self, Cli, Command, ServeArgs, SyncArgs, TargetArgs};
+use mirrorfs::cli::{self, Cli, Command, MountArgs, ServeArgs, SyncArgs, TargetArgs, UmountArgs};
 use mirrorfs::transport::{self, server::Listen};
 use mirrorfs::{LocalFs, RelPath, ReplicatorSource, SyncOptions};
 use std::process::ExitCode;
@@ -12,7 +12,7 @@ use std::sync::Arc;
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let default_level = match cli.command {
-        Command::Serve(_) => "info",
+        Command::Serve(_) | Command::Mount(_) => "info,fuser::session=error",
         _ => "warn",
     };
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or(default_level)).init();
@@ -20,6 +20,8 @@ fn main() -> ExitCode {
         Command::Sync(a) => sync(a),
         Command::Verify(a) => verify(a),
         Command::Serve(a) => serve(a),
+        Command::Mount(a) => mount(a),
+        Command::Umount(a) => umount(a),
     };
     match r {
         Ok(code) => code,
@@ -114,5 +116,138 @@ fn serve(a: ServeArgs) -> Result<ExitCode, String> {
         eprintln!("mirrorfs: serving {} on {addr}", a.dir.display());
     })
     .map_err(|e| e.to_string())?;
+    Ok(ExitCode::SUCCESS)
+}
+
+fn mount(a: MountArgs) -> Result<ExitCode, String> {
+    use mirrorfs::daemon;
+    use mirrorfs::fuse::{self, MountConfig};
+    use mirrorfs::rpc::Rpc;
+    use mirrorfs::source::{Link, Replicator};
+    let mountpoint = a.mountpoint.clone().unwrap_or_else(|| a.src.clone());
+    let daemon_log = std::env::var_os(daemon::DAEMON_ENV).map(std::path::PathBuf::from);
+    if !a.foreground && daemon_log.is_none() {
+        let log = a.log_file.clone().unwrap_or_else(|| daemon::default_log(&mountpoint));
+        let pid = daemon::spawn(&log).map_err(|e| e.to_string())?;
+        eprintln!(
+            "mirrorfs: {} mounted at {} (daemon pid {pid}); log: {}",
+            a.src.display(),
+            mountpoint.display(),
+            log.display()
+        );
+        return Ok(ExitCode::SUCCESS);
+    }
+    fuse::prepare_mountpoint(&mountpoint).map_err(|e| e.to_string())?;
+    let src = cli::check_source(&a.src)?;
+    let mountpoint = std::fs::canonicalize(&mountpoint).map_err(|e| format!("mountpoint {}: {e}", mountpoint.display()))?;
+    let ep = cli::check_target(&a.target, &src)?;
+    if mountpoint != src {
+        if let mirrorfs::transport::Endpoint::Local(t) = &ep {
+            if std::fs::canonicalize(t).map(|t| t.starts_with(&mountpoint)).unwrap_or(false) {
+                return Err(format!("target {} lies inside the mountpoint {}", t.display(), mountpoint.display()));
+            }
+        }
+    }
+    // Everything on the source is opened before the mount covers it.
+    let (root, root_st) = fuse::open_root(&src).map_err(|e| format!("source {}: {e}", src.display()))?;
+    let fs = Arc::new(LocalFs::new(&src).map_err(|e| format!("source: {e}"))?);
+    let limit = std::time::Duration::from_secs_f64(a.timeout);
+    let client = transport::connect(&ep, a.token_file.as_deref(), Some(limit)).map_err(|e| format!("target {ep}: {e}"))?;
+    let rpc: Arc<dyn Rpc> = Arc::new(client);
+    let opts = SyncOptions {
+        checksum: false,
+        allow_mass_delete: a.allow_mass_delete,
+        progress: !a.quiet,
+    };
+    let source = ReplicatorSource::with_options(fs, RelPath::root(), rpc, opts).map_err(|e| e.to_string())?;
+    let r = source.last_report().clone();
+    for p in &r.problems {
+        log::warn!("startup walk: {p}");
+    }
+    log::info!("startup walk: {} operations, {} files sent", r.ops, r.files_sent);
+    let rep = Arc::new(Replicator::new(source));
+    let cfg = MountConfig {
+        mountpoint: mountpoint.clone(),
+        fsname: src.display().to_string(),
+        threads: a.threads as usize,
+        passthrough: !a.no_passthrough,
+    };
+    let mounted = fuse::mount(root, &root_st, rep.clone(), &cfg).map_err(|e| e.to_string())?;
+    watch_signals(mountpoint.clone())?;
+    let _ = std::env::set_current_dir("/");
+    log::info!("{} mounted at {}, replicating to {ep}", src.display(), mountpoint.display());
+    match &daemon_log {
+        Some(log) => daemon::ready(log).map_err(|e| e.to_string())?,
+        None => eprintln!(
+            "mirrorfs: {} mounted at {}; stop with `umount {}` or Ctrl-C",
+            src.display(),
+            mountpoint.display(),
+            mountpoint.display()
+        ),
+    }
+    let served = mounted.run();
+    let c = rep.counters();
+    let link = rep.link();
+    let dirty = rep.dirty().len();
+    drop(rep);
+    if let Err(e) = served {
+        log::error!("FUSE session ended with an error: {e}");
+    }
+    log::info!(
+        "unmounted {}: {} requests acknowledged, {} repairs, {} not forwarded",
+        mountpoint.display(),
+        c.forwarded,
+        c.repairs,
+        c.unforwarded
+    );
+    if link == Link::Lost {
+        log::error!("the target was lost while mounted; {dirty} paths changed since; the next mount or sync repairs them");
+        return Ok(ExitCode::from(23));
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// SIGTERM and SIGINT unmount (lazily when busy), which ends the session; SIGHUP is ignored.
+fn watch_signals(mountpoint: std::path::PathBuf) -> Result<(), String> {
+    use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
+    let mut signals =
+        signal_hook::iterator::Signals::new([SIGTERM, SIGINT, SIGHUP]).map_err(|e| format!("signals: {e}"))?;
+    std::thread::Builder::new()
+        .name("signals".into())
+        .spawn(move || {
+            for sig in signals.forever() {
+                if sig == SIGHUP {
+                    continue;
+                }
+                log::info!("signal {sig}: unmounting {}", mountpoint.display());
+                if let Err(e) = mirrorfs::fuse::unmount(&mountpoint, false) {
+                    log::warn!("unmount {}: {e}; detaching lazily", mountpoint.display());
+                    if let Err(e) = mirrorfs::fuse::unmount(&mountpoint, true) {
+                        log::error!("lazy unmount {}: {e}", mountpoint.display());
+                    }
+                }
+            }
+        })
+        .map_err(|e| format!("signal thread: {e}"))?;
+    Ok(())
+}
+
+fn umount(a: UmountArgs) -> Result<ExitCode, String> {
+    if !a.lazy && !mirrorfs::fuse::is_mirrorfs_mount(&a.path) {
+        match std::fs::metadata(&a.path) {
+            Err(e) if e.raw_os_error() == Some(libc::ENOTCONN) => {}
+            _ => return Err(format!("{} is not a mirrorfs mount", a.path.display())),
+        }
+    }
+    mirrorfs::fuse::unmount(&a.path, a.lazy).map_err(|e| {
+        if e.raw_os_error() == Some(libc::EBUSY) {
+            format!(
+                "{} is busy (a file is open or a process works inside); close them, or use --lazy",
+                a.path.display()
+            )
+        } else {
+            format!("unmount {}: {e}", a.path.display())
+        }
+    })?;
     Ok(ExitCode::SUCCESS)
 }

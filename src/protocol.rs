@@ -239,6 +239,41 @@ impl Request {
             Request::RemoveTree { .. } => "remove_tree",
         }
     }
+
+    /// The paths a request changes (for the dirty set kept while the target is unreachable).
+    pub fn paths(&self) -> Vec<&RelPath> {
+        match self {
+            Request::Create { path, .. }
+            | Request::Mkdir { path, .. }
+            | Request::Mknod { path, .. }
+            | Request::Symlink { path, .. }
+            | Request::Write { path, .. }
+            | Request::Truncate { path, .. }
+            | Request::Fallocate { path, .. }
+            | Request::SetAttr { path, .. }
+            | Request::SetXattr { path, .. }
+            | Request::RemoveXattr { path, .. }
+            | Request::Unlink { path }
+            | Request::Rmdir { path }
+            | Request::Fsync { path, .. }
+            | Request::Hash { path }
+            | Request::Signature { path, .. }
+            | Request::PutFile { path, .. }
+            | Request::StageOpen { path, .. }
+            | Request::ApplyAttrs { path, .. }
+            | Request::RemoveTree { path } => vec![path],
+            Request::Link { existing, path } => vec![existing, path],
+            Request::CopyRange { src, dst, .. } => vec![src, dst],
+            Request::Rename { from, to, .. } => vec![from, to],
+            Request::LinkReplace { existing, path } => vec![existing, path],
+            Request::Scan { .. }
+            | Request::ScanNext
+            | Request::StageWrite { .. }
+            | Request::StageDelta { .. }
+            | Request::StageCommit { .. }
+            | Request::StageAbort { .. } => Vec::new(),
+        }
+    }
 }
 
 /// A successful answer.

@@ -88,6 +88,10 @@ pub trait Rpc: Send + Sync {
         0
     }
 
+    /// Gives up on a target that stopped answering: every waiter gets `Disconnected` and later
+    /// submits fail at once instead of blocking.
+    fn abandon(&self, _why: &str) {}
+
     fn target_info(&self) -> TargetInfo {
         TargetInfo {
             is_root: crate::fs::running_as_root(),
@@ -119,5 +123,8 @@ impl<R: Rpc + ?Sized> Rpc for Arc<R> {
     }
     fn target_info(&self) -> TargetInfo {
         (**self).target_info()
+    }
+    fn abandon(&self, why: &str) {
+        (**self).abandon(why)
     }
 }

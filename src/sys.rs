@@ -523,3 +523,201 @@ pub fn copy_file_range(
         unsafe { libc::copy_file_range(src.as_raw_fd(), &mut so, dst.as_raw_fd(), &mut d, len, 0) } as libc::ssize_t,
     )
 }
+
+// ---- Calls used by the FUSE mount (`fuse/`) ----
+
+/// Opens the inode behind `fd` (usually an `O_PATH` fd) again with `flags`, through its
+/// `/proc/self/fd` link. `O_NOFOLLOW` and `O_CREAT` are dropped: the link names the inode itself.
+pub fn reopen(fd: BorrowedFd<'_>, flags: i32) -> io::Result<OwnedFd> {
+    let p = fd_path(fd, b"")?;
+    let flags = (flags & !(libc::O_NOFOLLOW | libc::O_CREAT | libc::O_EXCL)) | libc::O_CLOEXEC;
+    // SAFETY: `p` is NUL-terminated; the returned fd is new and ours alone.
+    let r = check(unsafe { libc::open(p.as_ptr(), flags) })?;
+    // SAFETY: `r` was just returned by open and is owned by nobody else.
+    Ok(unsafe { OwnedFd::from_raw_fd(r) })
+}
+
+/// `fstat` of any fd, `O_PATH` ones included.
+pub fn fstat(fd: BorrowedFd<'_>) -> io::Result<libc::stat> {
+    fstatat(fd, c"", false)
+}
+
+/// `statvfs` of the filesystem holding `fd`.
+pub fn fstatvfs(fd: BorrowedFd<'_>) -> io::Result<libc::statvfs> {
+    let mut st = std::mem::MaybeUninit::<libc::statvfs>::uninit();
+    // SAFETY: `st` is a writable buffer read only after success.
+    check(unsafe { libc::fstatvfs(fd.as_raw_fd(), st.as_mut_ptr()) })?;
+    // SAFETY: fstatvfs succeeded and filled `st`.
+    Ok(unsafe { st.assume_init() })
+}
+
+/// `utimensat(fd, "", AT_EMPTY_PATH)`: sets the times of the inode `fd` refers to, symlinks
+/// included.
+pub fn utimens_fd(fd: BorrowedFd<'_>, atime: TimeSet, mtime: TimeSet) -> io::Result<()> {
+    let ts = [timespec(atime), timespec(mtime)];
+    // SAFETY: `ts` holds two timespecs; the empty name is a valid C string.
+    check(unsafe { libc::utimensat(fd.as_raw_fd(), c"".as_ptr(), ts.as_ptr(), libc::AT_EMPTY_PATH) }).map(drop)
+}
+
+/// `fchownat(fd, "", AT_EMPTY_PATH)`: changes the owner of the inode `fd` refers to; `u32::MAX`
+/// (-1) leaves a field unchanged.
+pub fn fchown_fd(fd: BorrowedFd<'_>, uid: u32, gid: u32) -> io::Result<()> {
+    // SAFETY: the empty name is a valid C string; plain syscall on a valid fd.
+    check(unsafe { libc::fchownat(fd.as_raw_fd(), c"".as_ptr(), uid, gid, libc::AT_EMPTY_PATH) }).map(drop)
+}
+
+/// Links the inode behind `fd` (an `O_PATH` fd) under `name` in `dir`, through its
+/// `/proc/self/fd` link (`AT_SYMLINK_FOLLOW` follows the magic link only).
+pub fn link_fd(fd: BorrowedFd<'_>, dir: BorrowedFd<'_>, name: &CStr) -> io::Result<()> {
+    let p = fd_path(fd, b"")?;
+    // SAFETY: both names are NUL-terminated; plain syscall.
+    check(unsafe { libc::linkat(libc::AT_FDCWD, p.as_ptr(), dir.as_raw_fd(), name.as_ptr(), libc::AT_SYMLINK_FOLLOW) })
+        .map(drop)
+}
+
+/// An extended-attribute call on the inode behind `fd`, through `/proc/self/fd/N` (the magic
+/// link is followed, nothing beyond it). Sizes follow the xattr(7) convention: a zero-length
+/// buffer asks for the size.
+pub fn fd_getxattr(fd: BorrowedFd<'_>, attr: &[u8], buf: &mut [u8]) -> io::Result<usize> {
+    let p = fd_path(fd, b"")?;
+    let a = cstr(attr)?;
+    // SAFETY: `buf` is writable for its length; names are NUL-terminated.
+    check_size(unsafe { libc::getxattr(p.as_ptr(), a.as_ptr(), buf.as_mut_ptr().cast(), buf.len()) })
+}
+
+pub fn fd_listxattr(fd: BorrowedFd<'_>, buf: &mut [u8]) -> io::Result<usize> {
+    let p = fd_path(fd, b"")?;
+    // SAFETY: `buf` is writable for its length; the path is NUL-terminated.
+    check_size(unsafe { libc::listxattr(p.as_ptr(), buf.as_mut_ptr().cast(), buf.len()) })
+}
+
+pub fn fd_setxattr(fd: BorrowedFd<'_>, attr: &[u8], value: &[u8], flags: i32) -> io::Result<()> {
+    let p = fd_path(fd, b"")?;
+    let a = cstr(attr)?;
+    // SAFETY: all pointers are valid for the lengths given.
+    check(unsafe { libc::setxattr(p.as_ptr(), a.as_ptr(), value.as_ptr().cast(), value.len(), flags) }).map(drop)
+}
+
+pub fn fd_removexattr(fd: BorrowedFd<'_>, attr: &[u8]) -> io::Result<()> {
+    let p = fd_path(fd, b"")?;
+    let a = cstr(attr)?;
+    // SAFETY: valid NUL-terminated strings.
+    check(unsafe { libc::removexattr(p.as_ptr(), a.as_ptr()) }).map(drop)
+}
+
+/// One directory entry as `getdents` gives it.
+pub struct RawDirEntry {
+    pub name: Vec<u8>,
+    pub ino: u64,
+    pub d_type: u8,
+}
+
+/// Every entry of the directory `fd` (opened for reading), `.` and `..` left out.
+pub fn read_dir_entries(fd: OwnedFd) -> io::Result<Vec<RawDirEntry>> {
+    use std::os::fd::IntoRawFd;
+    let raw = fd.into_raw_fd();
+    // SAFETY: `raw` is an open directory fd we own; fdopendir takes it over on success.
+    let dir = unsafe { libc::fdopendir(raw) };
+    if dir.is_null() {
+        let e = io::Error::last_os_error();
+        // SAFETY: fdopendir failed, so we still own `raw` and close it once.
+        unsafe { libc::close(raw) };
+        return Err(e);
+    }
+    let mut out = Vec::new();
+    let result = loop {
+        // SAFETY: errno is thread-local; reset so a NULL from readdir can be told apart.
+        unsafe { *libc::__errno_location() = 0 };
+        // SAFETY: `dir` is a valid DIR* until closedir below.
+        let ent = unsafe { libc::readdir64(dir) };
+        if ent.is_null() {
+            let e = io::Error::last_os_error();
+            break if e.raw_os_error().unwrap_or(0) == 0 { Ok(()) } else { Err(e) };
+        }
+        // SAFETY: readdir returned a valid dirent whose d_name is NUL-terminated.
+        let (name, ino, d_type) = unsafe { (CStr::from_ptr((*ent).d_name.as_ptr()).to_bytes(), (*ent).d_ino, (*ent).d_type) };
+        if name != b"." && name != b".." {
+            out.push(RawDirEntry {
+                name: name.to_vec(),
+                ino,
+                d_type,
+            });
+        }
+    };
+    // SAFETY: `dir` came from fdopendir and is closed exactly once.
+    unsafe { libc::closedir(dir) };
+    result.map(|()| out)
+}
+
+/// `pwrite(2)` once; returns how much was written.
+pub fn pwrite(fd: BorrowedFd<'_>, buf: &[u8], offset: u64) -> io::Result<usize> {
+    // SAFETY: `buf` is readable for its length.
+    check_size(unsafe { libc::pwrite(fd.as_raw_fd(), buf.as_ptr().cast(), buf.len(), offset as libc::off_t) })
+}
+
+/// `lseek(2)`.
+pub fn lseek(fd: BorrowedFd<'_>, offset: i64, whence: i32) -> io::Result<i64> {
+    // SAFETY: plain syscall on a valid fd.
+    let r = unsafe { libc::lseek(fd.as_raw_fd(), offset as libc::off_t, whence) };
+    if r < 0 { Err(io::Error::last_os_error()) } else { Ok(r as i64) }
+}
+
+/// `copy_file_range(2)` with explicit offsets and flags; returns the bytes copied.
+pub fn copy_file_range_flags(
+    src: BorrowedFd<'_>,
+    src_off: u64,
+    dst: BorrowedFd<'_>,
+    dst_off: u64,
+    len: usize,
+    flags: u32,
+) -> io::Result<usize> {
+    let mut so = src_off as libc::loff_t;
+    let mut d = dst_off as libc::loff_t;
+    // SAFETY: the offsets are valid locals the kernel updates; fds are open.
+    check_size(unsafe { libc::copy_file_range(src.as_raw_fd(), &mut so, dst.as_raw_fd(), &mut d, len, flags) }
+        as libc::ssize_t)
+}
+
+/// Sets the process umask; returns the old one. The mount daemon runs with 0 because the kernel
+/// has already applied the caller's umask to every mode it sends.
+pub fn set_umask(mask: u32) -> u32 {
+    // SAFETY: umask cannot fail and touches no memory.
+    unsafe { libc::umask(mask as libc::mode_t) as u32 }
+}
+
+/// `umount2(2)`; `lazy` adds MNT_DETACH.
+pub fn umount(path: &std::path::Path, lazy: bool) -> io::Result<()> {
+    let c = cstr(path.as_os_str().as_bytes())?;
+    let flags = if lazy { libc::MNT_DETACH } else { 0 };
+    // SAFETY: `c` is NUL-terminated; plain syscall.
+    check(unsafe { libc::umount2(c.as_ptr(), flags) }).map(drop)
+}
+
+/// Makes `dst` (0, 1 or 2) refer to what `src` refers to, as dup2(2) does.
+pub fn dup_onto(src: BorrowedFd<'_>, dst: RawFd) -> io::Result<()> {
+    // SAFETY: `src` is a valid fd; dup2 atomically replaces `dst`, which we own by convention
+    // (a standard stream of this process).
+    check(unsafe { libc::dup2(src.as_raw_fd(), dst) }).map(drop)
+}
+
+/// Raises the soft limit on open files to the hard limit: the mount holds one fd per inode the
+/// kernel has cached.
+pub fn raise_nofile_limit() {
+    let mut r = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: `r` is a valid rlimit for the kernel to fill and then read.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut r) == 0 && r.rlim_cur < r.rlim_max {
+            r.rlim_cur = r.rlim_max;
+            libc::setrlimit(libc::RLIMIT_NOFILE, &r);
+        }
+    }
+}
+
+/// `getpid()`.
+pub fn getpid() -> u32 {
+    // SAFETY: getpid cannot fail.
+    unsafe { libc::getpid() as u32 }
+}

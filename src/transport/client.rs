@@ -60,7 +60,7 @@ pub struct Client {
     shared: Arc<Shared>,
     info: TargetInfo,
     timeout: Option<Duration>,
-    shutdown: Box<dyn Fn() + Send + Sync>,
+    shutdown: Box<dyn Fn(bool) + Send + Sync>,
     reader: Option<JoinHandle<()>>,
     server: Option<JoinHandle<()>>,
 }
@@ -74,12 +74,13 @@ impl Client {
     ) -> Result<Client, TransportError> {
         let r = s.try_clone_stream().map_err(|e| TransportError::io("socket", e))?;
         let shut = s.try_clone_stream().map_err(|e| TransportError::io("socket", e))?;
+        s.set_write_limit(timeout);
         Client::handshake(
             Box::new(r),
             Box::new(s),
             key,
             timeout,
-            Box::new(move || shut.shutdown_write()),
+            Box::new(move |both| if both { shut.shutdown_both() } else { shut.shutdown_write() }),
             server,
         )
     }
@@ -90,7 +91,7 @@ impl Client {
         w: Box<dyn Write + Send>,
         key: Option<auth::Key>,
         timeout: Option<Duration>,
-        shutdown: Box<dyn Fn() + Send + Sync>,
+        shutdown: Box<dyn Fn(bool) + Send + Sync>,
         server: Option<JoinHandle<()>>,
     ) -> Result<Client, TransportError> {
         let mut r = BufReader::with_capacity(1 << 20, r);
@@ -239,6 +240,11 @@ impl Rpc for Client {
     fn target_info(&self) -> TargetInfo {
         self.info.clone()
     }
+
+    fn abandon(&self, why: &str) {
+        self.shared.kill(why.to_string());
+        (self.shutdown)(true);
+    }
 }
 
 impl Drop for Client {
@@ -246,8 +252,13 @@ impl Drop for Client {
     /// it and closed its side (and, in-process, until its thread ended).
     fn drop(&mut self) {
         self.shared.flush();
-        self.shared.queue.lock().closing = true;
-        (self.shutdown)();
+        let dead = {
+            let mut q = self.shared.queue.lock();
+            q.closing = true;
+            q.dead.is_some()
+        };
+        // A lost target may never answer again: close both ways so the reader stops waiting.
+        (self.shutdown)(dead);
         if let Some(h) = self.reader.take() {
             let _ = h.join();
         }

@@ -83,6 +83,10 @@ impl TransportError {
 pub trait Stream: std::io::Read + std::io::Write + Send + Sync + Sized + 'static {
     fn try_clone_stream(&self) -> std::io::Result<Self>;
     fn shutdown_write(&self);
+    /// Closes both directions, so a reader blocked on a peer that stopped answering wakes up.
+    fn shutdown_both(&self);
+    /// Bounds how long one write may block on a peer that stopped reading.
+    fn set_write_limit(&self, limit: Option<Duration>);
 }
 
 impl Stream for std::os::unix::net::UnixStream {
@@ -91,6 +95,12 @@ impl Stream for std::os::unix::net::UnixStream {
     }
     fn shutdown_write(&self) {
         let _ = self.shutdown(std::net::Shutdown::Write);
+    }
+    fn shutdown_both(&self) {
+        let _ = self.shutdown(std::net::Shutdown::Both);
+    }
+    fn set_write_limit(&self, limit: Option<Duration>) {
+        let _ = self.set_write_timeout(limit);
     }
 }
 
@@ -101,6 +111,12 @@ impl Stream for std::net::TcpStream {
     }
     fn shutdown_write(&self) {
         let _ = self.shutdown(std::net::Shutdown::Write);
+    }
+    fn shutdown_both(&self) {
+        let _ = self.shutdown(std::net::Shutdown::Both);
+    }
+    fn set_write_limit(&self, limit: Option<Duration>) {
+        let _ = self.set_write_timeout(limit);
     }
 }
 

@@ -11,6 +11,9 @@ use crate::reconcile::{self, ApplyOptions, Op, PlanError, PlanOptions, Report, S
 use crate::rpc::{Pending, Rpc, RpcError};
 use std::sync::Arc;
 
+pub mod replicator;
+pub use replicator::{Forward, Link, Replicator};
+
 #[derive(Debug, Clone, Copy, Default)]
 pub struct SyncOptions {
     /// Compare content hashes instead of size and mtime.

@@ -1,0 +1,73 @@
+//! Open file and directory handles of the mount. A file handle is a real fd on the source inode,
+//! opened with the caller's flags less those the mount handles itself (`mirror::open_flags`); it
+//! remembers how the kernel serves it (passthrough, cached or direct) so the inode's I/O mode
+//! counts can be given back at release. A directory handle is the listing taken at `opendir`.
+
+use super::inodes::Inode;
+use crate::sys::RawDirEntry;
+use parking_lot::Mutex;
+use std::collections::HashMap;
+use std::os::fd::OwnedFd;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Served {
+    /// Reads and writes go through the daemon and the page cache.
+    Cached,
+    /// Reads and writes go through the daemon, bypassing the page cache.
+    Direct,
+    /// The kernel reads the backing file itself.
+    Passthrough,
+}
+
+pub struct FileHandle {
+    pub inode: Arc<Inode>,
+    pub fd: OwnedFd,
+    pub writable: bool,
+    pub served: Served,
+    /// Keeps the kernel's backing id alive while this passthrough handle is open.
+    pub backing: Option<Arc<fuser::BackingId>>,
+}
+
+pub struct DirHandle {
+    pub entries: Vec<RawDirEntry>,
+}
+
+pub struct Handles<T> {
+    map: Mutex<HashMap<u64, Arc<T>>>,
+    next: AtomicU64,
+}
+
+impl<T> Default for Handles<T> {
+    fn default() -> Self {
+        Handles {
+            map: Mutex::new(HashMap::new()),
+            next: AtomicU64::new(1),
+        }
+    }
+}
+
+impl<T> Handles<T> {
+    pub fn insert(&self, h: T) -> u64 {
+        let id = self.next.fetch_add(1, Ordering::Relaxed);
+        self.map.lock().insert(id, Arc::new(h));
+        id
+    }
+
+    pub fn get(&self, id: u64) -> Option<Arc<T>> {
+        self.map.lock().get(&id).cloned()
+    }
+
+    pub fn remove(&self, id: u64) -> Option<Arc<T>> {
+        self.map.lock().remove(&id)
+    }
+
+    pub fn len(&self) -> usize {
+        self.map.lock().len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}

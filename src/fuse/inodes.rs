@@ -1,0 +1,370 @@
+//! The mount's inode table. Every inode the kernel knows is an `O_PATH` fd on the source, keyed
+//! by (dev, ino), with the kernel's lookup count; it is never re-resolved by path. Each inode also
+//! remembers one place (parent inode, name) where it was last seen, which is how the mount names
+//! it to the target. A place is dropped when its entry is unlinked or renamed over; an inode left
+//! without a place (an open file that was unlinked) is never forwarded again, so its later
+//! writes cannot reach any file on the target.
+//!
+//! Node ids are the source's inode numbers (so `stat` shows real ones), except the root, which
+//! FUSE calls 1, and inodes from other devices or numbered 1, which get ids from a private range.
+//! A held `O_PATH` fd keeps the inode alive, so its number cannot be reused while it is here.
+
+use crate::fs::Kind;
+use crate::path::RelPath;
+use parking_lot::Mutex;
+use std::collections::HashMap;
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::sync::{Arc, Weak};
+
+pub const ROOT: u64 = 1;
+const PRIVATE_IDS: u64 = 1 << 62;
+
+/// What is shared with open handles: the fd and the inode's I/O mode.
+pub struct Inode {
+    pub id: u64,
+    fd: OwnedFd,
+    pub kind: Kind,
+    pub io: Mutex<IoMode>,
+}
+
+impl Inode {
+    pub fn fd(&self) -> BorrowedFd<'_> {
+        self.fd.as_fd()
+    }
+}
+
+/// How the inode's open files are served. The kernel refuses to mix passthrough opens with
+/// cached (page-cache) opens on one inode, so the counts decide what a new open may be.
+#[derive(Default)]
+pub struct IoMode {
+    pub passthrough: u32,
+    pub cached: u32,
+    pub backing: Weak<fuser::BackingId>,
+}
+
+struct Node {
+    inode: Arc<Inode>,
+    key: (u64, u64),
+    nlookup: u64,
+    /// Nodes whose place is in this one; a node is kept while it has any.
+    children: u64,
+    place: Option<(u64, Vec<u8>)>,
+}
+
+#[derive(Default)]
+struct Table {
+    nodes: HashMap<u64, Node>,
+    by_key: HashMap<(u64, u64), u64>,
+    by_place: HashMap<(u64, Vec<u8>), u64>,
+    next_private: u64,
+}
+
+pub struct Inodes {
+    t: Mutex<Table>,
+    root_dev: u64,
+}
+
+impl Inodes {
+    /// A table holding only the root, whose `O_PATH` fd must be opened before mounting over it.
+    pub fn new(root: OwnedFd, st: &libc::stat) -> Inodes {
+        let mut t = Table {
+            next_private: PRIVATE_IDS,
+            ..Table::default()
+        };
+        let key = (st.st_dev, st.st_ino);
+        t.nodes.insert(
+            ROOT,
+            Node {
+                inode: Arc::new(Inode {
+                    id: ROOT,
+                    fd: root,
+                    kind: Kind::Dir,
+                    io: Mutex::new(IoMode::default()),
+                }),
+                key,
+                nlookup: 1,
+                children: 0,
+                place: None,
+            },
+        );
+        t.by_key.insert(key, ROOT);
+        Inodes {
+            t: Mutex::new(t),
+            root_dev: st.st_dev,
+        }
+    }
+
+    pub fn get(&self, id: u64) -> Option<Arc<Inode>> {
+        self.t.lock().nodes.get(&id).map(|n| n.inode.clone())
+    }
+
+    /// Records that the kernel looked `name` up in `parent` and found the inode `st` describes
+    /// (`fd` is an `O_PATH` fd on it); adds one to its lookup count and returns its id. The fd is
+    /// dropped when the inode is already known.
+    pub fn found(&self, parent: u64, name: &[u8], fd: OwnedFd, st: &libc::stat) -> u64 {
+        let key = (st.st_dev, st.st_ino);
+        let mut t = self.t.lock();
+        let id = match t.by_key.get(&key) {
+            Some(&id) => id,
+            None => {
+                let id = if st.st_dev == self.root_dev && st.st_ino != ROOT && st.st_ino < PRIVATE_IDS {
+                    st.st_ino
+                } else {
+                    t.next_private += 1;
+                    t.next_private
+                };
+                t.nodes.insert(
+                    id,
+                    Node {
+                        inode: Arc::new(Inode {
+                            id,
+                            fd,
+                            kind: Kind::from_mode(st.st_mode),
+                            io: Mutex::new(IoMode::default()),
+                        }),
+                        key,
+                        nlookup: 0,
+                        children: 0,
+                        place: None,
+                    },
+                );
+                t.by_key.insert(key, id);
+                id
+            }
+        };
+        if let Some(n) = t.nodes.get_mut(&id) {
+            n.nlookup += 1;
+        }
+        if id != ROOT {
+            set_place(&mut t, id, Some((parent, name.to_vec())));
+        }
+        id
+    }
+
+    /// The kernel forgot `n` lookups of `id`.
+    pub fn forget(&self, id: u64, n: u64) {
+        if id == ROOT {
+            return;
+        }
+        let mut t = self.t.lock();
+        if let Some(node) = t.nodes.get_mut(&id) {
+            node.nlookup = node.nlookup.saturating_sub(n);
+        }
+        prune(&mut t, id);
+    }
+
+    /// The path of `id` relative to the root, or `None` when it has no place any more.
+    pub fn path(&self, id: u64) -> Option<RelPath> {
+        let t = self.t.lock();
+        let mut names: Vec<&[u8]> = Vec::new();
+        let mut cur = id;
+        while cur != ROOT {
+            let (parent, name) = t.nodes.get(&cur)?.place.as_ref()?;
+            names.push(name);
+            cur = *parent;
+            if names.len() > 4096 {
+                return None;
+            }
+        }
+        let mut bytes = Vec::new();
+        for n in names.iter().rev() {
+            if !bytes.is_empty() {
+                bytes.push(b'/');
+            }
+            bytes.extend_from_slice(n);
+        }
+        RelPath::new(bytes).ok()
+    }
+
+    /// `name` in `parent`'s path.
+    pub fn child_path(&self, parent: u64, name: &[u8]) -> Option<RelPath> {
+        self.path(parent)?.join(name).ok()
+    }
+
+    /// The entry `name` in `parent` is gone (unlinked, or replaced by a rename).
+    pub fn removed(&self, parent: u64, name: &[u8]) {
+        let mut t = self.t.lock();
+        if let Some(id) = t.by_place.get(&(parent, name.to_vec())).copied() {
+            set_place(&mut t, id, None);
+            prune(&mut t, id);
+        }
+    }
+
+    /// A rename moved `name` in `parent` to `newname` in `newparent`; with `exchange`, the two
+    /// entries swapped.
+    pub fn renamed(&self, parent: u64, name: &[u8], newparent: u64, newname: &[u8], exchange: bool) {
+        let mut t = self.t.lock();
+        let from = t.by_place.get(&(parent, name.to_vec())).copied();
+        let to = t.by_place.get(&(newparent, newname.to_vec())).copied();
+        if let Some(to) = to {
+            set_place(&mut t, to, None);
+        }
+        if let Some(from) = from {
+            set_place(&mut t, from, Some((newparent, newname.to_vec())));
+        }
+        if let Some(to) = to {
+            if exchange {
+                set_place(&mut t, to, Some((parent, name.to_vec())));
+            } else {
+                prune(&mut t, to);
+            }
+        }
+    }
+
+    /// How many inodes are held (for tests and logs).
+    pub fn len(&self) -> usize {
+        self.t.lock().nodes.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// Moves `id` to `place`, keeping the place index and the parents' child counts right.
+fn set_place(t: &mut Table, id: u64, place: Option<(u64, Vec<u8>)>) {
+    let Some(node) = t.nodes.get_mut(&id) else { return };
+    if node.place == place {
+        return;
+    }
+    let old = std::mem::replace(&mut node.place, place.clone());
+    if let Some(old) = old {
+        if t.by_place.get(&old) == Some(&id) {
+            t.by_place.remove(&old);
+        }
+        if let Some(p) = t.nodes.get_mut(&old.0) {
+            p.children = p.children.saturating_sub(1);
+        }
+        prune(t, old.0);
+    }
+    if let Some(new) = place {
+        if let Some(p) = t.nodes.get_mut(&new.0) {
+            p.children += 1;
+        }
+        if let Some(prev) = t.by_place.insert(new, id) {
+            if prev != id {
+                // Another inode was recorded at this place: it is no longer there.
+                if let Some(n) = t.nodes.get_mut(&prev) {
+                    if let Some(pl) = n.place.take() {
+                        if let Some(p) = t.nodes.get_mut(&pl.0) {
+                            p.children = p.children.saturating_sub(1);
+                        }
+                    }
+                }
+                prune(t, prev);
+            }
+        }
+    }
+}
+
+/// Drops `id` once nothing refers to it, then its parent if that was its last reference.
+fn prune(t: &mut Table, mut id: u64) {
+    loop {
+        if id == ROOT {
+            return;
+        }
+        let Some(n) = t.nodes.get(&id) else { return };
+        if n.nlookup > 0 || n.children > 0 {
+            return;
+        }
+        let n = t.nodes.remove(&id).unwrap_or_else(|| unreachable!());
+        t.by_key.remove(&n.key);
+        let Some(place) = n.place else { return };
+        if t.by_place.get(&place) == Some(&id) {
+            t.by_place.remove(&place);
+        }
+        match t.nodes.get_mut(&place.0) {
+            Some(p) => p.children = p.children.saturating_sub(1),
+            None => return,
+        }
+        id = place.0;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn fake(ino: u64) -> (OwnedFd, libc::stat) {
+        let f = std::fs::File::open("/").unwrap();
+        let mut st: libc::stat = crate::sys::fstat(f.as_fd()).unwrap();
+        st.st_ino = ino;
+        st.st_mode = libc::S_IFREG | 0o644;
+        (OwnedFd::from(f), st)
+    }
+
+    fn table() -> Inodes {
+        let (fd, mut st) = fake(2);
+        st.st_mode = libc::S_IFDIR | 0o755;
+        Inodes::new(fd, &st)
+    }
+
+    #[test]
+    fn paths_follow_renames_and_unlinks() {
+        let t = table();
+        let (fd, st) = fake(10);
+        let mut dst = st;
+        dst.st_mode = libc::S_IFDIR | 0o755;
+        let d = t.found(ROOT, b"d", fd, &dst);
+        let (fd, st) = fake(11);
+        let f = t.found(d, b"f", fd, &st);
+        assert_eq!(t.path(f).unwrap().as_bytes(), b"d/f");
+        t.renamed(ROOT, b"d", ROOT, b"e", false);
+        assert_eq!(t.path(f).unwrap().as_bytes(), b"e/f");
+        t.renamed(d, b"f", ROOT, b"g", false);
+        assert_eq!(t.path(f).unwrap().as_bytes(), b"g");
+        t.removed(ROOT, b"g");
+        assert!(t.path(f).is_none(), "an unlinked inode has no path");
+        assert!(t.get(f).is_some(), "still held while looked up");
+        t.forget(f, 1);
+        assert!(t.get(f).is_none());
+    }
+
+    #[test]
+    fn exchange_swaps_and_rename_over_drops_the_victim() {
+        let t = table();
+        let (fd, st) = fake(20);
+        let a = t.found(ROOT, b"a", fd, &st);
+        let (fd, st) = fake(21);
+        let b = t.found(ROOT, b"b", fd, &st);
+        t.renamed(ROOT, b"a", ROOT, b"b", true);
+        assert_eq!(t.path(a).unwrap().as_bytes(), b"b");
+        assert_eq!(t.path(b).unwrap().as_bytes(), b"a");
+        t.renamed(ROOT, b"a", ROOT, b"b", false);
+        assert_eq!(t.path(b).unwrap().as_bytes(), b"b");
+        assert!(t.path(a).is_none());
+    }
+
+    #[test]
+    fn parents_stay_while_children_are_known() {
+        let t = table();
+        let (fd, mut st) = fake(30);
+        st.st_mode = libc::S_IFDIR | 0o755;
+        let d = t.found(ROOT, b"d", fd, &st);
+        let (fd, st) = fake(31);
+        let f = t.found(d, b"f", fd, &st);
+        t.forget(d, 1);
+        assert!(t.get(d).is_some(), "kept while its child is known");
+        assert_eq!(t.path(f).unwrap().as_bytes(), b"d/f");
+        t.forget(f, 1);
+        assert!(t.get(d).is_none(), "dropped with its last child");
+        assert_eq!(t.len(), 1);
+    }
+
+    #[test]
+    fn a_second_lookup_of_a_hard_link_gives_the_same_id_and_a_live_place() {
+        let t = table();
+        let (fd, st) = fake(40);
+        let a = t.found(ROOT, b"a", fd, &st);
+        let (fd, st) = fake(40);
+        let b = t.found(ROOT, b"b", fd, &st);
+        assert_eq!(a, b);
+        t.removed(ROOT, b"b");
+        assert!(t.path(a).is_none());
+        let (fd, st) = fake(40);
+        t.found(ROOT, b"a", fd, &st);
+        assert_eq!(t.path(a).unwrap().as_bytes(), b"a");
+        t.forget(a, 3);
+        assert_eq!(t.len(), 1);
+    }
+}

@@ -1,0 +1,732 @@
+//! `Mirror`: what each mount operation does. It applies the operation to the source through the
+//! inode table's `O_PATH` fds (never by path), and, for a mutation, returns the requests that
+//! repeat it on the target, each carrying the metadata it produced on the source: mode, owner
+//! and mtime of the entry, and the mtime of the directories whose entries changed. The
+//! `Replicator` runs every mutation under its order lock, so the target sees the source's order.
+//!
+//! The daemon runs as root with `default_permissions`: the kernel checks every permission
+//! against the caller's credentials (supplementary groups included) before a request gets
+//! here, and new entries are created as root and then given to the caller, as the kernel would
+//! have (the group of a set-group-ID directory is inherited).
+
+use super::handles::{DirHandle, FileHandle, Handles, Served};
+use super::inodes::{Inode, Inodes, ROOT};
+use crate::fs::{Kind, SetTime, Time};
+use crate::path::RelPath;
+use crate::protocol::Request;
+use crate::rpc::Rpc;
+use crate::source::{Forward, Replicator};
+use crate::sys::{self, TimeSet};
+use std::ffi::CString;
+use std::io;
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+pub type Rep = Replicator<Arc<dyn Rpc>>;
+
+/// Who asked, as the kernel tells it.
+#[derive(Debug, Clone, Copy)]
+pub struct Caller {
+    pub uid: u32,
+    pub gid: u32,
+}
+
+/// A time to set, as `setattr` gives it.
+#[derive(Debug, Clone, Copy)]
+pub enum NewTime {
+    At(Time),
+    Now,
+}
+
+/// Which attributes `setattr` changes.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct SetAttrs {
+    pub mode: Option<u32>,
+    pub uid: Option<u32>,
+    pub gid: Option<u32>,
+    pub size: Option<u64>,
+    pub atime: Option<NewTime>,
+    pub mtime: Option<NewTime>,
+    pub fh: Option<u64>,
+}
+
+pub struct Mirror {
+    pub inodes: Inodes,
+    pub files: Handles<FileHandle>,
+    pub dirs: Handles<DirHandle>,
+    rep: Arc<Rep>,
+    /// Forward owners (only a root target can set them).
+    owners: bool,
+    /// Serve read-only opens with kernel passthrough (set when the kernel agreed at init).
+    pub passthrough: AtomicBool,
+}
+
+fn einval() -> io::Error {
+    io::Error::from_raw_os_error(libc::EINVAL)
+}
+
+fn ebadf() -> io::Error {
+    io::Error::from_raw_os_error(libc::EBADF)
+}
+
+fn name_c(name: &[u8]) -> io::Result<CString> {
+    if name.is_empty() || name.contains(&b'/') {
+        return Err(einval());
+    }
+    sys::cstr(name)
+}
+
+fn mtime_of(st: &libc::stat) -> Time {
+    Time::new(st.st_mtime, st.st_mtime_nsec as u32)
+}
+
+fn atime_of(st: &libc::stat) -> Time {
+    Time::new(st.st_atime, st.st_atime_nsec as u32)
+}
+
+/// A request that stamps `path` with the mtime it has on the source.
+fn stamp(path: RelPath, st: &libc::stat) -> Request {
+    Request::SetAttr {
+        path,
+        perm: None,
+        uid: None,
+        gid: None,
+        atime: SetTime::Omit,
+        mtime: SetTime::At(mtime_of(st)),
+    }
+}
+
+impl Mirror {
+    pub fn new(inodes: Inodes, rep: Arc<Rep>) -> Mirror {
+        let owners = rep.source().rpc().target_info().is_root;
+        Mirror {
+            inodes,
+            files: Handles::default(),
+            dirs: Handles::default(),
+            rep,
+            owners,
+            passthrough: AtomicBool::new(false),
+        }
+    }
+
+    pub fn replicator(&self) -> &Rep {
+        &self.rep
+    }
+
+    fn inode(&self, id: u64) -> io::Result<Arc<Inode>> {
+        self.inodes.get(id).ok_or_else(|| io::Error::from_raw_os_error(libc::ESTALE))
+    }
+
+    fn file(&self, fh: u64) -> io::Result<Arc<FileHandle>> {
+        self.files.get(fh).ok_or_else(ebadf)
+    }
+
+    /// Looks `name` up in `parent` and records it; returns its id and stat.
+    fn enter(&self, parent: u64, dir: BorrowedFd<'_>, name: &CString) -> io::Result<(u64, libc::stat)> {
+        let fd = sys::openat(dir, name, libc::O_PATH | libc::O_NOFOLLOW, 0)?;
+        let st = sys::fstat(fd.as_fd())?;
+        let id = self.inodes.found(parent, name.as_bytes(), fd, &st);
+        Ok((id, st))
+    }
+
+    // ---- Queries ----
+
+    pub fn lookup(&self, parent: u64, name: &[u8]) -> io::Result<(u64, libc::stat)> {
+        let p = self.inode(parent)?;
+        self.enter(parent, p.fd(), &name_c(name)?)
+    }
+
+    pub fn forget(&self, id: u64, n: u64) {
+        self.inodes.forget(id, n);
+    }
+
+    pub fn getattr(&self, id: u64) -> io::Result<libc::stat> {
+        sys::fstat(self.inode(id)?.fd())
+    }
+
+    pub fn readlink(&self, id: u64) -> io::Result<Vec<u8>> {
+        sys::readlinkat(self.inode(id)?.fd(), c"")
+    }
+
+    pub fn statfs(&self) -> io::Result<libc::statvfs> {
+        sys::fstatvfs(self.inode(ROOT)?.fd())
+    }
+
+    pub fn getxattr(&self, id: u64, name: &[u8], buf: &mut [u8]) -> io::Result<usize> {
+        sys::fd_getxattr(self.inode(id)?.fd(), name, buf)
+    }
+
+    pub fn listxattr(&self, id: u64, buf: &mut [u8]) -> io::Result<usize> {
+        sys::fd_listxattr(self.inode(id)?.fd(), buf)
+    }
+
+    pub fn read(&self, fh: u64, offset: u64, size: u32) -> io::Result<Vec<u8>> {
+        let h = self.file(fh)?;
+        let mut buf = vec![0u8; size as usize];
+        let mut got = 0;
+        while got < buf.len() {
+            let n = sys::pread(h.fd.as_fd(), &mut buf[got..], offset + got as u64)?;
+            if n == 0 {
+                break;
+            }
+            got += n;
+        }
+        buf.truncate(got);
+        Ok(buf)
+    }
+
+    pub fn lseek(&self, fh: u64, offset: i64, whence: i32) -> io::Result<i64> {
+        sys::lseek(self.file(fh)?.fd.as_fd(), offset, whence)
+    }
+
+    // ---- Directories ----
+
+    pub fn opendir(&self, id: u64) -> io::Result<u64> {
+        let fd = sys::reopen(self.inode(id)?.fd(), libc::O_RDONLY | libc::O_DIRECTORY)?;
+        let entries = sys::read_dir_entries(fd)?;
+        Ok(self.dirs.insert(DirHandle { entries }))
+    }
+
+    pub fn dir(&self, fh: u64) -> io::Result<Arc<DirHandle>> {
+        self.dirs.get(fh).ok_or_else(ebadf)
+    }
+
+    pub fn releasedir(&self, fh: u64) {
+        self.dirs.remove(fh);
+    }
+
+    // ---- Opening files ----
+
+    /// Opens inode `id` with the caller's `flags`. `backing` registers an fd for kernel
+    /// passthrough; it is asked only for read-only opens of inodes with no cached open.
+    pub fn open(
+        &self,
+        id: u64,
+        flags: i32,
+        backing: impl FnOnce(&OwnedFd) -> io::Result<fuser::BackingId>,
+    ) -> io::Result<(u64, Served)> {
+        let inode = self.inode(id)?;
+        let fd = sys::reopen(inode.fd(), open_flags(flags))?;
+        let writable = flags & libc::O_ACCMODE != libc::O_RDONLY;
+        let mut io = inode.io.lock();
+        let mut served = if writable {
+            if io.passthrough > 0 { Served::Direct } else { Served::Cached }
+        } else if io.cached == 0 && self.passthrough.load(Ordering::Relaxed) {
+            Served::Passthrough
+        } else {
+            Served::Cached
+        };
+        let mut held = None;
+        if served == Served::Passthrough {
+            held = match io.backing.upgrade() {
+                Some(b) => Some(b),
+                None => match backing(&fd) {
+                    Ok(b) => {
+                        let b = Arc::new(b);
+                        io.backing = Arc::downgrade(&b);
+                        Some(b)
+                    }
+                    Err(e) => {
+                        if self.passthrough.swap(false, Ordering::Relaxed) {
+                            log::warn!("kernel passthrough refused ({e}); reads go through the daemon from now on");
+                        }
+                        served = Served::Cached;
+                        None
+                    }
+                },
+            };
+        }
+        match served {
+            Served::Passthrough => io.passthrough += 1,
+            Served::Cached => io.cached += 1,
+            Served::Direct => {}
+        }
+        drop(io);
+        let fh = self.files.insert(FileHandle {
+            inode,
+            fd,
+            writable,
+            served,
+            backing: held.clone(),
+        });
+        Ok((fh, served))
+    }
+
+    pub fn backing_of(&self, fh: u64) -> Option<Arc<fuser::BackingId>> {
+        self.files.get(fh).and_then(|h| h.backing.clone())
+    }
+
+    pub fn release(&self, fh: u64) {
+        if let Some(h) = self.files.remove(fh) {
+            let mut io = h.inode.io.lock();
+            match h.served {
+                Served::Passthrough => io.passthrough = io.passthrough.saturating_sub(1),
+                Served::Cached => io.cached = io.cached.saturating_sub(1),
+                Served::Direct => {}
+            }
+        }
+    }
+
+    // ---- Creating entries ----
+
+    /// Gives a new entry to the caller (as the kernel would have created it) and returns its
+    /// final stat; set-ID bits that the chown cleared are put back.
+    fn give(&self, dir: BorrowedFd<'_>, dst: &libc::stat, name: &CString, who: Caller) -> io::Result<libc::stat> {
+        let st = sys::fstatat(dir, name, false)?;
+        let gid = if dst.st_mode & libc::S_ISGID != 0 { dst.st_gid } else { who.gid };
+        if st.st_uid == who.uid && st.st_gid == gid {
+            return Ok(st);
+        }
+        sys::fchownat(dir, name, who.uid, gid)?;
+        let after = sys::fstatat(dir, name, false)?;
+        if after.st_mode != st.st_mode && st.st_mode & libc::S_IFMT != libc::S_IFLNK {
+            sys::fchmodat(dir, name, st.st_mode & 0o7777)?;
+            return sys::fstatat(dir, name, false);
+        }
+        Ok(after)
+    }
+
+    /// The requests that give a newly made entry its metadata and restamp its directory.
+    fn created(&self, path: &RelPath, st: &libc::stat, dir: RelPath, dst: &libc::stat) -> Vec<Request> {
+        let symlink = st.st_mode & libc::S_IFMT == libc::S_IFLNK;
+        vec![
+            Request::SetAttr {
+                path: path.clone(),
+                perm: (!symlink).then_some(st.st_mode & 0o7777),
+                uid: self.owners.then_some(st.st_uid),
+                gid: self.owners.then_some(st.st_gid),
+                atime: SetTime::Omit,
+                mtime: SetTime::At(mtime_of(st)),
+            },
+            stamp(dir, dst),
+        ]
+    }
+
+    /// Shared by mknod, mkdir and symlink: `make` creates `name` in the parent's fd; `first` is
+    /// the request that creates it on the target.
+    fn make(
+        &self,
+        parent: u64,
+        name: &[u8],
+        who: Caller,
+        make: impl FnOnce(BorrowedFd<'_>, &CString) -> io::Result<()>,
+        first: impl FnOnce(RelPath, &libc::stat) -> Request,
+    ) -> io::Result<(u64, libc::stat)> {
+        let p = self.inode(parent)?;
+        let cname = name_c(name)?;
+        self.rep.apply(|| {
+            make(p.fd(), &cname)?;
+            let dst = sys::fstat(p.fd())?;
+            let st = self.give(p.fd(), &dst, &cname, who)?;
+            let dst = sys::fstat(p.fd())?;
+            let (id, st2) = self.enter(parent, p.fd(), &cname)?;
+            debug_assert_eq!(st.st_ino, st2.st_ino);
+            let fwd = match (self.inodes.path(id), self.inodes.path(parent)) {
+                (Some(path), Some(dir)) => {
+                    let mut reqs = vec![first(path.clone(), &st2)];
+                    reqs.extend(self.created(&path, &st2, dir, &dst));
+                    Forward::of(reqs)
+                }
+                _ => Forward::none(),
+            };
+            Ok::<_, io::Error>(((id, st2), fwd))
+        })
+    }
+
+    pub fn mknod(&self, parent: u64, name: &[u8], mode: u32, rdev: u64, who: Caller) -> io::Result<(u64, libc::stat)> {
+        let kind = Kind::from_mode(mode);
+        self.make(
+            parent,
+            name,
+            who,
+            |d, n| sys::mknodat(d, n, mode, rdev),
+            |path, st| match kind {
+                Kind::File => Request::Create {
+                    path,
+                    perm: st.st_mode & 0o7777,
+                    exclusive: true,
+                },
+                _ => Request::Mknod {
+                    path,
+                    kind,
+                    perm: st.st_mode & 0o7777,
+                    rdev: st.st_rdev,
+                },
+            },
+        )
+    }
+
+    pub fn mkdir(&self, parent: u64, name: &[u8], mode: u32, who: Caller) -> io::Result<(u64, libc::stat)> {
+        self.make(
+            parent,
+            name,
+            who,
+            |d, n| sys::mkdirat(d, n, mode & 0o7777),
+            |path, st| Request::Mkdir {
+                path,
+                perm: st.st_mode & 0o7777,
+            },
+        )
+    }
+
+    pub fn symlink(&self, parent: u64, name: &[u8], target: &[u8], who: Caller) -> io::Result<(u64, libc::stat)> {
+        let t = sys::cstr(target)?;
+        self.make(
+            parent,
+            name,
+            who,
+            |d, n| sys::symlinkat(&t, d, n),
+            |path, _| Request::Symlink {
+                path,
+                target: target.to_vec(),
+            },
+        )
+    }
+
+    /// Creates and opens a regular file (`open` with `O_CREAT`).
+    pub fn create(
+        &self,
+        parent: u64,
+        name: &[u8],
+        mode: u32,
+        flags: i32,
+        who: Caller,
+    ) -> io::Result<(u64, libc::stat, u64)> {
+        let p = self.inode(parent)?;
+        let cname = name_c(name)?;
+        let mut repair = false;
+        let (id, st, fd) = self.rep.apply(|| {
+            let fd = sys::openat(p.fd(), &cname, open_flags(flags) | libc::O_CREAT | (flags & libc::O_TRUNC), mode & 0o7777)?;
+            let dst = sys::fstat(p.fd())?;
+            self.give(p.fd(), &dst, &cname, who)?;
+            let dst = sys::fstat(p.fd())?;
+            let (id, st) = self.enter(parent, p.fd(), &cname)?;
+            let fwd = match (self.inodes.path(id), self.inodes.path(parent)) {
+                // O_CREAT without O_EXCL opened a file made behind the mount's back: a repair
+                // brings it over whole.
+                _ if st.st_size > 0 => {
+                    repair = true;
+                    Forward::none()
+                }
+                (Some(path), Some(dir)) => {
+                    let mut reqs = vec![Request::Create {
+                        path: path.clone(),
+                        perm: st.st_mode & 0o7777,
+                        exclusive: false,
+                    }];
+                    reqs.extend(self.created(&path, &st, dir, &dst));
+                    Forward::of(reqs)
+                }
+                _ => Forward::none(),
+            };
+            Ok::<_, io::Error>(((id, st, fd), fwd))
+        })?;
+        if repair {
+            self.rep.repair();
+        }
+        let inode = self.inode(id)?;
+        inode.io.lock().cached += 1;
+        let fh = self.files.insert(FileHandle {
+            inode,
+            fd,
+            writable: flags & libc::O_ACCMODE != libc::O_RDONLY,
+            served: Served::Cached,
+            backing: None,
+        });
+        Ok((id, st, fh))
+    }
+
+    pub fn link(&self, id: u64, newparent: u64, newname: &[u8]) -> io::Result<(u64, libc::stat)> {
+        let inode = self.inode(id)?;
+        let p = self.inode(newparent)?;
+        let cname = name_c(newname)?;
+        let mut repair = false;
+        let r = self.rep.apply(|| {
+            sys::link_fd(inode.fd(), p.fd(), &cname)?;
+            let dst = sys::fstat(p.fd())?;
+            let existing = self.inodes.path(id);
+            let (nid, st) = self.enter(newparent, p.fd(), &cname)?;
+            let fwd = match (existing, self.inodes.path(newparent)) {
+                (Some(existing), Some(dir)) => {
+                    let path = dir.join(newname).map_err(|_| einval())?;
+                    Forward::of(vec![Request::Link { existing, path }, stamp(dir, &dst)])
+                }
+                _ => {
+                    repair = true;
+                    Forward::none()
+                }
+            };
+            Ok::<_, io::Error>(((nid, st), fwd))
+        })?;
+        if repair {
+            self.rep.repair();
+        }
+        Ok(r)
+    }
+
+    // ---- Removing and moving ----
+
+    pub fn unlink(&self, parent: u64, name: &[u8], dir: bool) -> io::Result<()> {
+        let p = self.inode(parent)?;
+        let cname = name_c(name)?;
+        self.rep.apply(|| {
+            let path = self.inodes.child_path(parent, name);
+            sys::unlinkat(p.fd(), &cname, dir)?;
+            self.inodes.removed(parent, name);
+            let dst = sys::fstat(p.fd())?;
+            let fwd = match (path, self.inodes.path(parent)) {
+                (Some(path), Some(d)) => Forward::of(vec![
+                    if dir { Request::Rmdir { path } } else { Request::Unlink { path } },
+                    stamp(d, &dst),
+                ]),
+                _ => Forward::none(),
+            };
+            Ok::<_, io::Error>(((), fwd))
+        })
+    }
+
+    pub fn rename(&self, parent: u64, name: &[u8], newparent: u64, newname: &[u8], flags: u32) -> io::Result<()> {
+        let p = self.inode(parent)?;
+        let np = self.inode(newparent)?;
+        let (cname, cnew) = (name_c(name)?, name_c(newname)?);
+        self.rep.apply(|| {
+            let from = self.inodes.child_path(parent, name);
+            let to = self.inodes.child_path(newparent, newname);
+            sys::renameat2(p.fd(), &cname, np.fd(), &cnew, flags)?;
+            self.inodes.renamed(parent, name, newparent, newname, flags & libc::RENAME_EXCHANGE != 0);
+            let (Some(from), Some(to)) = (from, to) else {
+                return Ok(((), Forward::none()));
+            };
+            let mut reqs = vec![Request::Rename {
+                from: from.clone(),
+                to: to.clone(),
+                flags,
+            }];
+            // The moved entries' own mtimes (a directory's ".." changed), then their directories'.
+            reqs.push(stamp(to.clone(), &sys::fstatat(np.fd(), &cnew, false)?));
+            if flags & libc::RENAME_EXCHANGE != 0 {
+                reqs.push(stamp(from.clone(), &sys::fstatat(p.fd(), &cname, false)?));
+            }
+            if let Some(d) = from.parent() {
+                reqs.push(stamp(d, &sys::fstat(p.fd())?));
+            }
+            if parent != newparent {
+                if let Some(d) = to.parent() {
+                    reqs.push(stamp(d, &sys::fstat(np.fd())?));
+                }
+            }
+            Ok::<_, io::Error>(((), Forward::of(reqs)))
+        })
+    }
+
+    // ---- Changing content ----
+
+    pub fn write(&self, fh: u64, offset: u64, data: &[u8]) -> io::Result<usize> {
+        let h = self.file(fh)?;
+        let mut repair = false;
+        let n = self.rep.apply(|| {
+            let mut done = 0;
+            while done < data.len() {
+                let n = sys::pwrite(h.fd.as_fd(), &data[done..], offset + done as u64)?;
+                if n == 0 {
+                    break;
+                }
+                done += n;
+            }
+            let st = sys::fstat(h.fd.as_fd())?;
+            let fwd = match self.inodes.path(h.inode.id) {
+                Some(path) => Forward::of(vec![
+                    Request::Write {
+                        path: path.clone(),
+                        offset,
+                        data: data[..done].to_vec(),
+                    },
+                    stamp(path, &st),
+                ]),
+                None => {
+                    // Unlinked: nothing on the target may change. A hard link whose other name
+                    // the mount has not seen yet is found by a repair.
+                    repair = st.st_nlink > 0;
+                    Forward::none()
+                }
+            };
+            Ok::<_, io::Error>((done, fwd))
+        })?;
+        if repair {
+            self.rep.repair();
+        }
+        Ok(n)
+    }
+
+    pub fn fallocate(&self, fh: u64, offset: u64, len: u64, mode: i32) -> io::Result<()> {
+        let h = self.file(fh)?;
+        self.rep.apply(|| {
+            sys::fallocate(h.fd.as_fd(), mode, offset, len)?;
+            let st = sys::fstat(h.fd.as_fd())?;
+            let fwd = match self.inodes.path(h.inode.id) {
+                Some(path) => Forward::of(vec![
+                    Request::Fallocate {
+                        path: path.clone(),
+                        mode,
+                        offset,
+                        len,
+                    },
+                    stamp(path, &st),
+                ]),
+                None => Forward::none(),
+            };
+            Ok::<_, io::Error>(((), fwd))
+        })
+    }
+
+    pub fn copy_file_range(&self, fh_in: u64, off_in: u64, fh_out: u64, off_out: u64, len: u64, flags: u32) -> io::Result<usize> {
+        let (hi, ho) = (self.file(fh_in)?, self.file(fh_out)?);
+        let len = usize::try_from(len).unwrap_or(usize::MAX).min(1 << 30);
+        self.rep.apply(|| {
+            let n = sys::copy_file_range_flags(hi.fd.as_fd(), off_in, ho.fd.as_fd(), off_out, len, flags)?;
+            let st = sys::fstat(ho.fd.as_fd())?;
+            let fwd = match (self.inodes.path(hi.inode.id), self.inodes.path(ho.inode.id)) {
+                (_, None) => Forward::none(),
+                (Some(src), Some(dst)) => Forward::of(vec![
+                    Request::CopyRange {
+                        src,
+                        src_offset: off_in,
+                        dst: dst.clone(),
+                        dst_offset: off_out,
+                        len: n as u64,
+                    },
+                    stamp(dst, &st),
+                ]),
+                (None, Some(dst)) => {
+                    // The input has no name on the target: send the bytes themselves.
+                    let mut data = vec![0u8; n];
+                    let got = sys::pread(ho.fd.as_fd(), &mut data, off_out)?;
+                    data.truncate(got);
+                    Forward::of(vec![
+                        Request::Write {
+                            path: dst.clone(),
+                            offset: off_out,
+                            data,
+                        },
+                        stamp(dst, &st),
+                    ])
+                }
+            };
+            Ok::<_, io::Error>((n, fwd))
+        })
+    }
+
+    // ---- Changing metadata ----
+
+    pub fn setattr(&self, id: u64, a: SetAttrs) -> io::Result<libc::stat> {
+        let inode = self.inode(id)?;
+        let handle = match a.fh {
+            Some(fh) => self.files.get(fh),
+            None => None,
+        };
+        self.rep.apply(|| {
+            let fd = inode.fd();
+            if let Some(size) = a.size {
+                match &handle {
+                    Some(h) if h.writable => sys::ftruncate(h.fd.as_fd(), size)?,
+                    _ => sys::ftruncate(sys::reopen(fd, libc::O_WRONLY)?.as_fd(), size)?,
+                }
+            }
+            if a.uid.is_some() || a.gid.is_some() {
+                sys::fchown_fd(fd, a.uid.unwrap_or(u32::MAX), a.gid.unwrap_or(u32::MAX))?;
+            }
+            if let Some(mode) = a.mode {
+                sys::chmod_opath(fd, mode & 0o7777)?;
+            }
+            let ts = |t: Option<NewTime>| match t {
+                None => TimeSet::Omit,
+                Some(NewTime::Now) => TimeSet::Now,
+                Some(NewTime::At(t)) => TimeSet::At(t.sec, t.nsec),
+            };
+            if a.atime.is_some() || a.mtime.is_some() {
+                sys::utimens_fd(fd, ts(a.atime), ts(a.mtime))?;
+            }
+            let st = sys::fstat(fd)?;
+            let Some(path) = self.inodes.path(id) else {
+                return Ok((st, Forward::none()));
+            };
+            let mut reqs = Vec::new();
+            if let Some(size) = a.size {
+                reqs.push(Request::Truncate {
+                    path: path.clone(),
+                    size,
+                });
+            }
+            let symlink = inode.kind == Kind::Symlink;
+            let owner = a.uid.is_some() || a.gid.is_some();
+            reqs.push(Request::SetAttr {
+                path,
+                // A chown may have cleared set-ID bits: the resulting mode always goes along.
+                perm: (!symlink && (a.mode.is_some() || owner)).then_some(st.st_mode & 0o7777),
+                uid: (self.owners && owner).then_some(st.st_uid),
+                gid: (self.owners && owner).then_some(st.st_gid),
+                atime: if a.atime.is_some() { SetTime::At(atime_of(&st)) } else { SetTime::Omit },
+                mtime: SetTime::At(mtime_of(&st)),
+            });
+            Ok::<_, io::Error>((st, Forward::of(reqs)))
+        })
+    }
+
+    pub fn setxattr(&self, id: u64, name: &[u8], value: &[u8], flags: i32) -> io::Result<()> {
+        let inode = self.inode(id)?;
+        self.rep.apply(|| {
+            sys::fd_setxattr(inode.fd(), name, value, flags)?;
+            let fwd = match self.inodes.path(id) {
+                Some(path) => Forward::of(vec![Request::SetXattr {
+                    path,
+                    name: name.to_vec(),
+                    value: value.to_vec(),
+                }]),
+                None => Forward::none(),
+            };
+            Ok::<_, io::Error>(((), fwd))
+        })
+    }
+
+    pub fn removexattr(&self, id: u64, name: &[u8]) -> io::Result<()> {
+        let inode = self.inode(id)?;
+        self.rep.apply(|| {
+            sys::fd_removexattr(inode.fd(), name)?;
+            let fwd = match self.inodes.path(id) {
+                Some(path) => Forward::of(vec![Request::RemoveXattr {
+                    path,
+                    name: name.to_vec(),
+                }]),
+                None => Forward::none(),
+            };
+            Ok::<_, io::Error>(((), fwd))
+        })
+    }
+
+    // ---- Durability ----
+
+    /// fsync on the source first, then on the target, after everything queued before it.
+    pub fn fsync(&self, id: u64, fh: Option<u64>, datasync: bool) -> io::Result<()> {
+        match fh.and_then(|f| self.files.get(f)) {
+            Some(h) => sys::fsync(h.fd.as_fd(), datasync)?,
+            None => sys::fsync(sys::reopen(self.inode(id)?.fd(), libc::O_RDONLY)?.as_fd(), datasync)?,
+        }
+        self.rep.apply(|| {
+            let fwd = match self.inodes.path(id) {
+                Some(path) => Forward::of(vec![Request::Fsync { path, datasync }]),
+                None => Forward::none(),
+            };
+            Ok::<_, io::Error>(((), fwd))
+        })
+    }
+}
+
+/// The flags a source fd is opened with: the caller's, less those the mount handles itself.
+/// `O_APPEND` goes because the kernel already gives appends their offset (and writeback of
+/// mmapped pages must land where the page is); `O_TRUNC` arrives as its own setattr;
+/// `O_DIRECT` would need aligned buffers.
+fn open_flags(flags: i32) -> i32 {
+    (flags & !(libc::O_APPEND | libc::O_TRUNC | libc::O_CREAT | libc::O_EXCL | libc::O_DIRECT | libc::O_NOCTTY))
+        | libc::O_NOFOLLOW
+}

@@ -1,0 +1,179 @@
+//! The FUSE mount: a passthrough filesystem over the source whose every mutation is replicated
+//! to the target before the syscall returns. `inodes` holds the kernel's inodes as `O_PATH` fds,
+//! `handles` the open files, `mirror` the operations and what they forward, `ops` the adapter to
+//! `fuser`. This module runs a mount from start to end: it checks the mountpoint (a stale mount
+//! of a crashed daemon is detached), opens the source before mounting over it, mounts, serves
+//! until unmounted or signalled, and drains the replicator.
+
+pub mod handles;
+pub mod inodes;
+pub mod mirror;
+pub mod ops;
+
+use crate::rpc::Rpc;
+use crate::source::Replicator;
+use crate::sys;
+use mirror::Mirror;
+use std::io;
+use std::os::fd::OwnedFd;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+#[derive(Debug, thiserror::Error)]
+pub enum MountError {
+    #[error("{0} is already a mirrorfs mount; unmount it first (mirrorfs umount {0})")]
+    AlreadyMounted(String),
+    #[error("mountpoint {0}: {1}")]
+    Mountpoint(String, io::Error),
+    #[error("cannot mount at {0}: {1}")]
+    Mount(String, io::Error),
+    #[error("/dev/fuse: {0} (is the fuse module loaded, and are we root?)")]
+    NoFuse(io::Error),
+}
+
+/// What a mounted session needs.
+pub struct MountConfig {
+    pub mountpoint: PathBuf,
+    /// Shown as the mount's source in /proc/mounts.
+    pub fsname: String,
+    pub threads: usize,
+    pub passthrough: bool,
+}
+
+/// One line of /proc/self/mountinfo: where, and which filesystem type.
+fn mounts() -> Vec<(PathBuf, String)> {
+    let Ok(text) = std::fs::read_to_string("/proc/self/mountinfo") else {
+        return Vec::new();
+    };
+    text.lines()
+        .filter_map(|l| {
+            let f: Vec<&str> = l.split(' ').collect();
+            let dash = f.iter().position(|x| *x == "-")?;
+            Some((PathBuf::from(unescape(f.get(4)?)), f.get(dash + 1)?.to_string()))
+        })
+        .collect()
+}
+
+/// mountinfo escapes space, tab, newline and backslash as octal.
+fn unescape(s: &str) -> String {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'\\' && i + 3 < b.len() && b[i + 1..i + 4].iter().all(|c| (b'0'..=b'7').contains(c)) {
+            out.push((b[i + 1] - b'0') * 64 + (b[i + 2] - b'0') * 8 + (b[i + 3] - b'0'));
+            i += 4;
+        } else {
+            out.push(b[i]);
+            i += 1;
+        }
+    }
+    use std::os::unix::ffi::OsStringExt;
+    std::ffi::OsString::from_vec(out).to_string_lossy().into_owned()
+}
+
+/// True when a mirrorfs FUSE mount sits at `path`.
+pub fn is_mirrorfs_mount(path: &Path) -> bool {
+    let path = std::fs::canonicalize(path).unwrap_or_else(|_| path.to_path_buf());
+    mounts().iter().any(|(p, t)| p == &path && t == "fuse.mirrorfs")
+}
+
+/// Makes sure `path` can be mounted on: a stale mount of a dead daemon ("Transport endpoint is
+/// not connected") is detached with a log line; a live mirrorfs mount is an error.
+pub fn prepare_mountpoint(path: &Path) -> Result<(), MountError> {
+    match std::fs::metadata(path) {
+        Err(e) if e.raw_os_error() == Some(libc::ENOTCONN) => {
+            log::warn!("{}: stale mount of a dead daemon; detaching it", path.display());
+            eprintln!("mirrorfs: {} held a stale mount of a dead daemon; detached it", path.display());
+            sys::umount(path, true).map_err(|e| MountError::Mountpoint(path.display().to_string(), e))?;
+            Ok(())
+        }
+        Err(e) => Err(MountError::Mountpoint(path.display().to_string(), e)),
+        Ok(m) if !m.is_dir() => Err(MountError::Mountpoint(
+            path.display().to_string(),
+            io::Error::new(io::ErrorKind::NotADirectory, "not a directory"),
+        )),
+        Ok(_) if is_mirrorfs_mount(path) => Err(MountError::AlreadyMounted(path.display().to_string())),
+        Ok(_) => Ok(()),
+    }
+}
+
+/// Opens the directory the mount will serve, before anything is mounted over it.
+pub fn open_root(src: &Path) -> io::Result<(OwnedFd, libc::stat)> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_PATH | libc::O_DIRECTORY | libc::O_NOFOLLOW)
+        .open(src)?;
+    let fd = OwnedFd::from(f);
+    let st = sys::fstat(std::os::fd::AsFd::as_fd(&fd))?;
+    Ok((fd, st))
+}
+
+/// A live mount. `run` serves until the filesystem is unmounted.
+pub struct Mounted {
+    session: fuser::Session<ops::Ops>,
+    mirror: Arc<Mirror>,
+    mountpoint: PathBuf,
+}
+
+/// Mounts `root` (opened with `open_root` before) at the mountpoint, replicating through `rep`.
+/// The mount is live when this returns.
+pub fn mount(
+    root: OwnedFd,
+    root_st: &libc::stat,
+    rep: Arc<Replicator<Arc<dyn Rpc>>>,
+    cfg: &MountConfig,
+) -> Result<Mounted, MountError> {
+    if let Err(e) = std::fs::OpenOptions::new().read(true).write(true).open("/dev/fuse") {
+        return Err(MountError::NoFuse(e));
+    }
+    sys::set_umask(0);
+    sys::raise_nofile_limit();
+    let mirror = Arc::new(Mirror::new(inodes::Inodes::new(root, root_st), rep));
+    let ops = ops::Ops {
+        m: mirror.clone(),
+        want_passthrough: cfg.passthrough,
+    };
+    let mut config = fuser::Config::default();
+    config.mount_options = vec![
+        fuser::MountOption::FSName(cfg.fsname.clone()),
+        // The kernel takes the subtype from the mount data: /proc/mounts then says fuse.mirrorfs.
+        fuser::MountOption::CUSTOM("subtype=mirrorfs".into()),
+        fuser::MountOption::DefaultPermissions,
+        fuser::MountOption::Dev,
+        fuser::MountOption::Suid,
+        fuser::MountOption::RW,
+    ];
+    config.acl = fuser::SessionACL::All;
+    config.n_threads = Some(cfg.threads.max(1));
+    config.clone_fd = true;
+    let session = fuser::Session::new(ops, &cfg.mountpoint, &config)
+        .map_err(|e| MountError::Mount(cfg.mountpoint.display().to_string(), e))?;
+    Ok(Mounted {
+        session,
+        mirror,
+        mountpoint: cfg.mountpoint.clone(),
+    })
+}
+
+impl Mounted {
+    pub fn mountpoint(&self) -> &Path {
+        &self.mountpoint
+    }
+
+    pub fn mirror(&self) -> Arc<Mirror> {
+        self.mirror.clone()
+    }
+
+    /// Serves requests until the filesystem is unmounted; then every acknowledged operation is
+    /// on the target.
+    pub fn run(self) -> io::Result<()> {
+        self.session.run()
+    }
+}
+
+/// Unmounts `path`; with `lazy`, detaches it even while it is busy.
+pub fn unmount(path: &Path, lazy: bool) -> io::Result<()> {
+    sys::umount(path, lazy)
+}
