@@ -3,6 +3,8 @@
 //! guards that kill the processes a test starts even when it fails.
 #![allow(dead_code)]
 
+pub mod mnt;
+
 use std::collections::{BTreeMap, BTreeSet};
 use std::ffi::OsStr;
 use std::fs;

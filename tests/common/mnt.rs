@@ -1,0 +1,199 @@
+//! A mounted mirror for the end-to-end tests: a real `mirrorfs serve` target process and a real
+//! `mirrorfs mount --foreground` daemon over the source. Dropping it unmounts (lazily if need
+//! be) and kills both processes, even when the test failed.
+
+use super::{assert_same_tree, bin, serve, ChildGuard};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+/// True when FUSE mounts can run here. When they cannot, the test says why and is counted as
+/// skipped, unless MIRRORFS_REQUIRE_FUSE=1, where it fails.
+pub fn fuse_ready(test: &str) -> bool {
+    let why = if !Path::new("/dev/fuse").exists() {
+        Some("/dev/fuse is missing")
+    } else if mirrorfs::sys::geteuid() != 0 {
+        Some("not running as root")
+    } else {
+        None
+    };
+    let Some(why) = why else { return true };
+    if std::env::var("MIRRORFS_REQUIRE_FUSE").as_deref() == Ok("1") {
+        panic!("{test}: FUSE is required (MIRRORFS_REQUIRE_FUSE=1) but {why}");
+    }
+    eprintln!("SKIPPED {test}: {why}");
+    if let Some(log) = std::env::var_os("MIRRORFS_SKIP_LOG") {
+        use std::io::Write;
+        if let Ok(mut f) = std::fs::OpenOptions::new().create(true).append(true).open(log) {
+            let _ = writeln!(f, "{test}: {why}");
+        }
+    }
+    false
+}
+
+/// Is `p` a mountpoint of type fuse.mirrorfs right now?
+pub fn mounted(p: &Path) -> bool {
+    mirrorfs::fuse::is_mirrorfs_mount(p)
+}
+
+pub struct Mount {
+    pub tmp: tempfile::TempDir,
+    pub src: PathBuf,
+    pub dst: PathBuf,
+    /// Where the mount is (the source itself unless a separate mountpoint was asked for).
+    pub mnt: PathBuf,
+    pub server: Option<ChildGuard>,
+    pub daemon: Option<Child>,
+    pub log: PathBuf,
+    pub extra: Vec<String>,
+}
+
+#[derive(Default)]
+pub struct Opts<'a> {
+    /// Mount at a separate directory instead of over the source.
+    pub separate: bool,
+    /// Serve the target in-process (a plain DIR target) instead of from a `serve` process.
+    pub local_target: bool,
+    pub extra: &'a [&'a str],
+    /// Fills the source before mounting.
+    pub before: Option<&'a dyn Fn(&Path)>,
+}
+
+impl Mount {
+    pub fn new(test: &str) -> Option<Mount> {
+        Mount::with(test, Opts::default())
+    }
+
+    pub fn with(test: &str, o: Opts<'_>) -> Option<Mount> {
+        if !fuse_ready(test) {
+            return None;
+        }
+        let tmp = tempfile::tempdir().unwrap();
+        let src = tmp.path().join("src");
+        let dst = tmp.path().join("dst");
+        std::fs::create_dir(&src).unwrap();
+        std::fs::create_dir(&dst).unwrap();
+        if let Some(f) = o.before {
+            f(&src);
+        }
+        let mnt = if o.separate {
+            let m = tmp.path().join("mnt");
+            std::fs::create_dir(&m).unwrap();
+            m
+        } else {
+            src.clone()
+        };
+        let mut m = Mount {
+            log: tmp.path().join("daemon.log"),
+            tmp,
+            src,
+            dst,
+            mnt,
+            server: None,
+            daemon: None,
+            extra: o.extra.iter().map(|s| s.to_string()).collect(),
+        };
+        if !o.local_target {
+            let sock = m.tmp.path().join("target.sock");
+            m.server = Some(serve(&m.dst, &format!("unix:{}", sock.display()), &[]));
+        }
+        m.start(o.local_target);
+        Some(m)
+    }
+
+    pub fn target_arg(&self, local: bool) -> String {
+        if local {
+            self.dst.display().to_string()
+        } else {
+            format!("unix:{}", self.tmp.path().join("target.sock").display())
+        }
+    }
+
+    /// Starts the daemon and waits until the mount is live.
+    pub fn start(&mut self, local: bool) {
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(&self.log).unwrap();
+        let mut cmd = Command::new(bin());
+        cmd.arg("mount").arg(&self.src);
+        if self.mnt != self.src {
+            cmd.arg(&self.mnt);
+        }
+        cmd.args(["--target", &self.target_arg(local), "--foreground", "-q"])
+            .args(&self.extra)
+            .env("RUST_LOG", std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()))
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log);
+        let mut child = cmd.spawn().expect("start mirrorfs mount");
+        let deadline = Instant::now() + Duration::from_secs(30);
+        // A stale mount of a killed daemon is listed too, but answers ENOTCONN.
+        while !(mounted(&self.mnt) && std::fs::metadata(&self.mnt).is_ok()) {
+            if let Some(st) = child.try_wait().unwrap() {
+                panic!("mount daemon exited ({st}) before mounting:\n{}", self.log_text());
+            }
+            assert!(Instant::now() < deadline, "mount did not come up:\n{}", self.log_text());
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        self.daemon = Some(child);
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// The path of `rel` inside the mount.
+    pub fn p(&self, rel: &str) -> PathBuf {
+        self.mnt.join(rel)
+    }
+
+    /// Waits for the daemon to exit (after an unmount or a signal) and returns its status.
+    pub fn wait_daemon(&mut self) -> ExitStatus {
+        let mut child = self.daemon.take().expect("daemon running");
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            if let Some(st) = child.try_wait().unwrap() {
+                return st;
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!("daemon did not exit after unmount:\n{}", self.log_text());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Unmounts with umount(8) and returns the daemon's exit status.
+    pub fn unmount(&mut self) -> ExitStatus {
+        let st = Command::new("umount").arg(&self.mnt).status().unwrap();
+        assert!(st.success(), "umount {} failed", self.mnt.display());
+        self.wait_daemon()
+    }
+
+    /// Unmounts, checks the daemon exited 0, and that the target equals the source.
+    pub fn finish(mut self) {
+        let st = self.unmount();
+        assert!(st.success(), "daemon exited {st}:\n{}", self.log_text());
+        assert!(!mounted(&self.mnt), "still mounted after the daemon exited");
+        assert_same_tree(&self.src, &self.dst);
+    }
+}
+
+impl Drop for Mount {
+    fn drop(&mut self) {
+        if mounted(&self.mnt) || std::fs::metadata(&self.mnt).is_err() {
+            let _ = mirrorfs::fuse::unmount(&self.mnt, true);
+        }
+        if let Some(mut c) = self.daemon.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// Runs `f` in a fresh mount over a real target process, then unmounts and proves the target
+/// equals the source.
+pub fn scenario(test: &str, f: impl FnOnce(&Mount)) {
+    let Some(m) = Mount::new(test) else { return };
+    f(&m);
+    m.finish();
+}

@@ -1,0 +1,512 @@
+//! End-to-end tests of `mirrorfs mount`: a real FUSE mount over the source, a real target
+//! process, real syscalls. Every scenario ends by unmounting, checking that the daemon exited 0,
+//! and comparing the whole target tree with the source (content, kind, mode, owner, mtime,
+//! symlink targets, device numbers, xattrs, hard-link groups).
+
+mod common;
+
+use common::mnt::{mounted, scenario, Mount, Opts};
+use common::{assert_same_tree, bin, tree_diff};
+use std::ffi::CString;
+use std::fs::{self, File, OpenOptions};
+use std::io::{ErrorKind, Read, Seek, SeekFrom, Write};
+use std::os::fd::AsFd;
+use std::os::unix::fs::{symlink, FileExt, MetadataExt, OpenOptionsExt, PermissionsExt};
+use std::path::Path;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+fn sh(cmd: &str) {
+    let st = Command::new("sh").arg("-c").arg(cmd).status().unwrap();
+    assert!(st.success(), "{cmd}");
+}
+
+fn dir_fd(p: &Path) -> File {
+    File::open(p).unwrap()
+}
+
+fn renameat2(dir: &Path, from: &str, to: &str, flags: u32) -> std::io::Result<()> {
+    let d = dir_fd(dir);
+    let (f, t) = (CString::new(from).unwrap(), CString::new(to).unwrap());
+    mirrorfs::sys::renameat2(d.as_fd(), &f, d.as_fd(), &t, flags)
+}
+
+#[test]
+fn create_with_creat_excl_and_trunc() {
+    scenario("create_with_creat_excl_and_trunc", |m| {
+        fs::write(m.p("plain"), b"created").unwrap();
+        let f = OpenOptions::new().write(true).create_new(true).open(m.p("excl"));
+        f.unwrap().write_all(b"exclusive").unwrap();
+        let again = OpenOptions::new().write(true).create_new(true).open(m.p("excl"));
+        assert_eq!(again.unwrap_err().kind(), ErrorKind::AlreadyExists, "O_EXCL on an existing file");
+        fs::write(m.p("trunc"), b"a long first version").unwrap();
+        OpenOptions::new().write(true).truncate(true).open(m.p("trunc")).unwrap().write_all(b"short").unwrap();
+        assert_eq!(fs::read(m.p("trunc")).unwrap(), b"short");
+        let f = OpenOptions::new().write(true).create(true).mode(0o640).open(m.p("mode640")).unwrap();
+        drop(f);
+        assert_eq!(fs::metadata(m.p("mode640")).unwrap().mode() & 0o777, 0o640);
+    });
+}
+
+#[test]
+fn mkdir_mknod_symlink_link() {
+    scenario("mkdir_mknod_symlink_link", |m| {
+        fs::create_dir(m.p("d")).unwrap();
+        fs::create_dir_all(m.p("d/e/f")).unwrap();
+        fs::set_permissions(m.p("d/e"), fs::Permissions::from_mode(0o2775)).unwrap();
+        fs::create_dir(m.p("d/e/inherits")).unwrap();
+        assert_ne!(fs::metadata(m.p("d/e/inherits")).unwrap().mode() & 0o2000, 0, "setgid inherited");
+        sh(&format!("mkfifo '{}'", m.p("fifo").display()));
+        sh(&format!("mknod '{}' c 1 3", m.p("null").display()));
+        sh(&format!("mknod '{}' b 7 201", m.p("blk").display()));
+        sh(&format!("python3 -c 'import socket; s=socket.socket(socket.AF_UNIX); s.bind(\"{}\")'", m.p("sock").display()));
+        symlink("d/e", m.p("rel")).unwrap();
+        symlink("/nowhere/at/all", m.p("dangling")).unwrap();
+        fs::write(m.p("orig"), b"shared").unwrap();
+        fs::hard_link(m.p("orig"), m.p("d/second")).unwrap();
+        assert_eq!(fs::metadata(m.p("orig")).unwrap().nlink(), 2);
+        // Owners of new entries are the caller's.
+        sh(&format!("chown 1234:5678 '{}'", m.p("d").display()));
+        assert_eq!(fs::read_link(m.p("rel")).unwrap(), Path::new("d/e"));
+    });
+}
+
+#[test]
+fn write_pwrite_and_append() {
+    scenario("write_pwrite_and_append", |m| {
+        let mut f = File::create(m.p("w")).unwrap();
+        f.write_all(&vec![1u8; 3 << 20]).unwrap();
+        f.write_all_at(b"patched", 12345).unwrap();
+        f.write_all_at(b"far", 10 << 20).unwrap();
+        drop(f);
+        let mut a = OpenOptions::new().append(true).open(m.p("w")).unwrap();
+        a.write_all(b"appended").unwrap();
+        let mut b = OpenOptions::new().append(true).open(m.p("w")).unwrap();
+        b.write_all(b"+second").unwrap();
+        a.write_all(b"+third").unwrap();
+        drop((a, b));
+        let data = fs::read(m.p("w")).unwrap();
+        assert!(data.ends_with(b"far appended+second+third".split(|c| *c == b' ').last().unwrap()));
+        assert_eq!(data.len(), (10 << 20) + 3 + 8 + 7 + 6);
+    });
+}
+
+#[test]
+fn truncate_and_ftruncate() {
+    scenario("truncate_and_ftruncate", |m| {
+        fs::write(m.p("t"), vec![9u8; 100_000]).unwrap();
+        let f = OpenOptions::new().write(true).open(m.p("t")).unwrap();
+        f.set_len(1000).unwrap();
+        f.set_len(50_000).unwrap();
+        drop(f);
+        sh(&format!("truncate -s 7 '{}'", m.p("t").display()));
+        assert_eq!(fs::metadata(m.p("t")).unwrap().len(), 7);
+        fs::write(m.p("grow"), b"x").unwrap();
+        sh(&format!("truncate -s 5M '{}'", m.p("grow").display()));
+    });
+}
+
+#[test]
+fn fallocate_punch_hole_and_keep_size() {
+    scenario("fallocate_punch_hole_and_keep_size", |m| {
+        fs::write(m.p("fa"), vec![5u8; 1 << 20]).unwrap();
+        sh(&format!("fallocate -l 4M '{}'", m.p("fa").display()));
+        assert_eq!(fs::metadata(m.p("fa")).unwrap().len(), 4 << 20);
+        sh(&format!("fallocate -p -o 65536 -l 131072 '{}'", m.p("fa").display()));
+        sh(&format!("fallocate -n -o 0 -l 8M '{}'", m.p("fa").display()));
+        assert_eq!(fs::metadata(m.p("fa")).unwrap().len(), 4 << 20, "keep-size");
+        let d = fs::read(m.p("fa")).unwrap();
+        assert!(d[65536..65536 + 131072].iter().all(|b| *b == 0), "punched");
+    });
+}
+
+#[test]
+fn copy_file_range_between_files() {
+    scenario("copy_file_range_between_files", |m| {
+        let data: Vec<u8> = (0..3_000_000u32).map(|i| (i % 251) as u8).collect();
+        fs::write(m.p("from"), &data).unwrap();
+        let mut a = File::open(m.p("from")).unwrap();
+        let mut b = File::create(m.p("to")).unwrap();
+        b.write_all(b"head:").unwrap();
+        // std::io::copy between two files is copy_file_range(2) on Linux.
+        let n = std::io::copy(&mut a, &mut b).unwrap();
+        assert_eq!(n, data.len() as u64);
+        drop(b);
+        assert_eq!(&fs::read(m.p("to")).unwrap()[5..], &data[..]);
+    });
+}
+
+#[test]
+fn chmod_and_chown() {
+    scenario("chmod_and_chown", |m| {
+        fs::write(m.p("f"), b"x").unwrap();
+        fs::set_permissions(m.p("f"), fs::Permissions::from_mode(0o4751)).unwrap();
+        fs::create_dir(m.p("d")).unwrap();
+        fs::set_permissions(m.p("d"), fs::Permissions::from_mode(0o1700)).unwrap();
+        std::os::unix::fs::chown(m.p("d"), Some(2000), Some(3000)).unwrap();
+        fs::write(m.p("g"), b"x").unwrap();
+        fs::set_permissions(m.p("g"), fs::Permissions::from_mode(0o6755)).unwrap();
+        // chown clears set-ID bits on the source; the target must follow.
+        std::os::unix::fs::chown(m.p("g"), Some(7), Some(8)).unwrap();
+        symlink("f", m.p("l")).unwrap();
+        std::os::unix::fs::lchown(m.p("l"), Some(11), Some(12)).unwrap();
+    });
+}
+
+#[test]
+fn utimensat_now_omit_and_explicit() {
+    scenario("utimensat_now_omit_and_explicit", |m| {
+        fs::write(m.p("a"), b"x").unwrap();
+        fs::write(m.p("b"), b"x").unwrap();
+        fs::create_dir(m.p("d")).unwrap();
+        symlink("a", m.p("l")).unwrap();
+        sh(&format!("touch -d '2001-02-03 04:05:06.123456789' '{}'", m.p("a").display()));
+        assert_eq!(fs::metadata(m.p("a")).unwrap().mtime_nsec(), 123_456_789);
+        // -a: atime NOW, mtime OMIT (mtime must stay as set just above).
+        sh(&format!("touch -a '{}'", m.p("a").display()));
+        assert_eq!(fs::metadata(m.p("a")).unwrap().mtime_nsec(), 123_456_789);
+        // -m: mtime NOW, atime OMIT.
+        sh(&format!("touch -m '{}'", m.p("b").display()));
+        sh(&format!("touch -h -d '1999-01-01 00:00:00.5' '{}'", m.p("l").display()));
+        sh(&format!("touch -d '2010-10-10 10:10:10.000000001' '{}'", m.p("d").display()));
+    });
+}
+
+#[test]
+fn setxattr_and_removexattr() {
+    scenario("setxattr_and_removexattr", |m| {
+        fs::write(m.p("f"), b"x").unwrap();
+        fs::create_dir(m.p("d")).unwrap();
+        xattr::set(m.p("f"), "user.one", b"1").unwrap();
+        xattr::set(m.p("f"), "user.two", &[0u8, 255, 7]).unwrap();
+        xattr::set(m.p("d"), "user.dir", b"yes").unwrap();
+        xattr::remove(m.p("f"), "user.one").unwrap();
+        assert_eq!(xattr::get(m.p("f"), "user.two").unwrap().unwrap(), vec![0u8, 255, 7]);
+        assert!(xattr::get(m.p("f"), "user.one").unwrap().is_none());
+    });
+}
+
+#[test]
+fn unlink_and_rmdir() {
+    scenario("unlink_and_rmdir", |m| {
+        fs::create_dir_all(m.p("a/b/c")).unwrap();
+        fs::write(m.p("a/b/c/f"), b"x").unwrap();
+        fs::write(m.p("a/keep"), b"k").unwrap();
+        fs::remove_file(m.p("a/b/c/f")).unwrap();
+        fs::remove_dir(m.p("a/b/c")).unwrap();
+        assert_eq!(fs::remove_dir(m.p("a")).unwrap_err().raw_os_error(), Some(libc::ENOTEMPTY));
+        fs::remove_dir_all(m.p("a/b")).unwrap();
+    });
+}
+
+#[test]
+fn rename_plain_over_noreplace_exchange() {
+    scenario("rename_plain_over_noreplace_exchange", |m| {
+        fs::create_dir_all(m.p("x/y")).unwrap();
+        fs::write(m.p("x/y/f"), b"f").unwrap();
+        fs::write(m.p("g"), b"g").unwrap();
+        fs::write(m.p("victim"), b"v").unwrap();
+        fs::create_dir(m.p("emptydir")).unwrap();
+        fs::create_dir(m.p("movedir")).unwrap();
+        fs::write(m.p("movedir/inside"), b"i").unwrap();
+        fs::rename(m.p("x/y/f"), m.p("f2")).unwrap();
+        fs::rename(m.p("g"), m.p("victim")).unwrap();
+        fs::rename(m.p("movedir"), m.p("emptydir")).unwrap();
+        fs::rename(m.p("x"), m.p("emptydir/x")).unwrap();
+        fs::write(m.p("n1"), b"1").unwrap();
+        fs::write(m.p("n2"), b"2").unwrap();
+        let e = renameat2(&m.mnt, "n1", "n2", libc::RENAME_NOREPLACE).unwrap_err();
+        assert_eq!(e.raw_os_error(), Some(libc::EEXIST));
+        renameat2(&m.mnt, "n1", "n3", libc::RENAME_NOREPLACE).unwrap();
+        fs::create_dir(m.p("dx")).unwrap();
+        fs::write(m.p("dx/in"), b"in").unwrap();
+        renameat2(&m.mnt, "n2", "dx", libc::RENAME_EXCHANGE).unwrap();
+        assert_eq!(fs::read(m.p("n2/in")).unwrap(), b"in");
+        assert_eq!(fs::read(m.p("dx")).unwrap(), b"2");
+        // Writing through a file that was renamed while open lands under its new name.
+        let mut f = OpenOptions::new().write(true).open(m.p("n3")).unwrap();
+        fs::rename(m.p("n3"), m.p("emptydir/n3moved")).unwrap();
+        f.write_all(b"after rename").unwrap();
+    });
+}
+
+#[test]
+fn fsync_and_fdatasync() {
+    scenario("fsync_and_fdatasync", |m| {
+        let mut f = File::create(m.p("durable")).unwrap();
+        f.write_all(b"must be on disk").unwrap();
+        f.sync_all().unwrap();
+        f.write_all(b" and more").unwrap();
+        f.sync_data().unwrap();
+        File::open(&m.mnt).unwrap().sync_all().unwrap();
+        // Acknowledged means applied: the target has it before unmount.
+        assert_eq!(fs::read(m.dst.join("durable")).unwrap(), b"must be on disk and more");
+    });
+}
+
+#[test]
+fn unlinked_open_file_keeps_working_and_cannot_touch_the_target() {
+    scenario("unlinked_open_file_keeps_working_and_cannot_touch_the_target", |m| {
+        fs::write(m.p("other"), b"other file").unwrap();
+        let mut f = OpenOptions::new().read(true).write(true).create(true).truncate(true).open(m.p("tmp")).unwrap();
+        f.write_all(b"before").unwrap();
+        fs::remove_file(m.p("tmp")).unwrap();
+        // A new file under the same name must not receive the old file's writes.
+        fs::write(m.p("tmp"), b"new file").unwrap();
+        f.write_all(b" after unlink").unwrap();
+        f.set_len(100).unwrap();
+        f.seek(SeekFrom::Start(0)).unwrap();
+        let mut s = Vec::new();
+        f.read_to_end(&mut s).unwrap();
+        assert!(s.starts_with(b"before after unlink"));
+        drop(f);
+        assert_eq!(fs::read(m.dst.join("tmp")).unwrap(), b"new file");
+    });
+}
+
+#[test]
+fn shared_writable_mmap_reaches_the_target() {
+    scenario("shared_writable_mmap_reaches_the_target", |m| {
+        fs::write(m.p("mapped"), vec![b'.'; 1 << 20]).unwrap();
+        let py = format!(
+            "import mmap,os\nf=open('{}','r+b')\nm=mmap.mmap(f.fileno(),0)\nm[100:105]=b'HELLO'\nm[900000:900005]=b'WORLD'\nm.flush()\nm[5000:5003]=b'END'\nm.close()\nf.close()\n",
+            m.p("mapped").display()
+        );
+        let st = Command::new("python3").arg("-c").arg(&py).status().unwrap();
+        assert!(st.success());
+        let d = fs::read(m.p("mapped")).unwrap();
+        assert_eq!(&d[100..105], b"HELLO");
+        assert_eq!(&d[5000..5003], b"END");
+    });
+}
+
+#[test]
+fn failed_operations_forward_nothing() {
+    scenario("failed_operations_forward_nothing", |m| {
+        fs::create_dir(m.p("d")).unwrap();
+        fs::write(m.p("d/f"), b"x").unwrap();
+        assert!(fs::create_dir(m.p("d")).is_err());
+        assert!(fs::remove_dir(m.p("d")).is_err());
+        assert!(fs::remove_file(m.p("missing")).is_err());
+        assert!(fs::rename(m.p("missing"), m.p("d/x")).is_err());
+        assert!(fs::hard_link(m.p("d"), m.p("dirlink")).is_err());
+        // As an unprivileged user: refused by the kernel's permission checks.
+        fs::set_permissions(m.p("d"), fs::Permissions::from_mode(0o755)).unwrap();
+        let st = Command::new("setpriv")
+            .args(["--reuid=65534", "--regid=65534", "--clear-groups", "touch"])
+            .arg(m.p("d/nobody"))
+            .status()
+            .unwrap();
+        assert!(!st.success(), "nobody may not write into a 0755 root-owned dir");
+        assert!(!m.dst.join("d/nobody").exists());
+    });
+}
+
+#[test]
+fn target_refusal_is_repaired_from_the_source() {
+    scenario("target_refusal_is_repaired_from_the_source", |m| {
+        fs::create_dir(m.p("d")).unwrap();
+        fs::write(m.p("d/f"), b"original").unwrap();
+        // Someone breaks the target behind our back: the next forwarded write fails there.
+        fs::remove_dir_all(m.dst.join("d")).unwrap();
+        let mut f = OpenOptions::new().append(true).open(m.p("d/f")).unwrap();
+        f.write_all(b" appended").unwrap();
+        drop(f);
+        assert_eq!(fs::read(m.dst.join("d/f")).unwrap(), b"original appended", "repaired before the syscall returned");
+        assert!(m.log_text().contains("repairing the target"), "log:\n{}", m.log_text());
+    });
+}
+
+#[test]
+fn concurrent_writers_on_overlapping_files() {
+    scenario("concurrent_writers_on_overlapping_files", |m| {
+        for i in 0..4 {
+            fs::write(m.p(&format!("shared{i}")), vec![0u8; 1 << 20]).unwrap();
+        }
+        let stop = Instant::now() + Duration::from_secs(3);
+        std::thread::scope(|s| {
+            for w in 0..8u64 {
+                let mnt = m.mnt.clone();
+                s.spawn(move || {
+                    let mut n = 0u64;
+                    while Instant::now() < stop {
+                        let file = mnt.join(format!("shared{}", (w + n) % 4));
+                        let f = OpenOptions::new().write(true).open(&file).unwrap();
+                        let off = (n * 7919 + w * 104_729) % (1 << 20);
+                        f.write_all_at(&vec![(w * 31 + n) as u8; 4096 + (n as usize % 5000)], off).unwrap();
+                        if n % 50 == 0 {
+                            f.set_len((1 << 20) + (w * 1000)).unwrap();
+                        }
+                        let own = mnt.join(format!("own{w}"));
+                        fs::write(&own, format!("{w}:{n}")).unwrap();
+                        if n % 7 == 0 {
+                            let _ = fs::rename(&own, mnt.join(format!("renamed{}", n % 3)));
+                        }
+                        n += 1;
+                    }
+                });
+            }
+        });
+    });
+}
+
+#[test]
+fn three_ways_to_stop_all_exit_zero() {
+    for how in ["umount", "mirrorfs-umount", "SIGTERM", "SIGINT"] {
+        let Some(mut m) = Mount::new("three_ways_to_stop_all_exit_zero") else { return };
+        fs::write(m.p("file"), how).unwrap();
+        fs::create_dir(m.p("dir")).unwrap();
+        let pid = m.daemon.as_ref().unwrap().id().to_string();
+        match how {
+            "umount" => assert!(Command::new("umount").arg(&m.mnt).status().unwrap().success()),
+            "mirrorfs-umount" => assert!(Command::new(bin()).arg("umount").arg(&m.mnt).status().unwrap().success()),
+            sig => assert!(Command::new("kill").args(["-s", &sig[3..], &pid]).status().unwrap().success()),
+        }
+        let st = m.wait_daemon();
+        assert!(st.success(), "{how}: daemon exited {st}:\n{}", m.log_text());
+        assert!(!mounted(&m.mnt), "{how}: still mounted");
+        assert_eq!(fs::read(m.src.join("file")).unwrap(), how.as_bytes(), "{how}: source as last seen");
+        assert_same_tree(&m.src, &m.dst);
+    }
+}
+
+#[test]
+fn stale_mount_of_a_killed_daemon_is_cleaned_up() {
+    let Some(mut m) = Mount::new("stale_mount_of_a_killed_daemon_is_cleaned_up") else { return };
+    fs::write(m.p("before"), b"b").unwrap();
+    let mut d = m.daemon.take().unwrap();
+    d.kill().unwrap();
+    d.wait().unwrap();
+    let e = fs::metadata(&m.mnt).unwrap_err();
+    assert_eq!(e.raw_os_error(), Some(libc::ENOTCONN), "a stale mount is left");
+    m.start(false);
+    let log = m.log_text();
+    assert!(log.contains("stale mount"), "the new mount says it cleaned up:\n{log}");
+    fs::write(m.p("after"), b"a").unwrap();
+    m.finish();
+}
+
+#[test]
+fn dead_target_never_hangs_the_mount() {
+    let opts = Opts {
+        extra: &["--timeout", "2"],
+        ..Opts::default()
+    };
+    let Some(mut m) = Mount::with("dead_target_never_hangs_the_mount", opts) else { return };
+    fs::write(m.p("first"), b"replicated").unwrap();
+    let server = m.server.as_ref().unwrap().0.id().to_string();
+    sh(&format!("kill -STOP {server}"));
+    let t = Instant::now();
+    fs::write(m.p("while-dead"), vec![1u8; 4 << 20]).unwrap();
+    fs::create_dir(m.p("dir-while-dead")).unwrap();
+    let took = t.elapsed();
+    assert!(took < Duration::from_secs(20), "syscalls waited {took:?}");
+    sh(&format!("kill -CONT {server}"));
+    assert_eq!(fs::read(m.p("while-dead")).unwrap().len(), 4 << 20, "the source keeps its result");
+    let st = m.unmount();
+    assert_eq!(st.code(), Some(23), "exit 23 says the target is behind:\n{}", m.log_text());
+    assert!(m.log_text().contains("target lost"), "a clear log line:\n{}", m.log_text());
+    assert!(!tree_diff(&m.src, &m.dst).is_empty());
+    // The next startup walk repairs the target.
+    m.start(false);
+    m.finish();
+}
+
+#[test]
+fn separate_mountpoint_and_local_target() {
+    let opts = Opts {
+        separate: true,
+        local_target: true,
+        before: Some(&|src: &Path| common::rich_tree(src)),
+        ..Opts::default()
+    };
+    let Some(m) = Mount::with("separate_mountpoint_and_local_target", opts) else { return };
+    assert_same_tree(&m.src, &m.dst);
+    fs::write(m.p("dir/new"), b"through a separate mountpoint").unwrap();
+    fs::remove_file(m.p("dir/hardlink")).unwrap();
+    assert_eq!(fs::read(m.src.join("dir/new")).unwrap(), b"through a separate mountpoint");
+    m.finish();
+}
+
+#[test]
+fn daemon_mode_returns_once_live_and_logs_to_a_file() {
+    if !common::mnt::fuse_ready("daemon_mode_returns_once_live_and_logs_to_a_file") {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let (src, dst, log) = (tmp.path().join("src"), tmp.path().join("dst"), tmp.path().join("d.log"));
+    fs::create_dir(&src).unwrap();
+    fs::create_dir(&dst).unwrap();
+    fs::write(src.join("pre"), b"existing").unwrap();
+    let out = Command::new(bin())
+        .arg("mount")
+        .arg(&src)
+        .arg("--target")
+        .arg(&dst)
+        .arg("--log-file")
+        .arg(&log)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    struct Unmount<'a>(&'a Path);
+    impl Drop for Unmount<'_> {
+        fn drop(&mut self) {
+            let _ = mirrorfs::fuse::unmount(self.0, true);
+        }
+    }
+    let _g = Unmount(&src);
+    assert!(out.status.success(), "{err}");
+    assert!(err.contains(&log.display().to_string()), "prints the log path: {err}");
+    assert!(mounted(&src), "live when the command returns");
+    fs::write(src.join("via-daemon"), b"d").unwrap();
+    let pid: u32 = err.split("daemon pid ").nth(1).unwrap().split(')').next().unwrap().parse().unwrap();
+    assert!(Command::new(bin()).arg("umount").arg(&src).status().unwrap().success());
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while Path::new(&format!("/proc/{pid}")).exists() {
+        assert!(Instant::now() < deadline, "daemon still running");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let text = fs::read_to_string(&log).unwrap();
+    assert!(text.contains("unmounted"), "log: {text}");
+    assert_same_tree(&src, &dst);
+}
+
+#[test]
+fn mount_unmount_remount_cycles_lose_nothing() {
+    let Some(mut m) = Mount::new("mount_unmount_remount_cycles_lose_nothing") else { return };
+    for i in 0..3 {
+        fs::write(m.p(&format!("cycle{i}")), format!("{i}")).unwrap();
+        fs::create_dir(m.p(&format!("dir{i}"))).unwrap();
+        let st = m.unmount();
+        assert!(st.success());
+        assert!(!mounted(&m.mnt));
+        assert_same_tree(&m.src, &m.dst);
+        // A change while unmounted is picked up by the next startup walk.
+        fs::write(m.src.join(format!("offline{i}")), b"o").unwrap();
+        m.start(false);
+    }
+    let pid = m.daemon.as_ref().unwrap().id();
+    m.finish();
+    assert!(!Path::new(&format!("/proc/{pid}")).exists(), "no daemon left");
+}
+
+#[test]
+fn invalid_mount_arguments_are_refused_clearly() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = Command::new(bin())
+        .args(["mount", "/nonexistent/src", "--target"])
+        .arg(tmp.path())
+        .arg("--foreground")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("/nonexistent/src"));
+    let out = Command::new(bin()).args(["umount"]).arg(tmp.path()).output().unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("not a mirrorfs mount"));
+    let out = Command::new(bin())
+        .args(["mount", "x", "--target", "y", "--timeout", "0"])
+        .output()
+        .unwrap();
+    assert!(String::from_utf8_lossy(&out.stderr).contains("positive number"));
+}
