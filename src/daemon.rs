@@ -30,7 +30,13 @@ pub fn default_log(mountpoint: &Path) -> PathBuf {
     let name: String = abs
         .to_string_lossy()
         .chars()
-        .map(|c| if c.is_ascii_alphanumeric() || c == '.' || c == '-' { c } else { '_' })
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '.' || c == '-' {
+                c
+            } else {
+                '_'
+            }
+        })
         .collect();
     std::env::temp_dir().join(format!("mirrorfs{name}.log"))
 }

@@ -139,12 +139,20 @@ fn mount(a: MountArgs) -> Result<ExitCode, String> {
     }
     fuse::prepare_mountpoint(&mountpoint).map_err(|e| e.to_string())?;
     let src = cli::check_source(&a.src)?;
-    let mountpoint = std::fs::canonicalize(&mountpoint).map_err(|e| format!("mountpoint {}: {e}", mountpoint.display()))?;
+    let mountpoint =
+        std::fs::canonicalize(&mountpoint).map_err(|e| format!("mountpoint {}: {e}", mountpoint.display()))?;
     let ep = cli::check_target(&a.target, &src)?;
     if mountpoint != src {
         if let mirrorfs::transport::Endpoint::Local(t) = &ep {
-            if std::fs::canonicalize(t).map(|t| t.starts_with(&mountpoint)).unwrap_or(false) {
-                return Err(format!("target {} lies inside the mountpoint {}", t.display(), mountpoint.display()));
+            if std::fs::canonicalize(t)
+                .map(|t| t.starts_with(&mountpoint))
+                .unwrap_or(false)
+            {
+                return Err(format!(
+                    "target {} lies inside the mountpoint {}",
+                    t.display(),
+                    mountpoint.display()
+                ));
             }
         }
     }
@@ -152,7 +160,8 @@ fn mount(a: MountArgs) -> Result<ExitCode, String> {
     let (root, root_st) = fuse::open_root(&src).map_err(|e| format!("source {}: {e}", src.display()))?;
     let fs = Arc::new(LocalFs::new(&src).map_err(|e| format!("source: {e}"))?);
     let limit = std::time::Duration::from_secs_f64(a.timeout);
-    let client = transport::connect(&ep, a.token_file.as_deref(), Some(limit)).map_err(|e| format!("target {ep}: {e}"))?;
+    let client =
+        transport::connect(&ep, a.token_file.as_deref(), Some(limit)).map_err(|e| format!("target {ep}: {e}"))?;
     let rpc: Arc<dyn Rpc> = Arc::new(client);
     let opts = SyncOptions {
         checksum: false,
@@ -175,7 +184,11 @@ fn mount(a: MountArgs) -> Result<ExitCode, String> {
     let mounted = fuse::mount(root, &root_st, rep.clone(), &cfg).map_err(|e| e.to_string())?;
     watch_signals(mountpoint.clone())?;
     let _ = std::env::set_current_dir("/");
-    log::info!("{} mounted at {}, replicating to {ep}", src.display(), mountpoint.display());
+    log::info!(
+        "{} mounted at {}, replicating to {ep}",
+        src.display(),
+        mountpoint.display()
+    );
     match &daemon_log {
         Some(log) => daemon::ready(log).map_err(|e| e.to_string())?,
         None => eprintln!(
@@ -201,7 +214,9 @@ fn mount(a: MountArgs) -> Result<ExitCode, String> {
         c.unforwarded
     );
     if link == Link::Lost {
-        log::error!("the target was lost while mounted; {dirty} paths changed since; the next mount or sync repairs them");
+        log::error!(
+            "the target was lost while mounted; {dirty} paths changed since; the next mount or sync repairs them"
+        );
         return Ok(ExitCode::from(23));
     }
     Ok(ExitCode::SUCCESS)

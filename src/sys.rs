@@ -571,8 +571,16 @@ pub fn fchown_fd(fd: BorrowedFd<'_>, uid: u32, gid: u32) -> io::Result<()> {
 pub fn link_fd(fd: BorrowedFd<'_>, dir: BorrowedFd<'_>, name: &CStr) -> io::Result<()> {
     let p = fd_path(fd, b"")?;
     // SAFETY: both names are NUL-terminated; plain syscall.
-    check(unsafe { libc::linkat(libc::AT_FDCWD, p.as_ptr(), dir.as_raw_fd(), name.as_ptr(), libc::AT_SYMLINK_FOLLOW) })
-        .map(drop)
+    check(unsafe {
+        libc::linkat(
+            libc::AT_FDCWD,
+            p.as_ptr(),
+            dir.as_raw_fd(),
+            name.as_ptr(),
+            libc::AT_SYMLINK_FOLLOW,
+        )
+    })
+    .map(drop)
 }
 
 /// An extended-attribute call on the inode behind `fd`, through `/proc/self/fd/N` (the magic
@@ -632,10 +640,20 @@ pub fn read_dir_entries(fd: OwnedFd) -> io::Result<Vec<RawDirEntry>> {
         let ent = unsafe { libc::readdir64(dir) };
         if ent.is_null() {
             let e = io::Error::last_os_error();
-            break if e.raw_os_error().unwrap_or(0) == 0 { Ok(()) } else { Err(e) };
+            break if e.raw_os_error().unwrap_or(0) == 0 {
+                Ok(())
+            } else {
+                Err(e)
+            };
         }
         // SAFETY: readdir returned a valid dirent whose d_name is NUL-terminated.
-        let (name, ino, d_type) = unsafe { (CStr::from_ptr((*ent).d_name.as_ptr()).to_bytes(), (*ent).d_ino, (*ent).d_type) };
+        let (name, ino, d_type) = unsafe {
+            (
+                CStr::from_ptr((*ent).d_name.as_ptr()).to_bytes(),
+                (*ent).d_ino,
+                (*ent).d_type,
+            )
+        };
         if name != b"." && name != b".." {
             out.push(RawDirEntry {
                 name: name.to_vec(),
@@ -659,7 +677,11 @@ pub fn pwrite(fd: BorrowedFd<'_>, buf: &[u8], offset: u64) -> io::Result<usize> 
 pub fn lseek(fd: BorrowedFd<'_>, offset: i64, whence: i32) -> io::Result<i64> {
     // SAFETY: plain syscall on a valid fd.
     let r = unsafe { libc::lseek(fd.as_raw_fd(), offset as libc::off_t, whence) };
-    if r < 0 { Err(io::Error::last_os_error()) } else { Ok(r as i64) }
+    if r < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(r as i64)
+    }
 }
 
 /// `copy_file_range(2)` with explicit offsets and flags; returns the bytes copied.
@@ -674,8 +696,10 @@ pub fn copy_file_range_flags(
     let mut so = src_off as libc::loff_t;
     let mut d = dst_off as libc::loff_t;
     // SAFETY: the offsets are valid locals the kernel updates; fds are open.
-    check_size(unsafe { libc::copy_file_range(src.as_raw_fd(), &mut so, dst.as_raw_fd(), &mut d, len, flags) }
-        as libc::ssize_t)
+    check_size(
+        unsafe { libc::copy_file_range(src.as_raw_fd(), &mut so, dst.as_raw_fd(), &mut d, len, flags) }
+            as libc::ssize_t,
+    )
 }
 
 /// Sets the process umask; returns the old one. The mount daemon runs with 0 because the kernel

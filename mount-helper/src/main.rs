@@ -1,8 +1,248 @@
-//! `mount-mirrorfs`, installed as `/sbin/mount.mirrorfs`: the helper mount(8) calls for `mount -t mirrorfs`
-//! (Cargo binary names cannot hold a dot, so the install step renames it). The FUSE mount it will
-//! start arrives with the mount issue; until then it says so plainly and fails.
+//! `mount-mirrorfs`, installed as `/sbin/mount.mirrorfs` (Cargo binary names cannot hold a dot):
+//! the helper mount(8) runs for `mount -t mirrorfs SRC DIR -o target=…` and for /etc/fstab lines
+//! of type `mirrorfs`. It follows mount(8)'s calling convention,
+//! `mount.mirrorfs SPEC DIR [-sfnv] [-N NS] [-o OPTIONS] [-t TYPE]`, turns the options into a
+//! `mirrorfs mount` command line and runs it (which returns once the mount is live).
+//!
+//! mirrorfs options: `target=` (required), `token_file=`, `timeout=`, `log_file=`, `threads=`,
+//! `no_passthrough`, `allow_mass_delete`. Generic options mount(8) or fstab add (`rw`,
+//! `defaults`, `auto`, `noauto`, `user`, `nofail`, `_netdev`, `x-*`, …) are ignored; anything else
+//! is an error, unless `-s` (sloppy) was given.
 
-fn main() {
-    eprintln!("mount.mirrorfs: the FUSE mount is not built yet; use `mirrorfs sync` or `mirrorfs serve`");
-    std::process::exit(32);
+use std::ffi::OsString;
+use std::path::{Path, PathBuf};
+use std::process::{Command, ExitCode};
+
+/// What mount(8) asked for.
+#[derive(Debug, Default, PartialEq)]
+struct Call {
+    spec: String,
+    dir: String,
+    options: Vec<String>,
+    sloppy: bool,
+    fake: bool,
+    verbose: bool,
+}
+
+fn parse_call(args: &[String]) -> Result<Call, String> {
+    let mut c = Call::default();
+    let mut pos = Vec::new();
+    let mut i = 0;
+    while i < args.len() {
+        let a = &args[i];
+        match a.as_str() {
+            "-o" | "-t" | "-N" => {
+                let v = args.get(i + 1).ok_or_else(|| format!("{a} needs a value"))?;
+                if a == "-o" {
+                    c.options
+                        .extend(v.split(',').filter(|s| !s.is_empty()).map(str::to_string));
+                }
+                i += 2;
+                continue;
+            }
+            s if s.starts_with('-') && s.len() > 1 && !s.starts_with("--") => {
+                for f in s[1..].chars() {
+                    match f {
+                        's' => c.sloppy = true,
+                        'f' => c.fake = true,
+                        'v' => c.verbose = true,
+                        'n' | 'r' | 'w' => {}
+                        _ => return Err(format!("unknown flag -{f}")),
+                    }
+                }
+            }
+            _ => pos.push(a.clone()),
+        }
+        i += 1;
+    }
+    match pos.as_slice() {
+        [spec, dir] => {
+            c.spec = spec.clone();
+            c.dir = dir.clone();
+            Ok(c)
+        }
+        _ => Err("usage: mount.mirrorfs SRC DIR [-sfnv] [-o target=DIR|unix:PATH|tcp:HOST:PORT,...]".into()),
+    }
+}
+
+/// Options mount(8) and fstab pass that mean nothing to mirrorfs.
+fn generic(o: &str) -> bool {
+    const GENERIC: &[&str] = &[
+        "rw",
+        "defaults",
+        "auto",
+        "noauto",
+        "user",
+        "users",
+        "nouser",
+        "owner",
+        "group",
+        "nofail",
+        "_netdev",
+        "relatime",
+        "noatime",
+        "atime",
+        "strictatime",
+        "dev",
+        "suid",
+        "exec",
+        "async",
+        "loop",
+    ];
+    GENERIC.contains(&o) || o.starts_with("x-") || o.starts_with("comment=")
+}
+
+/// The `mirrorfs` arguments for a call.
+fn mirrorfs_args(c: &Call) -> Result<Vec<String>, String> {
+    let mut args = vec!["mount".to_string(), c.spec.clone()];
+    if c.dir != c.spec {
+        args.push(c.dir.clone());
+    }
+    let mut target = None;
+    for o in &c.options {
+        let (k, v) = match o.split_once('=') {
+            Some((k, v)) => (k, Some(v)),
+            None => (o.as_str(), None),
+        };
+        let flag = |name: &str| -> Result<Vec<String>, String> {
+            let v = v
+                .filter(|v| !v.is_empty())
+                .ok_or_else(|| format!("option {k} needs a value ({k}=…)"))?;
+            Ok(vec![format!("--{name}"), v.to_string()])
+        };
+        match k {
+            "target" => target = Some(flag("target")?),
+            "token_file" => args.extend(flag("token-file")?),
+            "timeout" => args.extend(flag("timeout")?),
+            "log_file" => args.extend(flag("log-file")?),
+            "threads" => args.extend(flag("threads")?),
+            "no_passthrough" => args.push("--no-passthrough".into()),
+            "allow_mass_delete" => args.push("--allow-mass-delete".into()),
+            "ro" => return Err("mirrorfs mounts are read-write; drop the ro option".into()),
+            _ if generic(o) => {}
+            _ if c.sloppy => {}
+            _ => return Err(format!("unknown option {o:?} (mirrorfs options: target=, token_file=, timeout=, log_file=, threads=, no_passthrough, allow_mass_delete)")),
+        }
+    }
+    let target = target.ok_or("the target option is required: -o target=DIR|unix:PATH|tcp:HOST:PORT")?;
+    args.extend(target);
+    args.push("--quiet".into());
+    Ok(args)
+}
+
+/// The `mirrorfs` binary: $MIRRORFS_BIN, else beside this helper (symlinks resolved), else PATH.
+fn mirrorfs_bin() -> PathBuf {
+    if let Some(b) = std::env::var_os("MIRRORFS_BIN") {
+        return PathBuf::from(b);
+    }
+    if let Ok(me) = std::env::current_exe().and_then(std::fs::canonicalize) {
+        if let Some(dir) = me.parent() {
+            let sib = dir.join("mirrorfs");
+            if sib.exists() {
+                return sib;
+            }
+        }
+    }
+    for dir in [
+        "/usr/local/sbin",
+        "/usr/local/bin",
+        "/usr/sbin",
+        "/usr/bin",
+        "/sbin",
+        "/bin",
+    ] {
+        let p = Path::new(dir).join("mirrorfs");
+        if p.exists() {
+            return p;
+        }
+    }
+    PathBuf::from("mirrorfs")
+}
+
+fn main() -> ExitCode {
+    let args: Vec<String> = std::env::args_os()
+        .skip(1)
+        .map(|a: OsString| a.to_string_lossy().into_owned())
+        .collect();
+    let call = match parse_call(&args).and_then(|c| mirrorfs_args(&c).map(|a| (c, a))) {
+        Ok(x) => x,
+        Err(e) => {
+            eprintln!("mount.mirrorfs: {e}");
+            // mount(8)'s "usage or syntax error".
+            return ExitCode::from(1);
+        }
+    };
+    let (c, margs) = call;
+    let bin = mirrorfs_bin();
+    if c.verbose || c.fake {
+        eprintln!("mount.mirrorfs: {} {}", bin.display(), margs.join(" "));
+    }
+    if c.fake {
+        return ExitCode::SUCCESS;
+    }
+    match Command::new(&bin).args(&margs).status() {
+        Ok(st) if st.success() => ExitCode::SUCCESS,
+        Ok(st) => {
+            eprintln!("mount.mirrorfs: mirrorfs mount failed ({st})");
+            // mount(8)'s "mount failure".
+            ExitCode::from(32)
+        }
+        Err(e) => {
+            eprintln!("mount.mirrorfs: cannot run {}: {e}", bin.display());
+            ExitCode::from(32)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn v(s: &[&str]) -> Vec<String> {
+        s.iter().map(|x| x.to_string()).collect()
+    }
+
+    #[test]
+    fn calls_translate_to_mirrorfs_arguments() {
+        let cases: &[(&[&str], Result<&[&str], &str>)] = &[
+            (
+                &["/s", "/s", "-o", "rw,target=/b,nofail"],
+                Ok(&["mount", "/s", "--target", "/b", "--quiet"]),
+            ),
+            (
+                &["/s", "/m", "-o", "target=unix:/run/t.sock,timeout=5", "-v"],
+                Ok(&[
+                    "mount",
+                    "/s",
+                    "/m",
+                    "--timeout",
+                    "5",
+                    "--target",
+                    "unix:/run/t.sock",
+                    "--quiet",
+                ]),
+            ),
+            (
+                &["/s", "/m", "-o", "no_passthrough,target=/b,x-systemd.after=net"],
+                Ok(&["mount", "/s", "/m", "--no-passthrough", "--target", "/b", "--quiet"]),
+            ),
+            (&["/s", "/m", "-o", "rw"], Err("target option is required")),
+            (&["/s", "/m", "-o", "target=/b,colour=red"], Err("unknown option")),
+            (
+                &["/s", "/m", "-s", "-o", "target=/b,colour=red"],
+                Ok(&["mount", "/s", "/m", "--target", "/b", "--quiet"]),
+            ),
+            (&["/s", "/m", "-o", "target="], Err("needs a value")),
+            (&["/s", "/m", "-o", "target=/b,ro"], Err("read-write")),
+            (&["/s"], Err("usage")),
+        ];
+        for (args, want) in cases {
+            let got = parse_call(&v(args)).and_then(|c| mirrorfs_args(&c));
+            match (want, got) {
+                (Ok(w), Ok(g)) => assert_eq!(g, v(w), "{args:?}"),
+                (Err(w), Err(g)) => assert!(g.contains(w), "{args:?}: {g}"),
+                (w, g) => panic!("{args:?}: wanted {w:?}, got {g:?}"),
+            }
+        }
+    }
 }

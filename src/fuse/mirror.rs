@@ -115,7 +115,9 @@ impl Mirror {
     }
 
     fn inode(&self, id: u64) -> io::Result<Arc<Inode>> {
-        self.inodes.get(id).ok_or_else(|| io::Error::from_raw_os_error(libc::ESTALE))
+        self.inodes
+            .get(id)
+            .ok_or_else(|| io::Error::from_raw_os_error(libc::ESTALE))
     }
 
     fn file(&self, fh: u64) -> io::Result<Arc<FileHandle>> {
@@ -211,7 +213,11 @@ impl Mirror {
         let writable = flags & libc::O_ACCMODE != libc::O_RDONLY;
         let mut io = inode.io.lock();
         let mut served = if writable {
-            if io.passthrough > 0 { Served::Direct } else { Served::Cached }
+            if io.passthrough > 0 {
+                Served::Direct
+            } else {
+                Served::Cached
+            }
         } else if io.cached == 0 && self.passthrough.load(Ordering::Relaxed) {
             Served::Passthrough
         } else {
@@ -274,7 +280,11 @@ impl Mirror {
     /// final stat; set-ID bits that the chown cleared are put back.
     fn give(&self, dir: BorrowedFd<'_>, dst: &libc::stat, name: &CString, who: Caller) -> io::Result<libc::stat> {
         let st = sys::fstatat(dir, name, false)?;
-        let gid = if dst.st_mode & libc::S_ISGID != 0 { dst.st_gid } else { who.gid };
+        let gid = if dst.st_mode & libc::S_ISGID != 0 {
+            dst.st_gid
+        } else {
+            who.gid
+        };
         if st.st_uid == who.uid && st.st_gid == gid {
             return Ok(st);
         }
@@ -397,7 +407,12 @@ impl Mirror {
         let cname = name_c(name)?;
         let mut repair = false;
         let (id, st, fd) = self.rep.apply(|| {
-            let fd = sys::openat(p.fd(), &cname, open_flags(flags) | libc::O_CREAT | (flags & libc::O_TRUNC), mode & 0o7777)?;
+            let fd = sys::openat(
+                p.fd(),
+                &cname,
+                open_flags(flags) | libc::O_CREAT | (flags & libc::O_TRUNC),
+                mode & 0o7777,
+            )?;
             let dst = sys::fstat(p.fd())?;
             self.give(p.fd(), &dst, &cname, who)?;
             let dst = sys::fstat(p.fd())?;
@@ -477,7 +492,11 @@ impl Mirror {
             let dst = sys::fstat(p.fd())?;
             let fwd = match (path, self.inodes.path(parent)) {
                 (Some(path), Some(d)) => Forward::of(vec![
-                    if dir { Request::Rmdir { path } } else { Request::Unlink { path } },
+                    if dir {
+                        Request::Rmdir { path }
+                    } else {
+                        Request::Unlink { path }
+                    },
                     stamp(d, &dst),
                 ]),
                 _ => Forward::none(),
@@ -494,7 +513,8 @@ impl Mirror {
             let from = self.inodes.child_path(parent, name);
             let to = self.inodes.child_path(newparent, newname);
             sys::renameat2(p.fd(), &cname, np.fd(), &cnew, flags)?;
-            self.inodes.renamed(parent, name, newparent, newname, flags & libc::RENAME_EXCHANGE != 0);
+            self.inodes
+                .renamed(parent, name, newparent, newname, flags & libc::RENAME_EXCHANGE != 0);
             let (Some(from), Some(to)) = (from, to) else {
                 return Ok(((), Forward::none()));
             };
@@ -580,7 +600,15 @@ impl Mirror {
         })
     }
 
-    pub fn copy_file_range(&self, fh_in: u64, off_in: u64, fh_out: u64, off_out: u64, len: u64, flags: u32) -> io::Result<usize> {
+    pub fn copy_file_range(
+        &self,
+        fh_in: u64,
+        off_in: u64,
+        fh_out: u64,
+        off_out: u64,
+        len: u64,
+        flags: u32,
+    ) -> io::Result<usize> {
         let (hi, ho) = (self.file(fh_in)?, self.file(fh_out)?);
         let len = usize::try_from(len).unwrap_or(usize::MAX).min(1 << 30);
         self.rep.apply(|| {
@@ -666,7 +694,11 @@ impl Mirror {
                 perm: (!symlink && (a.mode.is_some() || owner)).then_some(st.st_mode & 0o7777),
                 uid: (self.owners && owner).then_some(st.st_uid),
                 gid: (self.owners && owner).then_some(st.st_gid),
-                atime: if a.atime.is_some() { SetTime::At(atime_of(&st)) } else { SetTime::Omit },
+                atime: if a.atime.is_some() {
+                    SetTime::At(atime_of(&st))
+                } else {
+                    SetTime::Omit
+                },
                 mtime: SetTime::At(mtime_of(&st)),
             });
             Ok::<_, io::Error>((st, Forward::of(reqs)))

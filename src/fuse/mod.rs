@@ -84,7 +84,10 @@ pub fn prepare_mountpoint(path: &Path) -> Result<(), MountError> {
     match std::fs::metadata(path) {
         Err(e) if e.raw_os_error() == Some(libc::ENOTCONN) => {
             log::warn!("{}: stale mount of a dead daemon; detaching it", path.display());
-            eprintln!("mirrorfs: {} held a stale mount of a dead daemon; detached it", path.display());
+            eprintln!(
+                "mirrorfs: {} held a stale mount of a dead daemon; detached it",
+                path.display()
+            );
             sys::umount(path, true).map_err(|e| MountError::Mountpoint(path.display().to_string(), e))?;
             Ok(())
         }

@@ -94,7 +94,11 @@ fn new_time(t: TimeOrNow) -> NewTime {
             Err(e) => {
                 let d = e.duration();
                 let (s, n) = (d.as_secs() as i64, d.subsec_nanos());
-                if n == 0 { Time::new(-s, 0) } else { Time::new(-s - 1, 1_000_000_000 - n) }
+                if n == 0 {
+                    Time::new(-s, 0)
+                } else {
+                    Time::new(-s - 1, 1_000_000_000 - n)
+                }
             }
         }),
     }
@@ -220,7 +224,10 @@ impl fuser::Filesystem for Ops {
         rdev: u32,
         reply: ReplyEntry,
     ) {
-        entry(reply, self.m.mknod(parent.0, name.as_bytes(), mode, rdev as u64, caller(req)))
+        entry(
+            reply,
+            self.m.mknod(parent.0, name.as_bytes(), mode, rdev as u64, caller(req)),
+        )
     }
 
     fn mkdir(&self, req: &Request, parent: INodeNo, name: &OsStr, mode: u32, _umask: u32, reply: ReplyEntry) {
@@ -238,7 +245,12 @@ impl fuser::Filesystem for Ops {
     fn symlink(&self, req: &Request, parent: INodeNo, link_name: &OsStr, target: &Path, reply: ReplyEntry) {
         entry(
             reply,
-            self.m.symlink(parent.0, link_name.as_bytes(), target.as_os_str().as_bytes(), caller(req)),
+            self.m.symlink(
+                parent.0,
+                link_name.as_bytes(),
+                target.as_os_str().as_bytes(),
+                caller(req),
+            ),
         )
     }
 
@@ -254,7 +266,8 @@ impl fuser::Filesystem for Ops {
     ) {
         empty(
             reply,
-            self.m.rename(parent.0, name.as_bytes(), newparent.0, newname.as_bytes(), flags.bits()),
+            self.m
+                .rename(parent.0, name.as_bytes(), newparent.0, newname.as_bytes(), flags.bits()),
         )
     }
 
@@ -354,7 +367,12 @@ impl fuser::Filesystem for Ops {
             off += 1;
         }
         for (i, e) in d.entries.iter().enumerate().skip((off - 2) as usize) {
-            if reply.add(INodeNo(e.ino), 2 + i as u64 + 1, d_kind(e.d_type), OsStr::from_bytes(&e.name)) {
+            if reply.add(
+                INodeNo(e.ino),
+                2 + i as u64 + 1,
+                d_kind(e.d_type),
+                OsStr::from_bytes(&e.name),
+            ) {
                 break;
             }
         }
@@ -381,8 +399,17 @@ impl fuser::Filesystem for Ops {
         }
         for (i, e) in d.entries.iter().enumerate().skip((off - 2) as usize) {
             // An entry that vanished since opendir is left out.
-            let Ok((id, st)) = self.m.lookup(ino.0, &e.name) else { continue };
-            if reply.add(INodeNo(id), 2 + i as u64 + 1, OsStr::from_bytes(&e.name), &TTL, &attr(id, &st), Generation(0)) {
+            let Ok((id, st)) = self.m.lookup(ino.0, &e.name) else {
+                continue;
+            };
+            if reply.add(
+                INodeNo(id),
+                2 + i as u64 + 1,
+                OsStr::from_bytes(&e.name),
+                &TTL,
+                &attr(id, &st),
+                Generation(0),
+            ) {
                 // Did not fit: the kernel never saw it, so the lookup is given back.
                 self.m.forget(id, 1);
                 break;
@@ -495,7 +522,10 @@ impl fuser::Filesystem for Ops {
         flags: CopyFileRangeFlags,
         reply: ReplyWrite,
     ) {
-        match self.m.copy_file_range(fh_in.0, offset_in, fh_out.0, offset_out, len, flags.bits() as u32) {
+        match self
+            .m
+            .copy_file_range(fh_in.0, offset_in, fh_out.0, offset_out, len, flags.bits() as u32)
+        {
             Ok(n) => reply.written(n as u32),
             Err(e) => reply.error(errno(e)),
         }

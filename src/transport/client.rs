@@ -80,7 +80,13 @@ impl Client {
             Box::new(s),
             key,
             timeout,
-            Box::new(move |both| if both { shut.shutdown_both() } else { shut.shutdown_write() }),
+            Box::new(move |both| {
+                if both {
+                    shut.shutdown_both()
+                } else {
+                    shut.shutdown_write()
+                }
+            }),
             server,
         )
     }

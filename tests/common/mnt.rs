@@ -18,8 +18,15 @@ pub fn fuse_ready(test: &str) -> bool {
         None
     };
     let Some(why) = why else { return true };
+    skip(test, why);
+    false
+}
+
+/// Says plainly why `test` cannot run here and records it for test.sh's count; where
+/// MIRRORFS_REQUIRE_FUSE=1 (CI) it fails instead.
+pub fn skip(test: &str, why: &str) {
     if std::env::var("MIRRORFS_REQUIRE_FUSE").as_deref() == Ok("1") {
-        panic!("{test}: FUSE is required (MIRRORFS_REQUIRE_FUSE=1) but {why}");
+        panic!("{test}: required here (MIRRORFS_REQUIRE_FUSE=1) but {why}");
     }
     eprintln!("SKIPPED {test}: {why}");
     if let Some(log) = std::env::var_os("MIRRORFS_SKIP_LOG") {
@@ -28,7 +35,6 @@ pub fn fuse_ready(test: &str) -> bool {
             let _ = writeln!(f, "{test}: {why}");
         }
     }
-    false
 }
 
 /// Is `p` a mountpoint of type fuse.mirrorfs right now?
@@ -111,7 +117,11 @@ impl Mount {
 
     /// Starts the daemon and waits until the mount is live.
     pub fn start(&mut self, local: bool) {
-        let log = std::fs::OpenOptions::new().create(true).append(true).open(&self.log).unwrap();
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log)
+            .unwrap();
         let mut cmd = Command::new(bin());
         cmd.arg("mount").arg(&self.src);
         if self.mnt != self.src {
@@ -171,6 +181,11 @@ impl Mount {
 
     /// Unmounts, checks the daemon exited 0, and that the target equals the source.
     pub fn finish(mut self) {
+        self.finish_ref();
+    }
+
+    /// `finish` for a mount the test still holds (its temp dir stays until the drop).
+    pub fn finish_ref(&mut self) {
         let st = self.unmount();
         assert!(st.success(), "daemon exited {st}:\n{}", self.log_text());
         assert!(!mounted(&self.mnt), "still mounted after the daemon exited");
