@@ -724,24 +724,91 @@ pub fn dup_onto(src: BorrowedFd<'_>, dst: RawFd) -> io::Result<()> {
     check(unsafe { libc::dup2(src.as_raw_fd(), dst) }).map(drop)
 }
 
-/// Raises the soft limit on open files to the hard limit: the mount holds one fd per inode the
-/// kernel has cached.
-pub fn raise_nofile_limit() {
+/// Raises the limit on open files as far as allowed: the mount holds one fd per inode the
+/// kernel has cached. Root may raise the hard limit up to `fs.nr_open`; others get the hard limit.
+pub fn raise_nofile_limit() -> u64 {
+    let nr_open: u64 = std::fs::read_to_string("/proc/sys/fs/nr_open")
+        .ok()
+        .and_then(|s| s.trim().parse().ok())
+        .unwrap_or(1 << 20);
     let mut r = libc::rlimit {
         rlim_cur: 0,
         rlim_max: 0,
     };
-    // SAFETY: `r` is a valid rlimit for the kernel to fill and then read.
-    unsafe {
-        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut r) == 0 && r.rlim_cur < r.rlim_max {
-            r.rlim_cur = r.rlim_max;
-            libc::setrlimit(libc::RLIMIT_NOFILE, &r);
-        }
+    // SAFETY: `r` is a valid rlimit for the kernel to fill.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut r) } != 0 {
+        return 0;
     }
+    let want = libc::rlimit {
+        rlim_cur: nr_open.max(r.rlim_max),
+        rlim_max: nr_open.max(r.rlim_max),
+    };
+    // SAFETY: `want` is a valid rlimit the kernel only reads.
+    if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &want) } == 0 {
+        return want.rlim_cur;
+    }
+    r.rlim_cur = r.rlim_max;
+    // SAFETY: as above.
+    unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &r) };
+    r.rlim_cur
 }
 
 /// `getpid()`.
 pub fn getpid() -> u32 {
     // SAFETY: getpid cannot fail.
     unsafe { libc::getpid() as u32 }
+}
+
+/// A file handle (name_to_handle_at(2)): names an inode on its filesystem without holding an
+/// fd open. `ty` is the filesystem's handle type.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FileHandle {
+    pub ty: i32,
+    pub bytes: Vec<u8>,
+}
+
+const MAX_HANDLE_SZ: usize = 128;
+
+/// The file handle of the inode `fd` refers to (an `O_PATH` fd is fine).
+pub fn fd_to_handle(fd: BorrowedFd<'_>) -> io::Result<FileHandle> {
+    // struct file_handle { u32 handle_bytes; i32 handle_type; u8 f_handle[]; }, 4-byte aligned.
+    let mut buf = [0u32; 2 + MAX_HANDLE_SZ / 4];
+    buf[0] = MAX_HANDLE_SZ as u32;
+    let mut mount_id: libc::c_int = 0;
+    // SAFETY: `buf` is a file_handle with room for MAX_HANDLE_SZ bytes, as handle_bytes says;
+    // the empty name is a valid C string.
+    let r = unsafe {
+        libc::name_to_handle_at(
+            fd.as_raw_fd(),
+            c"".as_ptr(),
+            buf.as_mut_ptr().cast(),
+            &mut mount_id,
+            libc::AT_EMPTY_PATH,
+        )
+    };
+    check(r)?;
+    let len = (buf[0] as usize).min(MAX_HANDLE_SZ);
+    // SAFETY: reading the first `len` bytes of the f_handle array the kernel filled.
+    let bytes = unsafe { std::slice::from_raw_parts(buf.as_ptr().add(2).cast::<u8>(), len) }.to_vec();
+    Ok(FileHandle {
+        ty: buf[1] as i32,
+        bytes,
+    })
+}
+
+/// Opens the inode a handle names, on the filesystem `mount_fd` is on (needs
+/// CAP_DAC_READ_SEARCH). A handle of a deleted inode gives `ESTALE`.
+pub fn open_handle(mount_fd: BorrowedFd<'_>, h: &FileHandle, flags: i32) -> io::Result<OwnedFd> {
+    let mut buf = [0u32; 2 + MAX_HANDLE_SZ / 4];
+    let len = h.bytes.len().min(MAX_HANDLE_SZ);
+    buf[0] = len as u32;
+    buf[1] = h.ty as u32;
+    // SAFETY: copying `len` bytes into the f_handle array, which has MAX_HANDLE_SZ bytes.
+    unsafe { std::ptr::copy_nonoverlapping(h.bytes.as_ptr(), buf.as_mut_ptr().add(2).cast::<u8>(), len) };
+    // SAFETY: `buf` is a valid file_handle; the returned fd is new and ours alone.
+    let fd = check(unsafe {
+        libc::open_by_handle_at(mount_fd.as_raw_fd(), buf.as_mut_ptr().cast(), flags | libc::O_CLOEXEC)
+    })?;
+    // SAFETY: `fd` was just returned and is owned by nobody else.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
 }

@@ -699,3 +699,33 @@ fn mount_t_mirrorfs_and_an_fstab_line_work() {
             || String::from_utf8_lossy(&out.stderr).contains("unknown option")
     );
 }
+
+#[test]
+fn inodes_past_the_fd_budget_are_anchored_by_file_handles() {
+    let opts = Opts {
+        env: &[("MIRRORFS_INODE_FDS", "8")],
+        ..Opts::default()
+    };
+    let Some(m) = Mount::with("inodes_past_the_fd_budget_are_anchored_by_file_handles", opts) else {
+        return;
+    };
+    for d in 0..10 {
+        fs::create_dir(m.p(&format!("d{d}"))).unwrap();
+        for f in 0..30 {
+            fs::write(m.p(&format!("d{d}/f{f}")), format!("{d}/{f}")).unwrap();
+        }
+    }
+    // Drop the kernel's caches so every inode is looked up (and anchored) again.
+    sh("echo 2 > /proc/sys/vm/drop_caches");
+    for d in 0..10 {
+        let mut f = OpenOptions::new().append(true).open(m.p(&format!("d{d}/f3"))).unwrap();
+        f.write_all(b" more").unwrap();
+        fs::set_permissions(m.p(&format!("d{d}/f4")), fs::Permissions::from_mode(0o600)).unwrap();
+        fs::rename(m.p(&format!("d{d}/f5")), m.p(&format!("d{}/moved{d}", (d + 1) % 10))).unwrap();
+        fs::remove_file(m.p(&format!("d{d}/f6"))).unwrap();
+        xattr::set(m.p(&format!("d{d}/f7")), "user.k", b"v").unwrap();
+    }
+    fs::rename(m.p("d0"), m.p("d9/d0")).unwrap();
+    fs::write(m.p("d9/d0/f1"), b"rewritten").unwrap();
+    m.finish();
+}

@@ -8,28 +8,62 @@
 //! Node ids are the source's inode numbers (so `stat` shows real ones), except the root, which
 //! FUSE calls 1, and inodes from other devices or numbered 1, which get ids from a private range.
 //! A held `O_PATH` fd keeps the inode alive, so its number cannot be reused while it is here.
+//!
+//! The kernel may cache more inodes than the process may hold open files. Past a budget of fds
+//! (a share of RLIMIT_NOFILE), new inodes are anchored by a file handle (name_to_handle_at) and
+//! opened by it when used, as virtiofsd does. A handle carries the inode's generation, so a
+//! reused inode number is told apart and gets an id of its own.
 
 use crate::fs::Kind;
 use crate::path::RelPath;
+use crate::sys;
 use parking_lot::Mutex;
 use std::collections::HashMap;
+use std::io;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::sync::{Arc, Weak};
 
 pub const ROOT: u64 = 1;
 const PRIVATE_IDS: u64 = 1 << 62;
 
-/// What is shared with open handles: the fd and the inode's I/O mode.
+/// What keeps hold of the inode: an `O_PATH` fd, or a file handle on the filesystem of the
+/// mount fd beside it.
+enum Anchor {
+    Fd(OwnedFd),
+    Handle(sys::FileHandle, Arc<OwnedFd>),
+}
+
+/// What is shared with open handles: the anchor and the inode's I/O mode.
 pub struct Inode {
     pub id: u64,
-    fd: OwnedFd,
+    anchor: Anchor,
     pub kind: Kind,
     pub io: Mutex<IoMode>,
 }
 
+/// An `O_PATH` fd on an inode: the held one, or one opened from its file handle for this use.
+pub enum Fd<'a> {
+    Held(BorrowedFd<'a>),
+    Opened(OwnedFd),
+}
+
+impl AsFd for Fd<'_> {
+    fn as_fd(&self) -> BorrowedFd<'_> {
+        match self {
+            Fd::Held(b) => *b,
+            Fd::Opened(o) => o.as_fd(),
+        }
+    }
+}
+
 impl Inode {
-    pub fn fd(&self) -> BorrowedFd<'_> {
-        self.fd.as_fd()
+    pub fn fd(&self) -> io::Result<Fd<'_>> {
+        match &self.anchor {
+            Anchor::Fd(f) => Ok(Fd::Held(f.as_fd())),
+            Anchor::Handle(h, mount) => {
+                sys::open_handle(mount.as_fd(), h, libc::O_PATH | libc::O_NOFOLLOW).map(Fd::Opened)
+            }
+        }
     }
 }
 
@@ -57,18 +91,28 @@ struct Table {
     by_key: HashMap<(u64, u64), u64>,
     by_place: HashMap<(u64, Vec<u8>), u64>,
     next_private: u64,
+    /// Inodes anchored by an fd (the root included).
+    fds: usize,
 }
 
 pub struct Inodes {
     t: Mutex<Table>,
     root_dev: u64,
+    /// The root again, for opening file handles.
+    mount: Arc<OwnedFd>,
+    /// How many inodes may hold an fd.
+    budget: usize,
 }
 
 impl Inodes {
-    /// A table holding only the root, whose `O_PATH` fd must be opened before mounting over it.
-    pub fn new(root: OwnedFd, st: &libc::stat) -> Inodes {
+    /// A table holding only the root, whose `O_PATH` fd must be opened before mounting over it;
+    /// at most `budget` inodes hold an fd, the rest a file handle.
+    pub fn new(root: OwnedFd, st: &libc::stat, budget: usize) -> io::Result<Inodes> {
+        // open_by_handle_at refuses an O_PATH mount fd.
+        let mount = Arc::new(sys::reopen(root.as_fd(), libc::O_RDONLY | libc::O_DIRECTORY)?);
         let mut t = Table {
             next_private: PRIVATE_IDS,
+            fds: 1,
             ..Table::default()
         };
         let key = (st.st_dev, st.st_ino);
@@ -77,7 +121,7 @@ impl Inodes {
             Node {
                 inode: Arc::new(Inode {
                     id: ROOT,
-                    fd: root,
+                    anchor: Anchor::Fd(root),
                     kind: Kind::Dir,
                     io: Mutex::new(IoMode::default()),
                 }),
@@ -88,10 +132,12 @@ impl Inodes {
             },
         );
         t.by_key.insert(key, ROOT);
-        Inodes {
+        Ok(Inodes {
             t: Mutex::new(t),
             root_dev: st.st_dev,
-        }
+            mount,
+            budget: budget.max(2),
+        })
     }
 
     pub fn get(&self, id: u64) -> Option<Arc<Inode>> {
@@ -104,21 +150,53 @@ impl Inodes {
     pub fn found(&self, parent: u64, name: &[u8], fd: OwnedFd, st: &libc::stat) -> u64 {
         let key = (st.st_dev, st.st_ino);
         let mut t = self.t.lock();
-        let id = match t.by_key.get(&key) {
-            Some(&id) => id,
+        let known = match t.by_key.get(&key).copied() {
+            // A held fd pins the inode: the same number is the same inode.
+            Some(id)
+                if t.nodes
+                    .get(&id)
+                    .is_some_and(|n| matches!(n.inode.anchor, Anchor::Fd(_))) =>
+            {
+                Some(id)
+            }
+            // A handle does not: compare it (it holds the generation) before trusting the number.
+            Some(id) => match (
+                &t.nodes.get(&id).map(|n| &n.inode.anchor),
+                sys::fd_to_handle(fd.as_fd()),
+            ) {
+                (Some(Anchor::Handle(h, _)), Ok(new)) if *h == new => Some(id),
+                _ => None,
+            },
+            None => None,
+        };
+        let id = match known {
+            Some(id) => id,
             None => {
-                let id = if st.st_dev == self.root_dev && st.st_ino != ROOT && st.st_ino < PRIVATE_IDS {
+                let reused = t.by_key.contains_key(&key) || t.nodes.contains_key(&st.st_ino);
+                let id = if st.st_dev == self.root_dev && st.st_ino != ROOT && st.st_ino < PRIVATE_IDS && !reused {
                     st.st_ino
                 } else {
                     t.next_private += 1;
                     t.next_private
+                };
+                let anchor = if t.fds < self.budget {
+                    t.fds += 1;
+                    Anchor::Fd(fd)
+                } else {
+                    match sys::fd_to_handle(fd.as_fd()) {
+                        Ok(h) => Anchor::Handle(h, self.mount.clone()),
+                        Err(_) => {
+                            t.fds += 1;
+                            Anchor::Fd(fd)
+                        }
+                    }
                 };
                 t.nodes.insert(
                     id,
                     Node {
                         inode: Arc::new(Inode {
                             id,
-                            fd,
+                            anchor,
                             kind: Kind::from_mode(st.st_mode),
                             io: Mutex::new(IoMode::default()),
                         }),
@@ -268,7 +346,12 @@ fn prune(t: &mut Table, mut id: u64) {
             return;
         }
         let n = t.nodes.remove(&id).unwrap_or_else(|| unreachable!());
-        t.by_key.remove(&n.key);
+        if t.by_key.get(&n.key) == Some(&id) {
+            t.by_key.remove(&n.key);
+        }
+        if matches!(n.inode.anchor, Anchor::Fd(_)) {
+            t.fds -= 1;
+        }
         let Some(place) = n.place else { return };
         if t.by_place.get(&place) == Some(&id) {
             t.by_place.remove(&place);
@@ -296,7 +379,7 @@ mod tests {
     fn table() -> Inodes {
         let (fd, mut st) = fake(2);
         st.st_mode = libc::S_IFDIR | 0o755;
-        Inodes::new(fd, &st)
+        Inodes::new(fd, &st, 1000).unwrap()
     }
 
     #[test]

@@ -136,7 +136,7 @@ impl Mirror {
 
     pub fn lookup(&self, parent: u64, name: &[u8]) -> io::Result<(u64, libc::stat)> {
         let p = self.inode(parent)?;
-        self.enter(parent, p.fd(), &name_c(name)?)
+        self.enter(parent, p.fd()?.as_fd(), &name_c(name)?)
     }
 
     pub fn forget(&self, id: u64, n: u64) {
@@ -144,23 +144,23 @@ impl Mirror {
     }
 
     pub fn getattr(&self, id: u64) -> io::Result<libc::stat> {
-        sys::fstat(self.inode(id)?.fd())
+        sys::fstat(self.inode(id)?.fd()?.as_fd())
     }
 
     pub fn readlink(&self, id: u64) -> io::Result<Vec<u8>> {
-        sys::readlinkat(self.inode(id)?.fd(), c"")
+        sys::readlinkat(self.inode(id)?.fd()?.as_fd(), c"")
     }
 
     pub fn statfs(&self) -> io::Result<libc::statvfs> {
-        sys::fstatvfs(self.inode(ROOT)?.fd())
+        sys::fstatvfs(self.inode(ROOT)?.fd()?.as_fd())
     }
 
     pub fn getxattr(&self, id: u64, name: &[u8], buf: &mut [u8]) -> io::Result<usize> {
-        sys::fd_getxattr(self.inode(id)?.fd(), name, buf)
+        sys::fd_getxattr(self.inode(id)?.fd()?.as_fd(), name, buf)
     }
 
     pub fn listxattr(&self, id: u64, buf: &mut [u8]) -> io::Result<usize> {
-        sys::fd_listxattr(self.inode(id)?.fd(), buf)
+        sys::fd_listxattr(self.inode(id)?.fd()?.as_fd(), buf)
     }
 
     pub fn read(&self, fh: u64, offset: u64, size: u32) -> io::Result<Vec<u8>> {
@@ -185,7 +185,7 @@ impl Mirror {
     // ---- Directories ----
 
     pub fn opendir(&self, id: u64) -> io::Result<u64> {
-        let fd = sys::reopen(self.inode(id)?.fd(), libc::O_RDONLY | libc::O_DIRECTORY)?;
+        let fd = sys::reopen(self.inode(id)?.fd()?.as_fd(), libc::O_RDONLY | libc::O_DIRECTORY)?;
         let entries = sys::read_dir_entries(fd)?;
         Ok(self.dirs.insert(DirHandle { entries }))
     }
@@ -209,7 +209,7 @@ impl Mirror {
         backing: impl FnOnce(&OwnedFd) -> io::Result<fuser::BackingId>,
     ) -> io::Result<(u64, Served)> {
         let inode = self.inode(id)?;
-        let fd = sys::reopen(inode.fd(), open_flags(flags))?;
+        let fd = sys::reopen(inode.fd()?.as_fd(), open_flags(flags))?;
         let writable = flags & libc::O_ACCMODE != libc::O_RDONLY;
         let mut io = inode.io.lock();
         let mut served = if writable {
@@ -326,11 +326,11 @@ impl Mirror {
         let p = self.inode(parent)?;
         let cname = name_c(name)?;
         self.rep.apply(|| {
-            make(p.fd(), &cname)?;
-            let dst = sys::fstat(p.fd())?;
-            let st = self.give(p.fd(), &dst, &cname, who)?;
-            let dst = sys::fstat(p.fd())?;
-            let (id, st2) = self.enter(parent, p.fd(), &cname)?;
+            make(p.fd()?.as_fd(), &cname)?;
+            let dst = sys::fstat(p.fd()?.as_fd())?;
+            let st = self.give(p.fd()?.as_fd(), &dst, &cname, who)?;
+            let dst = sys::fstat(p.fd()?.as_fd())?;
+            let (id, st2) = self.enter(parent, p.fd()?.as_fd(), &cname)?;
             debug_assert_eq!(st.st_ino, st2.st_ino);
             let fwd = match (self.inodes.path(id), self.inodes.path(parent)) {
                 (Some(path), Some(dir)) => {
@@ -408,15 +408,15 @@ impl Mirror {
         let mut repair = false;
         let (id, st, fd) = self.rep.apply(|| {
             let fd = sys::openat(
-                p.fd(),
+                p.fd()?.as_fd(),
                 &cname,
                 open_flags(flags) | libc::O_CREAT | (flags & libc::O_TRUNC),
                 mode & 0o7777,
             )?;
-            let dst = sys::fstat(p.fd())?;
-            self.give(p.fd(), &dst, &cname, who)?;
-            let dst = sys::fstat(p.fd())?;
-            let (id, st) = self.enter(parent, p.fd(), &cname)?;
+            let dst = sys::fstat(p.fd()?.as_fd())?;
+            self.give(p.fd()?.as_fd(), &dst, &cname, who)?;
+            let dst = sys::fstat(p.fd()?.as_fd())?;
+            let (id, st) = self.enter(parent, p.fd()?.as_fd(), &cname)?;
             let fwd = match (self.inodes.path(id), self.inodes.path(parent)) {
                 // O_CREAT without O_EXCL opened a file made behind the mount's back: a repair
                 // brings it over whole.
@@ -458,10 +458,10 @@ impl Mirror {
         let cname = name_c(newname)?;
         let mut repair = false;
         let r = self.rep.apply(|| {
-            sys::link_fd(inode.fd(), p.fd(), &cname)?;
-            let dst = sys::fstat(p.fd())?;
+            sys::link_fd(inode.fd()?.as_fd(), p.fd()?.as_fd(), &cname)?;
+            let dst = sys::fstat(p.fd()?.as_fd())?;
             let existing = self.inodes.path(id);
-            let (nid, st) = self.enter(newparent, p.fd(), &cname)?;
+            let (nid, st) = self.enter(newparent, p.fd()?.as_fd(), &cname)?;
             let fwd = match (existing, self.inodes.path(newparent)) {
                 (Some(existing), Some(dir)) => {
                     let path = dir.join(newname).map_err(|_| einval())?;
@@ -487,9 +487,9 @@ impl Mirror {
         let cname = name_c(name)?;
         self.rep.apply(|| {
             let path = self.inodes.child_path(parent, name);
-            sys::unlinkat(p.fd(), &cname, dir)?;
+            sys::unlinkat(p.fd()?.as_fd(), &cname, dir)?;
             self.inodes.removed(parent, name);
-            let dst = sys::fstat(p.fd())?;
+            let dst = sys::fstat(p.fd()?.as_fd())?;
             let fwd = match (path, self.inodes.path(parent)) {
                 (Some(path), Some(d)) => Forward::of(vec![
                     if dir {
@@ -512,7 +512,7 @@ impl Mirror {
         self.rep.apply(|| {
             let from = self.inodes.child_path(parent, name);
             let to = self.inodes.child_path(newparent, newname);
-            sys::renameat2(p.fd(), &cname, np.fd(), &cnew, flags)?;
+            sys::renameat2(p.fd()?.as_fd(), &cname, np.fd()?.as_fd(), &cnew, flags)?;
             self.inodes
                 .renamed(parent, name, newparent, newname, flags & libc::RENAME_EXCHANGE != 0);
             let (Some(from), Some(to)) = (from, to) else {
@@ -524,16 +524,16 @@ impl Mirror {
                 flags,
             }];
             // The moved entries' own mtimes (a directory's ".." changed), then their directories'.
-            reqs.push(stamp(to.clone(), &sys::fstatat(np.fd(), &cnew, false)?));
+            reqs.push(stamp(to.clone(), &sys::fstatat(np.fd()?.as_fd(), &cnew, false)?));
             if flags & libc::RENAME_EXCHANGE != 0 {
-                reqs.push(stamp(from.clone(), &sys::fstatat(p.fd(), &cname, false)?));
+                reqs.push(stamp(from.clone(), &sys::fstatat(p.fd()?.as_fd(), &cname, false)?));
             }
             if let Some(d) = from.parent() {
-                reqs.push(stamp(d, &sys::fstat(p.fd())?));
+                reqs.push(stamp(d, &sys::fstat(p.fd()?.as_fd())?));
             }
             if parent != newparent {
                 if let Some(d) = to.parent() {
-                    reqs.push(stamp(d, &sys::fstat(np.fd())?));
+                    reqs.push(stamp(d, &sys::fstat(np.fd()?.as_fd())?));
                 }
             }
             Ok::<_, io::Error>(((), Forward::of(reqs)))
@@ -654,7 +654,8 @@ impl Mirror {
             None => None,
         };
         self.rep.apply(|| {
-            let fd = inode.fd();
+            let ifd = inode.fd()?;
+            let fd = ifd.as_fd();
             if let Some(size) = a.size {
                 match &handle {
                     Some(h) if h.writable => sys::ftruncate(h.fd.as_fd(), size)?,
@@ -708,7 +709,7 @@ impl Mirror {
     pub fn setxattr(&self, id: u64, name: &[u8], value: &[u8], flags: i32) -> io::Result<()> {
         let inode = self.inode(id)?;
         self.rep.apply(|| {
-            sys::fd_setxattr(inode.fd(), name, value, flags)?;
+            sys::fd_setxattr(inode.fd()?.as_fd(), name, value, flags)?;
             let fwd = match self.inodes.path(id) {
                 Some(path) => Forward::of(vec![Request::SetXattr {
                     path,
@@ -724,7 +725,7 @@ impl Mirror {
     pub fn removexattr(&self, id: u64, name: &[u8]) -> io::Result<()> {
         let inode = self.inode(id)?;
         self.rep.apply(|| {
-            sys::fd_removexattr(inode.fd(), name)?;
+            sys::fd_removexattr(inode.fd()?.as_fd(), name)?;
             let fwd = match self.inodes.path(id) {
                 Some(path) => Forward::of(vec![Request::RemoveXattr {
                     path,
@@ -742,7 +743,10 @@ impl Mirror {
     pub fn fsync(&self, id: u64, fh: Option<u64>, datasync: bool) -> io::Result<()> {
         match fh.and_then(|f| self.files.get(f)) {
             Some(h) => sys::fsync(h.fd.as_fd(), datasync)?,
-            None => sys::fsync(sys::reopen(self.inode(id)?.fd(), libc::O_RDONLY)?.as_fd(), datasync)?,
+            None => sys::fsync(
+                sys::reopen(self.inode(id)?.fd()?.as_fd(), libc::O_RDONLY)?.as_fd(),
+                datasync,
+            )?,
         }
         self.rep.apply(|| {
             let fwd = match self.inodes.path(id) {

@@ -27,6 +27,8 @@ pub enum MountError {
     Mountpoint(String, io::Error),
     #[error("cannot mount at {0}: {1}")]
     Mount(String, io::Error),
+    #[error("source root: {0}")]
+    Root(io::Error),
     #[error("/dev/fuse: {0} (is the fuse module loaded, and are we root?)")]
     NoFuse(io::Error),
 }
@@ -132,8 +134,16 @@ pub fn mount(
         return Err(MountError::NoFuse(e));
     }
     sys::set_umask(0);
-    sys::raise_nofile_limit();
-    let mirror = Arc::new(Mirror::new(inodes::Inodes::new(root, root_st), rep));
+    let files = sys::raise_nofile_limit() as usize;
+    // Three quarters of the open-file limit may anchor inodes; open files and sockets get the rest.
+    let mut budget = (files / 4 * 3).saturating_sub(64).max(64);
+    // Tests shrink the budget to run the file-handle path on small trees.
+    if let Some(b) = std::env::var("MIRRORFS_INODE_FDS").ok().and_then(|v| v.parse().ok()) {
+        budget = b;
+    }
+    log::debug!("open-file limit {files}; up to {budget} inodes hold an fd, the rest a file handle");
+    let inodes = inodes::Inodes::new(root, root_st, budget).map_err(MountError::Root)?;
+    let mirror = Arc::new(Mirror::new(inodes, rep));
     let ops = ops::Ops {
         m: mirror.clone(),
         want_passthrough: cfg.passthrough,

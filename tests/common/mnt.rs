@@ -52,6 +52,7 @@ pub struct Mount {
     pub daemon: Option<Child>,
     pub log: PathBuf,
     pub extra: Vec<String>,
+    pub env: Vec<(String, String)>,
 }
 
 #[derive(Default)]
@@ -61,6 +62,8 @@ pub struct Opts<'a> {
     /// Serve the target in-process (a plain DIR target) instead of from a `serve` process.
     pub local_target: bool,
     pub extra: &'a [&'a str],
+    /// Environment of the daemon.
+    pub env: &'a [(&'a str, &'a str)],
     /// Fills the source before mounting.
     pub before: Option<&'a dyn Fn(&Path)>,
 }
@@ -98,6 +101,7 @@ impl Mount {
             server: None,
             daemon: None,
             extra: o.extra.iter().map(|s| s.to_string()).collect(),
+            env: o.env.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
         };
         if !o.local_target {
             let sock = m.tmp.path().join("target.sock");
@@ -129,6 +133,7 @@ impl Mount {
         }
         cmd.args(["--target", &self.target_arg(local), "--foreground", "-q"])
             .args(&self.extra)
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
             .env("RUST_LOG", std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()))
             .stdin(Stdio::null())
             .stdout(Stdio::null())
