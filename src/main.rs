@@ -32,11 +32,11 @@ fn main() -> ExitCode {
     }
 }
 
-fn connect(a: &TargetArgs) -> Result<(Arc<LocalFs>, mirrorfs::transport::Client), String> {
+fn connect(a: &TargetArgs) -> Result<(Arc<LocalFs>, Arc<dyn mirrorfs::rpc::Rpc>), String> {
     let src = cli::check_source(&a.src)?;
     let ep = cli::check_target(&a.target, &src)?;
     let fs = Arc::new(LocalFs::new(&src).map_err(|e| format!("source: {e}"))?);
-    let client = transport::connect(&ep, a.token_file.as_deref(), None).map_err(|e| format!("target {ep}: {e}"))?;
+    let client = transport::open_target(&ep, a.token_file.as_deref(), None).map_err(|e| format!("target {ep}: {e}"))?;
     Ok((fs, client))
 }
 

@@ -70,6 +70,7 @@ pub enum Request {
     },
     Symlink {
         path: RelPath,
+        #[serde(with = "serde_bytes")]
         target: Vec<u8>,
     },
     Link {
@@ -80,6 +81,7 @@ pub enum Request {
     Write {
         path: RelPath,
         offset: u64,
+        #[serde(with = "serde_bytes")]
         data: Vec<u8>,
     },
     Truncate {
@@ -111,11 +113,14 @@ pub enum Request {
     },
     SetXattr {
         path: RelPath,
+        #[serde(with = "serde_bytes")]
         name: Vec<u8>,
+        #[serde(with = "serde_bytes")]
         value: Vec<u8>,
     },
     RemoveXattr {
         path: RelPath,
+        #[serde(with = "serde_bytes")]
         name: Vec<u8>,
     },
     // Removing and moving.
@@ -154,6 +159,7 @@ pub enum Request {
     /// A whole small file: written under a temporary name, given `attrs`, renamed over `path`.
     PutFile {
         path: RelPath,
+        #[serde(with = "chunks")]
         chunks: Vec<(u64, Vec<u8>)>,
         size: u64,
         attrs: Attrs,
@@ -168,12 +174,14 @@ pub enum Request {
     StageWrite {
         stage: u64,
         offset: u64,
+        #[serde(with = "serde_bytes")]
         data: Vec<u8>,
     },
     /// An rsync delta against the current file at the stage's path, producing bytes at `offset`.
     StageDelta {
         stage: u64,
         offset: u64,
+        #[serde(with = "serde_bytes")]
         delta: Vec<u8>,
     },
     /// Sizes, gives metadata and renames the staged file into place. With `hash`, the target
@@ -281,7 +289,7 @@ impl Request {
 pub enum Reply {
     Done,
     Scan { entries: Vec<Entry>, more: bool },
-    Signature(Vec<u8>),
+    Signature(#[serde(with = "serde_bytes")] Vec<u8>),
     Hash([u8; 32]),
 }
 
@@ -318,6 +326,23 @@ pub fn encode<T: Serialize>(value: &T) -> Result<Vec<u8>, FrameError> {
     }
     buf[..4].copy_from_slice(&(len as u32).to_le_bytes());
     Ok(buf)
+}
+
+/// The size `value` would have as a frame on a connection, without building it.
+pub fn frame_len<T: Serialize>(value: &T) -> u64 {
+    struct Count(u64);
+    impl Write for Count {
+        fn write(&mut self, b: &[u8]) -> io::Result<usize> {
+            self.0 += b.len() as u64;
+            Ok(b.len())
+        }
+        fn flush(&mut self) -> io::Result<()> {
+            Ok(())
+        }
+    }
+    let mut c = Count(4);
+    let _ = bincode::serde::encode_into_std_write(value, &mut c, cfg());
+    c.0
 }
 
 /// Writes one frame; returns the bytes written.
@@ -430,5 +455,20 @@ mod tests {
         write_frame(&mut buf, &evil).unwrap();
         let r: Result<(u64, Request), _> = read_frame(&mut &buf[..]);
         assert!(matches!(r, Err(FrameError::Malformed(m)) if m.contains("..")));
+    }
+}
+
+/// File content travels as raw bytes (serde's bytes), not as a sequence of numbers: bincode then
+/// copies it in one go (the wire format is the same either way).
+mod chunks {
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(v: &[(u64, Vec<u8>)], s: S) -> Result<S::Ok, S::Error> {
+        s.collect_seq(v.iter().map(|(o, d)| (*o, serde_bytes::Bytes::new(d))))
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<(u64, Vec<u8>)>, D::Error> {
+        let v: Vec<(u64, serde_bytes::ByteBuf)> = Deserialize::deserialize(d)?;
+        Ok(v.into_iter().map(|(o, b)| (o, b.into_vec())).collect())
     }
 }

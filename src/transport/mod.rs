@@ -5,6 +5,7 @@
 
 pub mod auth;
 pub mod client;
+pub mod local;
 pub mod server;
 
 pub use client::Client;
@@ -120,7 +121,23 @@ impl Stream for std::net::TcpStream {
     }
 }
 
-/// Connects to a target; a local directory is served in-process.
+/// Opens a target: a local directory gets an in-process `LocalTarget` (requests move to it as
+/// values), anything else a connection.
+pub fn open_target(
+    ep: &Endpoint,
+    token_file: Option<&Path>,
+    timeout: Option<Duration>,
+) -> Result<std::sync::Arc<dyn crate::rpc::Rpc>, TransportError> {
+    if let Endpoint::Local(dir) = ep {
+        let fs = crate::fs::LocalFs::new(dir).map_err(|e| TransportError::Io(format!("target: {e}")))?;
+        let t = local::LocalTarget::start(std::sync::Arc::new(fs)).map_err(|e| TransportError::io("start target", e))?;
+        return Ok(std::sync::Arc::new(t));
+    }
+    Ok(std::sync::Arc::new(connect(ep, token_file, timeout)?))
+}
+
+/// Connects to a target over a socket; a local directory is served by a thread over a socketpair
+/// (the same code path as a remote target, used by the tests of the wire).
 pub fn connect(ep: &Endpoint, token_file: Option<&Path>, timeout: Option<Duration>) -> Result<Client, TransportError> {
     let key = token_file
         .map(auth::load_key)
