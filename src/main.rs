@@ -160,9 +160,8 @@ fn mount(a: MountArgs) -> Result<ExitCode, String> {
     let (root, root_st) = fuse::open_root(&src).map_err(|e| format!("source {}: {e}", src.display()))?;
     let fs = Arc::new(LocalFs::new(&src).map_err(|e| format!("source: {e}"))?);
     let limit = std::time::Duration::from_secs_f64(a.timeout);
-    let client =
-        transport::connect(&ep, a.token_file.as_deref(), Some(limit)).map_err(|e| format!("target {ep}: {e}"))?;
-    let rpc: Arc<dyn Rpc> = Arc::new(client);
+    let rpc: Arc<dyn Rpc> =
+        transport::open_target(&ep, a.token_file.as_deref(), Some(limit)).map_err(|e| format!("target {ep}: {e}"))?;
     let opts = SyncOptions {
         checksum: false,
         allow_mass_delete: a.allow_mass_delete,

@@ -4,13 +4,13 @@
 //! `(id, Response)`; ids increase by one per request, and the target answers in order. The
 //! handshake (`ClientHello` / `ServerHello`) exchanges the version and capabilities first.
 
-use crate::fs::{Attrs, FsError, Kind, SetTime};
+use crate::fs::{Attrs, FsError, Kind, SetTime, Time};
 use crate::path::RelPath;
 use crate::reconcile::Entry;
 use serde::{de::DeserializeOwned, Deserialize, Serialize};
 use std::io::{self, Read, Write};
 
-pub const PROTOCOL_VERSION: u32 = 1;
+pub const PROTOCOL_VERSION: u32 = 2;
 pub const MAGIC: [u8; 8] = *b"MIRRORFS";
 /// Largest frame accepted: generous for a chunk of scan entries or a delta segment.
 pub const MAX_FRAME: usize = 64 << 20;
@@ -78,11 +78,13 @@ pub enum Request {
         path: RelPath,
     },
     // Changing content.
+    /// With `mtime`, the file is then given the mtime the write produced on the source.
     Write {
         path: RelPath,
         offset: u64,
         #[serde(with = "serde_bytes")]
         data: Vec<u8>,
+        mtime: Option<Time>,
     },
     Truncate {
         path: RelPath,
@@ -405,6 +407,7 @@ mod tests {
                 path: RelPath::new("a/b").unwrap(),
                 offset: 3,
                 data: vec![1, 2, 3],
+                mtime: None,
             },
         );
         let mut buf = Vec::new();

@@ -118,7 +118,18 @@ impl ReplicatorTarget {
             Request::Mknod { path, kind, perm, rdev } => fs.mknod(&self.full(&path), kind, perm, rdev)?,
             Request::Symlink { path, target } => fs.symlink(&target, &self.full(&path))?,
             Request::Link { existing, path } => fs.link(&self.full(&existing), &self.full(&path))?,
-            Request::Write { path, offset, data } => fs.write_at(&self.full(&path), offset, &data)?,
+            Request::Write {
+                path,
+                offset,
+                data,
+                mtime,
+            } => {
+                let p = self.full(&path);
+                fs.write_at(&p, offset, &data)?;
+                if let Some(t) = mtime {
+                    fs.set_times(&p, SetTime::Omit, SetTime::At(t))?;
+                }
+            }
             Request::Truncate { path, size } => fs.truncate(&self.full(&path), size)?,
             Request::Fallocate {
                 path,

@@ -158,11 +158,13 @@ fn escapes_are_refused() {
             path: p("filelink"),
             offset: 0,
             data: b"pwned".to_vec(),
+            mtime: None,
         },
         Request::Write {
             path: p("link/secret"),
             offset: 0,
             data: b"pwned".to_vec(),
+            mtime: None,
         },
         Request::Truncate {
             path: p("filelink"),

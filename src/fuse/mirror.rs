@@ -556,14 +556,12 @@ impl Mirror {
             }
             let st = sys::fstat(h.fd.as_fd())?;
             let fwd = match self.inodes.path(h.inode.id) {
-                Some(path) => Forward::of(vec![
-                    Request::Write {
-                        path: path.clone(),
-                        offset,
-                        data: data[..done].to_vec(),
-                    },
-                    stamp(path, &st),
-                ]),
+                Some(path) => Forward::of(vec![Request::Write {
+                    path,
+                    offset,
+                    data: data[..done].to_vec(),
+                    mtime: Some(mtime_of(&st)),
+                }]),
                 None => {
                     // Unlinked: nothing on the target may change. A hard link whose other name
                     // the mount has not seen yet is found by a repair.
@@ -631,14 +629,12 @@ impl Mirror {
                     let mut data = vec![0u8; n];
                     let got = sys::pread(ho.fd.as_fd(), &mut data, off_out)?;
                     data.truncate(got);
-                    Forward::of(vec![
-                        Request::Write {
-                            path: dst.clone(),
-                            offset: off_out,
-                            data,
-                        },
-                        stamp(dst, &st),
-                    ])
+                    Forward::of(vec![Request::Write {
+                        path: dst,
+                        offset: off_out,
+                        data,
+                        mtime: Some(mtime_of(&st)),
+                    }])
                 }
             };
             Ok::<_, io::Error>((n, fwd))
@@ -739,21 +735,25 @@ impl Mirror {
 
     // ---- Durability ----
 
-    /// fsync on the source first, then on the target, after everything queued before it.
+    /// fsync: the source's flush runs on a helper thread while the target's is queued (after
+    /// everything queued before it), so both disks flush at once; the call returns when both
+    /// are durable, with the source's result.
     pub fn fsync(&self, id: u64, fh: Option<u64>, datasync: bool) -> io::Result<()> {
-        match fh.and_then(|f| self.files.get(f)) {
-            Some(h) => sys::fsync(h.fd.as_fd(), datasync)?,
-            None => sys::fsync(
-                sys::reopen(self.inode(id)?.fd()?.as_fd(), libc::O_RDONLY)?.as_fd(),
-                datasync,
-            )?,
-        }
-        self.rep.apply(|| {
-            let fwd = match self.inodes.path(id) {
+        let inode = self.inode(id)?;
+        let fd = match fh.and_then(|f| self.files.get(f)) {
+            Some(h) => h.fd.try_clone()?,
+            None => sys::reopen(inode.fd()?.as_fd(), libc::O_RDONLY)?,
+        };
+        std::thread::scope(|s| {
+            let source = s.spawn(|| sys::fsync(fd.as_fd(), datasync));
+            let ticket = self.rep.start(|| match self.inodes.path(id) {
                 Some(path) => Forward::of(vec![Request::Fsync { path, datasync }]),
                 None => Forward::none(),
-            };
-            Ok::<_, io::Error>(((), fwd))
+            });
+            self.rep.finish(ticket);
+            source
+                .join()
+                .unwrap_or_else(|_| Err(io::Error::other("fsync thread panicked")))
         })
     }
 }

@@ -49,6 +49,9 @@ pub struct Replicator<R: Rpc> {
     unforwarded: AtomicU64,
 }
 
+/// Requests queued by `start`, to be waited for by `finish`.
+pub struct Ticket(Vec<(Pending, String)>);
+
 /// The requests one source operation produced, and the paths they touch.
 pub struct Forward {
     pub requests: Vec<Request>,
@@ -125,6 +128,29 @@ impl<R: Rpc> Replicator<R> {
         drop(guard);
         self.settle(pending);
         Ok(value)
+    }
+
+    /// Queues requests that change nothing (fsync) in order, without waiting; `finish` waits.
+    pub fn start(&self, make: impl FnOnce() -> Forward) -> Ticket {
+        let _g = self.order.lock();
+        let fwd = make();
+        if self.lost.load(Ordering::Relaxed) {
+            return Ticket(Vec::new());
+        }
+        Ticket(
+            fwd.requests
+                .into_iter()
+                .map(|r| {
+                    let what = describe(&r);
+                    (self.source.rpc().submit(r), what)
+                })
+                .collect(),
+        )
+    }
+
+    /// Waits for what `start` queued.
+    pub fn finish(&self, t: Ticket) {
+        self.settle(t.0);
     }
 
     /// Waits for every answer of one operation and deals with failures.

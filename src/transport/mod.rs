@@ -130,7 +130,8 @@ pub fn open_target(
 ) -> Result<std::sync::Arc<dyn crate::rpc::Rpc>, TransportError> {
     if let Endpoint::Local(dir) = ep {
         let fs = crate::fs::LocalFs::new(dir).map_err(|e| TransportError::Io(format!("target: {e}")))?;
-        let t = local::LocalTarget::start(std::sync::Arc::new(fs)).map_err(|e| TransportError::io("start target", e))?;
+        let t =
+            local::LocalTarget::start(std::sync::Arc::new(fs)).map_err(|e| TransportError::io("start target", e))?;
         return Ok(std::sync::Arc::new(t));
     }
     Ok(std::sync::Arc::new(connect(ep, token_file, timeout)?))
