@@ -812,3 +812,43 @@ pub fn open_handle(mount_fd: BorrowedFd<'_>, h: &FileHandle, flags: i32) -> io::
     // SAFETY: `fd` was just returned and is owned by nobody else.
     Ok(unsafe { OwnedFd::from_raw_fd(fd) })
 }
+
+/// A heap copy of some bytes at a 4 KiB-aligned address, as `O_DIRECT` writes need.
+pub struct AlignedBuf {
+    ptr: std::ptr::NonNull<u8>,
+    layout: std::alloc::Layout,
+}
+
+// SAFETY: the buffer is owned and plain bytes; nothing is shared behind it.
+unsafe impl Send for AlignedBuf {}
+
+impl AlignedBuf {
+    pub const ALIGN: usize = 4096;
+
+    /// A copy of `data` (which must not be empty).
+    pub fn copy_of(data: &[u8]) -> io::Result<AlignedBuf> {
+        let layout = std::alloc::Layout::from_size_align(data.len().max(1), Self::ALIGN)
+            .map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
+        // SAFETY: `layout` has a non-zero size.
+        let raw = unsafe { std::alloc::alloc(layout) };
+        let ptr = std::ptr::NonNull::new(raw).ok_or_else(|| io::Error::from_raw_os_error(libc::ENOMEM))?;
+        // SAFETY: the new allocation holds at least `data.len()` bytes and does not overlap `data`.
+        unsafe { std::ptr::copy_nonoverlapping(data.as_ptr(), ptr.as_ptr(), data.len()) };
+        Ok(AlignedBuf { ptr, layout })
+    }
+}
+
+impl std::ops::Deref for AlignedBuf {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        // SAFETY: `ptr` holds `layout.size()` initialised bytes for as long as `self` lives.
+        unsafe { std::slice::from_raw_parts(self.ptr.as_ptr(), self.layout.size()) }
+    }
+}
+
+impl Drop for AlignedBuf {
+    fn drop(&mut self) {
+        // SAFETY: `ptr` was allocated with `layout` in `copy_of` and is freed once.
+        unsafe { std::alloc::dealloc(self.ptr.as_ptr(), self.layout) };
+    }
+}

@@ -128,18 +128,25 @@ pub fn verify_only(fs: Arc<dyn FileSystem>, root: RelPath, rpc: &dyn Rpc) -> Res
     Ok(out)
 }
 
-/// Scans both sides; the target scans while the source does.
+/// Scans both sides at once: the source's scan runs on a helper thread while the target's is
+/// asked for (an in-process target scans in the submitting thread).
 fn scan_both(
     fs: &dyn FileSystem,
     root: &RelPath,
     rpc: &dyn Rpc,
     checksum: bool,
 ) -> Result<(Snapshot, Snapshot), SyncError> {
-    let pending = rpc.submit(Request::Scan { checksum });
-    rpc.flush();
-    let src = reconcile::scan(fs, root, ScanOptions { checksum }).map_err(SyncError::Scan)?;
-    let dst = collect_scan(rpc, pending)?;
-    Ok((src, dst))
+    std::thread::scope(|s| {
+        let src = s.spawn(|| reconcile::scan(fs, root, ScanOptions { checksum }));
+        let pending = rpc.submit(Request::Scan { checksum });
+        rpc.flush();
+        let dst = collect_scan(rpc, pending);
+        let src = src
+            .join()
+            .unwrap_or_else(|_| Err(FsError::msg(libc::EIO, "scan", root, "source scan panicked")))
+            .map_err(SyncError::Scan)?;
+        Ok((src, dst?))
+    })
 }
 
 fn collect_scan(rpc: &dyn Rpc, first: Pending) -> Result<Snapshot, SyncError> {
