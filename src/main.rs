@@ -36,7 +36,8 @@ fn connect(a: &TargetArgs) -> Result<(Arc<LocalFs>, Arc<dyn mirrorfs::rpc::Rpc>)
     let src = cli::check_source(&a.src)?;
     let ep = cli::check_target(&a.target, &src)?;
     let fs = Arc::new(LocalFs::new(&src).map_err(|e| format!("source: {e}"))?);
-    let client = transport::open_target(&ep, a.token_file.as_deref(), None).map_err(|e| format!("target {ep}: {e}"))?;
+    let client = transport::open_target(&ep, a.token_file.as_deref(), None, transport::LocalMode::Threaded)
+        .map_err(|e| format!("target {ep}: {e}"))?;
     Ok((fs, client))
 }
 
@@ -142,6 +143,13 @@ fn mount(a: MountArgs) -> Result<ExitCode, String> {
     let mountpoint =
         std::fs::canonicalize(&mountpoint).map_err(|e| format!("mountpoint {}: {e}", mountpoint.display()))?;
     let ep = cli::check_target(&a.target, &src)?;
+    if mountpoint != src && mountpoint.starts_with(&src) {
+        return Err(format!(
+            "mountpoint {} lies inside the source {}; the mount would serve itself",
+            mountpoint.display(),
+            src.display()
+        ));
+    }
     if mountpoint != src {
         if let mirrorfs::transport::Endpoint::Local(t) = &ep {
             if std::fs::canonicalize(t)
@@ -161,7 +169,8 @@ fn mount(a: MountArgs) -> Result<ExitCode, String> {
     let fs = Arc::new(LocalFs::new(&src).map_err(|e| format!("source: {e}"))?);
     let limit = std::time::Duration::from_secs_f64(a.timeout);
     let rpc: Arc<dyn Rpc> =
-        transport::open_target(&ep, a.token_file.as_deref(), Some(limit)).map_err(|e| format!("target {ep}: {e}"))?;
+        transport::open_target(&ep, a.token_file.as_deref(), Some(limit), transport::LocalMode::Inline)
+            .map_err(|e| format!("target {ep}: {e}"))?;
     let opts = SyncOptions {
         checksum: false,
         allow_mass_delete: a.allow_mass_delete,

@@ -729,3 +729,84 @@ fn inodes_past_the_fd_budget_are_anchored_by_file_handles() {
     fs::write(m.p("d9/d0/f1"), b"rewritten").unwrap();
     m.finish();
 }
+
+#[test]
+fn a_writer_beside_a_passthrough_reader_works_and_replicates_at_close() {
+    scenario(
+        "a_writer_beside_a_passthrough_reader_works_and_replicates_at_close",
+        |m| {
+            fs::write(m.p("log"), b"first line\n").unwrap();
+            // A long-lived reader (tail -f) holds a read-only, passthrough open.
+            let mut reader = File::open(m.p("log")).unwrap();
+            let mut got = String::new();
+            reader.read_to_string(&mut got).unwrap();
+            let mut w = OpenOptions::new()
+                .append(true)
+                .open(m.p("log"))
+                .expect("a writable open beside a reader");
+            w.write_all(b"second line\n").unwrap();
+            w.sync_all().unwrap();
+            assert_eq!(
+                fs::read(m.dst.join("log")).unwrap(),
+                b"first line\nsecond line\n",
+                "replicated at fsync"
+            );
+            w.write_all(b"third line\n").unwrap();
+            drop(w);
+            assert_eq!(
+                fs::read(m.dst.join("log")).unwrap(),
+                fs::read(m.p("log")).unwrap(),
+                "replicated at close"
+            );
+            got.clear();
+            reader.read_to_string(&mut got).unwrap();
+            assert_eq!(got, "second line\nthird line\n", "the reader sees the appends");
+            assert!(
+                m.log_text().contains("replicates at fsync and close"),
+                "the mixed case was taken:\n{}",
+                m.log_text()
+            );
+        },
+    );
+}
+
+#[test]
+fn hard_links_keep_replicating_after_one_name_goes() {
+    scenario("hard_links_keep_replicating_after_one_name_goes", |m| {
+        fs::write(m.p("a"), b"content").unwrap();
+        fs::hard_link(m.p("a"), m.p("b")).unwrap();
+        fs::hard_link(m.p("a"), m.p("c")).unwrap();
+        let f = OpenOptions::new().write(true).open(m.p("c")).unwrap();
+        fs::remove_file(m.p("b")).unwrap();
+        fs::remove_file(m.p("c")).unwrap();
+        fs::set_permissions(m.p("a"), fs::Permissions::from_mode(0o600)).unwrap();
+        // Through an fd opened under a name that is gone: the inode still has the name "a".
+        f.write_all_at(b"CHANGED", 0).unwrap();
+        f.set_len(5).unwrap();
+        drop(f);
+        xattr::set(m.p("a"), "user.after", b"1").unwrap();
+        assert_eq!(fs::read(m.dst.join("a")).unwrap(), b"CHANG");
+    });
+}
+
+#[test]
+fn a_mountpoint_inside_the_source_is_refused() {
+    if !common::mnt::fuse_ready("a_mountpoint_inside_the_source_is_refused") {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    fs::create_dir_all(tmp.path().join("src/inner")).unwrap();
+    fs::create_dir(tmp.path().join("dst")).unwrap();
+    let out = Command::new(bin())
+        .arg("mount")
+        .arg(tmp.path().join("src"))
+        .arg(tmp.path().join("src/inner"))
+        .arg("--target")
+        .arg(tmp.path().join("dst"))
+        .arg("--foreground")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("inside the source"));
+    assert!(!mounted(&tmp.path().join("src/inner")));
+}

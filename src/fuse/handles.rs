@@ -15,8 +15,6 @@ use std::sync::Arc;
 pub enum Served {
     /// Reads and writes go through the daemon and the page cache.
     Cached,
-    /// Reads and writes go through the daemon, bypassing the page cache.
-    Direct,
     /// The kernel reads the backing file itself.
     Passthrough,
 }
@@ -26,6 +24,10 @@ pub struct FileHandle {
     pub fd: OwnedFd,
     pub writable: bool,
     pub served: Served,
+    /// A writable open that the kernel serves by passthrough (the inode was already open for
+    /// passthrough reads, and the kernel allows no other kind of open beside them): its writes
+    /// bypass the daemon, so the whole file is sent to the target at flush, fsync and release.
+    pub push_at_close: bool,
     /// Keeps the kernel's backing id alive while this passthrough handle is open.
     pub backing: Option<Arc<fuser::BackingId>>,
 }

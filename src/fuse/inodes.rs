@@ -1,9 +1,14 @@
 //! The mount's inode table. Every inode the kernel knows is an `O_PATH` fd on the source, keyed
 //! by (dev, ino), with the kernel's lookup count; it is never re-resolved by path. Each inode also
-//! remembers one place (parent inode, name) where it was last seen, which is how the mount names
-//! it to the target. A place is dropped when its entry is unlinked or renamed over; an inode left
-//! without a place (an open file that was unlinked) is never forwarded again, so its later
-//! writes cannot reach any file on the target.
+//! remembers the places (parent inode, name) where it was seen, which is how the mount names it
+//! to the target; a hard-linked file keeps every name the kernel looked up, so unlinking one
+//! name leaves it the others. A place is dropped when its entry is unlinked or renamed over; an
+//! inode left without a place (an open file that was unlinked) is never forwarded again, so its
+//! later writes cannot reach any file on the target.
+//!
+//! Lookups run outside the mount's order lock. A lookup that raced with a rename or unlink could
+//! record a name that is already gone, so namespace changes bump an epoch and a lookup that saw
+//! the epoch move retries (`epoch`, `found_at`).
 //!
 //! Node ids are the source's inode numbers (so `stat` shows real ones), except the root, which
 //! FUSE calls 1, and inodes from other devices or numbered 1, which get ids from a private range.
@@ -80,9 +85,10 @@ struct Node {
     inode: Arc<Inode>,
     key: (u64, u64),
     nlookup: u64,
-    /// Nodes whose place is in this one; a node is kept while it has any.
+    /// Places in this node; a node is kept while it has any.
     children: u64,
-    place: Option<(u64, Vec<u8>)>,
+    /// Where the node is known to be, the first one preferred.
+    places: Vec<(u64, Vec<u8>)>,
 }
 
 #[derive(Default)]
@@ -97,6 +103,8 @@ struct Table {
 
 pub struct Inodes {
     t: Mutex<Table>,
+    /// Bumped by every rename and unlink (see `found_at`).
+    epoch: std::sync::atomic::AtomicU64,
     root_dev: u64,
     /// The root again, for opening file handles.
     mount: Arc<OwnedFd>,
@@ -128,12 +136,13 @@ impl Inodes {
                 key,
                 nlookup: 1,
                 children: 0,
-                place: None,
+                places: Vec::new(),
             },
         );
         t.by_key.insert(key, ROOT);
         Ok(Inodes {
             t: Mutex::new(t),
+            epoch: std::sync::atomic::AtomicU64::new(0),
             root_dev: st.st_dev,
             mount,
             budget: budget.max(2),
@@ -148,8 +157,18 @@ impl Inodes {
     /// (`fd` is an `O_PATH` fd on it); adds one to its lookup count and returns its id. The fd is
     /// dropped when the inode is already known.
     pub fn found(&self, parent: u64, name: &[u8], fd: OwnedFd, st: &libc::stat) -> u64 {
+        self.found_locked(None, parent, name, fd, st)
+            .unwrap_or_else(|| unreachable!())
+    }
+
+    /// With `epoch`, does nothing and returns `None` when the epoch moved (checked under the
+    /// table lock, which namespace changes take after their syscall).
+    fn found_locked(&self, epoch: Option<u64>, parent: u64, name: &[u8], fd: OwnedFd, st: &libc::stat) -> Option<u64> {
         let key = (st.st_dev, st.st_ino);
         let mut t = self.t.lock();
+        if epoch.is_some_and(|e| self.epoch() != e) {
+            return None;
+        }
         let known = match t.by_key.get(&key).copied() {
             // A held fd pins the inode: the same number is the same inode.
             Some(id)
@@ -179,7 +198,8 @@ impl Inodes {
                     t.next_private += 1;
                     t.next_private
                 };
-                let anchor = if t.fds < self.budget {
+                // Handles are opened through the root's filesystem: other devices keep an fd.
+                let anchor = if t.fds < self.budget || st.st_dev != self.root_dev {
                     t.fds += 1;
                     Anchor::Fd(fd)
                 } else {
@@ -203,7 +223,7 @@ impl Inodes {
                         key,
                         nlookup: 0,
                         children: 0,
-                        place: None,
+                        places: Vec::new(),
                     },
                 );
                 t.by_key.insert(key, id);
@@ -214,9 +234,9 @@ impl Inodes {
             n.nlookup += 1;
         }
         if id != ROOT {
-            set_place(&mut t, id, Some((parent, name.to_vec())));
+            add_place(&mut t, id, (parent, name.to_vec()));
         }
-        id
+        Some(id)
     }
 
     /// The kernel forgot `n` lookups of `id`.
@@ -237,7 +257,7 @@ impl Inodes {
         let mut names: Vec<&[u8]> = Vec::new();
         let mut cur = id;
         while cur != ROOT {
-            let (parent, name) = t.nodes.get(&cur)?.place.as_ref()?;
+            let (parent, name) = t.nodes.get(&cur)?.places.first()?;
             names.push(name);
             cur = *parent;
             if names.len() > 4096 {
@@ -262,8 +282,9 @@ impl Inodes {
     /// The entry `name` in `parent` is gone (unlinked, or replaced by a rename).
     pub fn removed(&self, parent: u64, name: &[u8]) {
         let mut t = self.t.lock();
-        if let Some(id) = t.by_place.get(&(parent, name.to_vec())).copied() {
-            set_place(&mut t, id, None);
+        let place = (parent, name.to_vec());
+        if let Some(id) = t.by_place.get(&place).copied() {
+            remove_place(&mut t, id, &place);
             prune(&mut t, id);
         }
     }
@@ -272,21 +293,42 @@ impl Inodes {
     /// entries swapped.
     pub fn renamed(&self, parent: u64, name: &[u8], newparent: u64, newname: &[u8], exchange: bool) {
         let mut t = self.t.lock();
-        let from = t.by_place.get(&(parent, name.to_vec())).copied();
-        let to = t.by_place.get(&(newparent, newname.to_vec())).copied();
+        let (old, new) = ((parent, name.to_vec()), (newparent, newname.to_vec()));
+        let from = t.by_place.get(&old).copied();
+        let to = t.by_place.get(&new).copied();
         if let Some(to) = to {
-            set_place(&mut t, to, None);
+            remove_place(&mut t, to, &new);
         }
         if let Some(from) = from {
-            set_place(&mut t, from, Some((newparent, newname.to_vec())));
+            remove_place(&mut t, from, &old);
+            add_place(&mut t, from, new);
         }
         if let Some(to) = to {
             if exchange {
-                set_place(&mut t, to, Some((parent, name.to_vec())));
+                add_place(&mut t, to, old);
             } else {
                 prune(&mut t, to);
             }
         }
+        if let Some(from) = from {
+            prune(&mut t, from);
+        }
+    }
+
+    /// Called (under the mount's order lock) before a rename or unlink: lookups that started
+    /// before it will retry.
+    pub fn bump_epoch(&self) {
+        self.epoch.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    pub fn epoch(&self) -> u64 {
+        self.epoch.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// `found`, unless a rename or unlink happened since `epoch` was read; then `None` (the fd
+    /// is dropped, nothing is counted) and the caller looks up again.
+    pub fn found_at(&self, epoch: u64, parent: u64, name: &[u8], fd: OwnedFd, st: &libc::stat) -> Option<u64> {
+        self.found_locked(Some(epoch), parent, name, fd, st)
     }
 
     /// How many inodes are held (for tests and logs).
@@ -299,40 +341,38 @@ impl Inodes {
     }
 }
 
-/// Moves `id` to `place`, keeping the place index and the parents' child counts right.
-fn set_place(t: &mut Table, id: u64, place: Option<(u64, Vec<u8>)>) {
+/// Records that `id` is at `place`; an inode recorded there before is not any more.
+fn add_place(t: &mut Table, id: u64, place: (u64, Vec<u8>)) {
+    match t.by_place.get(&place).copied() {
+        Some(prev) if prev == id => return,
+        Some(prev) => {
+            remove_place(t, prev, &place);
+            prune(t, prev);
+        }
+        None => {}
+    }
     let Some(node) = t.nodes.get_mut(&id) else { return };
-    if node.place == place {
+    node.places.push(place.clone());
+    if let Some(p) = t.nodes.get_mut(&place.0) {
+        p.children += 1;
+    }
+    t.by_place.insert(place, id);
+}
+
+/// Forgets that `id` is at `place` (its parent is pruned if that was its last reference).
+fn remove_place(t: &mut Table, id: u64, place: &(u64, Vec<u8>)) {
+    let Some(node) = t.nodes.get_mut(&id) else { return };
+    let Some(i) = node.places.iter().position(|p| p == place) else {
         return;
+    };
+    node.places.remove(i);
+    if t.by_place.get(place) == Some(&id) {
+        t.by_place.remove(place);
     }
-    let old = std::mem::replace(&mut node.place, place.clone());
-    if let Some(old) = old {
-        if t.by_place.get(&old) == Some(&id) {
-            t.by_place.remove(&old);
-        }
-        if let Some(p) = t.nodes.get_mut(&old.0) {
-            p.children = p.children.saturating_sub(1);
-        }
-        prune(t, old.0);
+    if let Some(p) = t.nodes.get_mut(&place.0) {
+        p.children = p.children.saturating_sub(1);
     }
-    if let Some(new) = place {
-        if let Some(p) = t.nodes.get_mut(&new.0) {
-            p.children += 1;
-        }
-        if let Some(prev) = t.by_place.insert(new, id) {
-            if prev != id {
-                // Another inode was recorded at this place: it is no longer there.
-                if let Some(n) = t.nodes.get_mut(&prev) {
-                    if let Some(pl) = n.place.take() {
-                        if let Some(p) = t.nodes.get_mut(&pl.0) {
-                            p.children = p.children.saturating_sub(1);
-                        }
-                    }
-                }
-                prune(t, prev);
-            }
-        }
-    }
+    prune(t, place.0);
 }
 
 /// Drops `id` once nothing refers to it, then its parent if that was its last reference.
@@ -352,15 +392,27 @@ fn prune(t: &mut Table, mut id: u64) {
         if matches!(n.inode.anchor, Anchor::Fd(_)) {
             t.fds -= 1;
         }
-        let Some(place) = n.place else { return };
-        if t.by_place.get(&place) == Some(&id) {
-            t.by_place.remove(&place);
+        // Its places go; each parent loses a reference and may go too.
+        let mut parents = Vec::new();
+        for place in n.places {
+            if t.by_place.get(&place) == Some(&id) {
+                t.by_place.remove(&place);
+            }
+            if let Some(p) = t.nodes.get_mut(&place.0) {
+                p.children = p.children.saturating_sub(1);
+                parents.push(place.0);
+            }
         }
-        match t.nodes.get_mut(&place.0) {
-            Some(p) => p.children = p.children.saturating_sub(1),
-            None => return,
+        match parents.as_slice() {
+            [] => return,
+            [one] => id = *one,
+            many => {
+                for &p in many {
+                    prune(t, p);
+                }
+                return;
+            }
         }
-        id = place.0;
     }
 }
 

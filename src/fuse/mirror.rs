@@ -71,7 +71,7 @@ fn ebadf() -> io::Error {
 }
 
 fn name_c(name: &[u8]) -> io::Result<CString> {
-    if name.is_empty() || name.contains(&b'/') {
+    if name.is_empty() || name.contains(&b'/') || name == b"." || name == b".." {
         return Err(einval());
     }
     sys::cstr(name)
@@ -134,9 +134,20 @@ impl Mirror {
 
     // ---- Queries ----
 
+    /// Lookups run outside the order lock; one that raced with a rename or unlink retries, so
+    /// no inode is recorded under a name it no longer has.
     pub fn lookup(&self, parent: u64, name: &[u8]) -> io::Result<(u64, libc::stat)> {
         let p = self.inode(parent)?;
-        self.enter(parent, p.fd()?.as_fd(), &name_c(name)?)
+        let cname = name_c(name)?;
+        let pfd = p.fd()?;
+        loop {
+            let epoch = self.inodes.epoch();
+            let fd = sys::openat(pfd.as_fd(), &cname, libc::O_PATH | libc::O_NOFOLLOW, 0)?;
+            let st = sys::fstat(fd.as_fd())?;
+            if let Some(id) = self.inodes.found_at(epoch, parent, name, fd, &st) {
+                return Ok((id, st));
+            }
+        }
     }
 
     pub fn forget(&self, id: u64, n: u64) {
@@ -212,13 +223,10 @@ impl Mirror {
         let fd = sys::reopen(inode.fd()?.as_fd(), open_flags(flags))?;
         let writable = flags & libc::O_ACCMODE != libc::O_RDONLY;
         let mut io = inode.io.lock();
-        let mut served = if writable {
-            if io.passthrough > 0 {
-                Served::Direct
-            } else {
-                Served::Cached
-            }
-        } else if io.cached == 0 && self.passthrough.load(Ordering::Relaxed) {
+        // The kernel refuses any open but a passthrough one while the inode has passthrough
+        // opens; a writer then shares their backing file and is caught up at close.
+        let push_at_close = writable && io.passthrough > 0 && io.backing.strong_count() > 0;
+        let mut served = if push_at_close || (!writable && io.cached == 0 && self.passthrough.load(Ordering::Relaxed)) {
             Served::Passthrough
         } else {
             Served::Cached
@@ -246,17 +254,60 @@ impl Mirror {
         match served {
             Served::Passthrough => io.passthrough += 1,
             Served::Cached => io.cached += 1,
-            Served::Direct => {}
         }
         drop(io);
+        if push_at_close {
+            log::info!(
+                "inode {id} is open for passthrough reads: a writable open of it replicates at fsync and close, not at each write"
+            );
+        }
         let fh = self.files.insert(FileHandle {
             inode,
             fd,
             writable,
             served,
+            push_at_close,
             backing: held.clone(),
         });
         Ok((fh, served))
+    }
+
+    /// Sends the whole file behind a passthrough writer to the target (see `push_at_close`).
+    pub fn push(&self, fh: u64) -> io::Result<()> {
+        let Some(h) = self.files.get(fh).filter(|h| h.push_at_close) else {
+            return Ok(());
+        };
+        // The writer's own fd may be write-only: read through one of our own.
+        let rfd = sys::reopen(h.inode.fd()?.as_fd(), libc::O_RDONLY)?;
+        self.rep.apply(|| {
+            let st = sys::fstat(rfd.as_fd())?;
+            let Some(path) = self.inodes.path(h.inode.id) else {
+                return Ok(((), Forward::none()));
+            };
+            let size = st.st_size as u64;
+            let mut reqs = vec![Request::Truncate {
+                path: path.clone(),
+                size,
+            }];
+            let mut off = 0u64;
+            let mut buf = vec![0u8; 1 << 20];
+            while off < size {
+                let n = sys::pread(rfd.as_fd(), &mut buf, off)?;
+                if n == 0 {
+                    break;
+                }
+                reqs.push(Request::Write {
+                    path: path.clone(),
+                    offset: off,
+                    data: buf[..n].to_vec(),
+                    mtime: None,
+                });
+                off += n as u64;
+            }
+            let st = sys::fstat(rfd.as_fd())?;
+            reqs.push(stamp(path, &st));
+            Ok::<_, io::Error>(((), Forward::of(reqs)))
+        })
     }
 
     pub fn backing_of(&self, fh: u64) -> Option<Arc<fuser::BackingId>> {
@@ -269,7 +320,6 @@ impl Mirror {
             match h.served {
                 Served::Passthrough => io.passthrough = io.passthrough.saturating_sub(1),
                 Served::Cached => io.cached = io.cached.saturating_sub(1),
-                Served::Direct => {}
             }
         }
     }
@@ -325,23 +375,34 @@ impl Mirror {
     ) -> io::Result<(u64, libc::stat)> {
         let p = self.inode(parent)?;
         let cname = name_c(name)?;
-        self.rep.apply(|| {
-            make(p.fd()?.as_fd(), &cname)?;
-            let dst = sys::fstat(p.fd()?.as_fd())?;
-            let st = self.give(p.fd()?.as_fd(), &dst, &cname, who)?;
-            let dst = sys::fstat(p.fd()?.as_fd())?;
-            let (id, st2) = self.enter(parent, p.fd()?.as_fd(), &cname)?;
-            debug_assert_eq!(st.st_ino, st2.st_ino);
-            let fwd = match (self.inodes.path(id), self.inodes.path(parent)) {
-                (Some(path), Some(dir)) => {
-                    let mut reqs = vec![first(path.clone(), &st2)];
-                    reqs.extend(self.created(&path, &st2, dir, &dst));
-                    Forward::of(reqs)
-                }
-                _ => Forward::none(),
+        let pfd = p.fd()?;
+        let d = pfd.as_fd();
+        let mut repair = false;
+        let r = self.rep.apply(|| {
+            make(d, &cname)?;
+            // The entry exists now: a failure from here on leaves the target behind, so it is
+            // repaired from the source.
+            let after = || -> io::Result<((u64, libc::stat), Forward)> {
+                let dst = sys::fstat(d)?;
+                self.give(d, &dst, &cname, who)?;
+                let dst = sys::fstat(d)?;
+                let (id, st) = self.enter(parent, d, &cname)?;
+                let fwd = match (self.inodes.path(id), self.inodes.path(parent)) {
+                    (Some(path), Some(dir)) => {
+                        let mut reqs = vec![first(path.clone(), &st)];
+                        reqs.extend(self.created(&path, &st, dir, &dst));
+                        Forward::of(reqs)
+                    }
+                    _ => Forward::none(),
+                };
+                Ok(((id, st), fwd))
             };
-            Ok::<_, io::Error>(((id, st2), fwd))
-        })
+            after().inspect_err(|_| repair = true)
+        });
+        if repair {
+            self.rep.repair();
+        }
+        r
     }
 
     pub fn mknod(&self, parent: u64, name: &[u8], mode: u32, rdev: u64, who: Caller) -> io::Result<(u64, libc::stat)> {
@@ -405,41 +466,44 @@ impl Mirror {
     ) -> io::Result<(u64, libc::stat, u64)> {
         let p = self.inode(parent)?;
         let cname = name_c(name)?;
+        let pfd = p.fd()?;
+        let d = pfd.as_fd();
         let mut repair = false;
-        let (id, st, fd) = self.rep.apply(|| {
+        let r = self.rep.apply(|| {
             let fd = sys::openat(
-                p.fd()?.as_fd(),
+                d,
                 &cname,
-                open_flags(flags) | libc::O_CREAT | (flags & libc::O_TRUNC),
+                open_flags(flags) | libc::O_CREAT | (flags & (libc::O_TRUNC | libc::O_EXCL)),
                 mode & 0o7777,
             )?;
-            let dst = sys::fstat(p.fd()?.as_fd())?;
-            self.give(p.fd()?.as_fd(), &dst, &cname, who)?;
-            let dst = sys::fstat(p.fd()?.as_fd())?;
-            let (id, st) = self.enter(parent, p.fd()?.as_fd(), &cname)?;
-            let fwd = match (self.inodes.path(id), self.inodes.path(parent)) {
-                // O_CREAT without O_EXCL opened a file made behind the mount's back: a repair
-                // brings it over whole.
-                _ if st.st_size > 0 => {
-                    repair = true;
-                    Forward::none()
-                }
-                (Some(path), Some(dir)) => {
-                    let mut reqs = vec![Request::Create {
-                        path: path.clone(),
-                        perm: st.st_mode & 0o7777,
-                        exclusive: false,
-                    }];
-                    reqs.extend(self.created(&path, &st, dir, &dst));
-                    Forward::of(reqs)
-                }
-                _ => Forward::none(),
+            let after = || -> io::Result<((u64, libc::stat, OwnedFd), Forward)> {
+                let dst = sys::fstat(d)?;
+                self.give(d, &dst, &cname, who)?;
+                let dst = sys::fstat(d)?;
+                let (id, st) = self.enter(parent, d, &cname)?;
+                let fwd = match (self.inodes.path(id), self.inodes.path(parent)) {
+                    // O_CREAT without O_EXCL opened a file made behind the mount's back: a
+                    // repair brings it over whole.
+                    _ if st.st_size > 0 => return Ok(((id, st, fd), Forward::none())).inspect(|_| repair = true),
+                    (Some(path), Some(dir)) => {
+                        let mut reqs = vec![Request::Create {
+                            path: path.clone(),
+                            perm: st.st_mode & 0o7777,
+                            exclusive: false,
+                        }];
+                        reqs.extend(self.created(&path, &st, dir, &dst));
+                        Forward::of(reqs)
+                    }
+                    _ => Forward::none(),
+                };
+                Ok(((id, st, fd), fwd))
             };
-            Ok::<_, io::Error>(((id, st, fd), fwd))
-        })?;
+            after().inspect_err(|_| repair = true)
+        });
         if repair {
             self.rep.repair();
         }
+        let (id, st, fd) = r?;
         let inode = self.inode(id)?;
         inode.io.lock().cached += 1;
         let fh = self.files.insert(FileHandle {
@@ -447,6 +511,7 @@ impl Mirror {
             fd,
             writable: flags & libc::O_ACCMODE != libc::O_RDONLY,
             served: Served::Cached,
+            push_at_close: false,
             backing: None,
         });
         Ok((id, st, fh))
@@ -487,6 +552,7 @@ impl Mirror {
         let cname = name_c(name)?;
         self.rep.apply(|| {
             let path = self.inodes.child_path(parent, name);
+            self.inodes.bump_epoch();
             sys::unlinkat(p.fd()?.as_fd(), &cname, dir)?;
             self.inodes.removed(parent, name);
             let dst = sys::fstat(p.fd()?.as_fd())?;
@@ -512,6 +578,7 @@ impl Mirror {
         self.rep.apply(|| {
             let from = self.inodes.child_path(parent, name);
             let to = self.inodes.child_path(newparent, newname);
+            self.inodes.bump_epoch();
             sys::renameat2(p.fd()?.as_fd(), &cname, np.fd()?.as_fd(), &cnew, flags)?;
             self.inodes
                 .renamed(parent, name, newparent, newname, flags & libc::RENAME_EXCHANGE != 0);
@@ -548,11 +615,13 @@ impl Mirror {
         let n = self.rep.apply(|| {
             let mut done = 0;
             while done < data.len() {
-                let n = sys::pwrite(h.fd.as_fd(), &data[done..], offset + done as u64)?;
-                if n == 0 {
-                    break;
+                match sys::pwrite(h.fd.as_fd(), &data[done..], offset + done as u64) {
+                    Ok(0) => break,
+                    Ok(n) => done += n,
+                    // What was written stays written, is forwarded and is reported (a short write).
+                    Err(_) if done > 0 => break,
+                    Err(e) => return Err(e),
                 }
-                done += n;
             }
             let st = sys::fstat(h.fd.as_fd())?;
             let fwd = match self.inodes.path(h.inode.id) {
@@ -739,6 +808,9 @@ impl Mirror {
     /// everything queued before it), so both disks flush at once; the call returns when both
     /// are durable, with the source's result.
     pub fn fsync(&self, id: u64, fh: Option<u64>, datasync: bool) -> io::Result<()> {
+        if let Some(fh) = fh {
+            self.push(fh)?;
+        }
         let inode = self.inode(id)?;
         let fd = match fh.and_then(|f| self.files.get(f)) {
             Some(h) => h.fd.try_clone()?,

@@ -137,10 +137,8 @@ fn xattr(reply: ReplyXattr, size: u32, f: impl FnOnce(&mut [u8]) -> io::Result<u
 impl fuser::Filesystem for Ops {
     fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> io::Result<()> {
         let _ = config.set_max_write(MAX_WRITE);
-        let wanted = InitFlags::FUSE_DO_READDIRPLUS
-            | InitFlags::FUSE_READDIRPLUS_AUTO
-            | InitFlags::FUSE_PARALLEL_DIROPS
-            | InitFlags::FUSE_EXPORT_SUPPORT;
+        let wanted =
+            InitFlags::FUSE_DO_READDIRPLUS | InitFlags::FUSE_READDIRPLUS_AUTO | InitFlags::FUSE_PARALLEL_DIROPS;
         let _ = config.add_capabilities(wanted & config.capabilities());
         if self.want_passthrough {
             match config.add_capabilities(InitFlags::FUSE_PASSTHROUGH) {
@@ -282,7 +280,6 @@ impl fuser::Filesystem for Ops {
                 Some(b) => reply.opened_passthrough(FileHandle(fh), FopenFlags::empty(), &b),
                 None => reply.opened(FileHandle(fh), FopenFlags::empty()),
             },
-            Ok((fh, Served::Direct)) => reply.opened(FileHandle(fh), FopenFlags::FOPEN_DIRECT_IO),
             Ok((fh, Served::Cached)) => reply.opened(FileHandle(fh), FopenFlags::empty()),
             Err(e) => reply.error(errno(e)),
         }
@@ -323,8 +320,8 @@ impl fuser::Filesystem for Ops {
         }
     }
 
-    fn flush(&self, _req: &Request, _ino: INodeNo, _fh: FileHandle, _lock_owner: LockOwner, reply: ReplyEmpty) {
-        reply.ok()
+    fn flush(&self, _req: &Request, _ino: INodeNo, fh: FileHandle, _lock_owner: LockOwner, reply: ReplyEmpty) {
+        empty(reply, self.m.push(fh.0))
     }
 
     fn release(
@@ -337,8 +334,9 @@ impl fuser::Filesystem for Ops {
         _flush: bool,
         reply: ReplyEmpty,
     ) {
+        let pushed = self.m.push(fh.0);
         self.m.release(fh.0);
-        reply.ok()
+        empty(reply, pushed)
     }
 
     fn fsync(&self, _req: &Request, ino: INodeNo, fh: FileHandle, datasync: bool, reply: ReplyEmpty) {

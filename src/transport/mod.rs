@@ -121,17 +121,32 @@ impl Stream for std::net::TcpStream {
     }
 }
 
+/// How an in-process target runs (see `local`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LocalMode {
+    /// Applied by the submitting thread: for the mount's single operations.
+    Inline,
+    /// Applied by a worker thread: for bulk reconciles.
+    Threaded,
+}
+
 /// Opens a target: a local directory gets an in-process `LocalTarget` (requests move to it as
 /// values), anything else a connection.
 pub fn open_target(
     ep: &Endpoint,
     token_file: Option<&Path>,
     timeout: Option<Duration>,
+    local: LocalMode,
 ) -> Result<std::sync::Arc<dyn crate::rpc::Rpc>, TransportError> {
     if let Endpoint::Local(dir) = ep {
         let fs = crate::fs::LocalFs::new(dir).map_err(|e| TransportError::Io(format!("target: {e}")))?;
-        let t =
-            local::LocalTarget::start(std::sync::Arc::new(fs)).map_err(|e| TransportError::io("start target", e))?;
+        let fs: std::sync::Arc<dyn crate::fs::FileSystem> = std::sync::Arc::new(fs);
+        let t = match local {
+            LocalMode::Inline => local::LocalTarget::inline(fs),
+            LocalMode::Threaded => {
+                local::LocalTarget::threaded(fs).map_err(|e| TransportError::io("start target", e))?
+            }
+        };
         return Ok(std::sync::Arc::new(t));
     }
     Ok(std::sync::Arc::new(connect(ep, token_file, timeout)?))
