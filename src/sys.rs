@@ -398,39 +398,7 @@ pub fn lremovexattr(dir: BorrowedFd<'_>, name: &[u8], attr: &[u8]) -> io::Result
 
 /// Lists the names in the directory `fd` (without `.` and `..`). The fd must be opened for reading.
 pub fn read_dir_names(fd: OwnedFd) -> io::Result<Vec<Vec<u8>>> {
-    use std::os::fd::IntoRawFd;
-    let raw = fd.into_raw_fd();
-    // SAFETY: `raw` is an open directory fd we own; fdopendir takes it over on success.
-    let dir = unsafe { libc::fdopendir(raw) };
-    if dir.is_null() {
-        let e = io::Error::last_os_error();
-        // SAFETY: fdopendir failed, so we still own `raw` and close it once.
-        unsafe { libc::close(raw) };
-        return Err(e);
-    }
-    let mut names = Vec::new();
-    let result = loop {
-        // SAFETY: errno is thread-local; reset so a NULL from readdir can be told apart.
-        unsafe { *libc::__errno_location() = 0 };
-        // SAFETY: `dir` is a valid DIR* until closedir below.
-        let ent = unsafe { libc::readdir64(dir) };
-        if ent.is_null() {
-            let e = io::Error::last_os_error();
-            break if e.raw_os_error().unwrap_or(0) == 0 {
-                Ok(())
-            } else {
-                Err(e)
-            };
-        }
-        // SAFETY: readdir returned a valid dirent whose d_name is NUL-terminated.
-        let name = unsafe { CStr::from_ptr((*ent).d_name.as_ptr()) }.to_bytes();
-        if name != b"." && name != b".." {
-            names.push(name.to_vec());
-        }
-    };
-    // SAFETY: `dir` came from fdopendir and is closed exactly once.
-    unsafe { libc::closedir(dir) };
-    result.map(|()| names)
+    Ok(read_dir_entries(fd)?.into_iter().map(|e| e.name).collect())
 }
 
 /// A read-only memory map of a whole file, unmapped on drop. Used for the rsync basis on the

@@ -363,23 +363,24 @@ impl Mirror {
         ]
     }
 
-    /// Shared by mknod, mkdir and symlink: `make` creates `name` in the parent's fd; `first` is
-    /// the request that creates it on the target.
-    fn make(
+    /// Shared by create, mknod, mkdir and symlink: `make` creates `name` in the parent's fd and
+    /// returns what the caller keeps (an open fd for create); `first` is the request that creates
+    /// it on the target, or `None` when the entry must come over by a repair instead.
+    fn make<T>(
         &self,
         parent: u64,
         name: &[u8],
         who: Caller,
-        make: impl FnOnce(BorrowedFd<'_>, &CString) -> io::Result<()>,
-        first: impl FnOnce(RelPath, &libc::stat) -> Request,
-    ) -> io::Result<(u64, libc::stat)> {
+        make: impl FnOnce(BorrowedFd<'_>, &CString) -> io::Result<T>,
+        first: impl FnOnce(RelPath, &libc::stat) -> Option<Request>,
+    ) -> io::Result<(u64, libc::stat, T)> {
         let p = self.inode(parent)?;
         let cname = name_c(name)?;
         let pfd = p.fd()?;
         let d = pfd.as_fd();
         let mut repair = false;
         let r = self.rep.apply(|| {
-            make(d, &cname)?;
+            let made = make(d, &cname)?;
             // The entry exists now: a failure from here on leaves the target behind, so it is
             // repaired from the source.
             let after = || -> io::Result<((u64, libc::stat), Forward)> {
@@ -388,16 +389,26 @@ impl Mirror {
                 let dst = sys::fstat(d)?;
                 let (id, st) = self.enter(parent, d, &cname)?;
                 let fwd = match (self.inodes.path(id), self.inodes.path(parent)) {
-                    (Some(path), Some(dir)) => {
-                        let mut reqs = vec![first(path.clone(), &st)];
-                        reqs.extend(self.created(&path, &st, dir, &dst));
-                        Forward::of(reqs)
-                    }
+                    (Some(path), Some(dir)) => match first(path.clone(), &st) {
+                        Some(req) => {
+                            let mut reqs = vec![req];
+                            reqs.extend(self.created(&path, &st, dir, &dst));
+                            Forward::of(reqs)
+                        }
+                        None => {
+                            repair = true;
+                            Forward::none()
+                        }
+                    },
                     _ => Forward::none(),
                 };
                 Ok(((id, st), fwd))
             };
-            after().inspect_err(|_| repair = true)
+            let r = after();
+            if r.is_err() {
+                repair = true;
+            }
+            r.map(|((id, st), fwd)| ((id, st, made), fwd))
         });
         if repair {
             self.rep.repair();
@@ -412,20 +423,23 @@ impl Mirror {
             name,
             who,
             |d, n| sys::mknodat(d, n, mode, rdev),
-            |path, st| match kind {
-                Kind::File => Request::Create {
-                    path,
-                    perm: st.st_mode & 0o7777,
-                    exclusive: true,
-                },
-                _ => Request::Mknod {
-                    path,
-                    kind,
-                    perm: st.st_mode & 0o7777,
-                    rdev: st.st_rdev,
-                },
+            |path, st| {
+                Some(match kind {
+                    Kind::File => Request::Create {
+                        path,
+                        perm: st.st_mode & 0o7777,
+                        exclusive: true,
+                    },
+                    _ => Request::Mknod {
+                        path,
+                        kind,
+                        perm: st.st_mode & 0o7777,
+                        rdev: st.st_rdev,
+                    },
+                })
             },
         )
+        .map(|(id, st, ())| (id, st))
     }
 
     pub fn mkdir(&self, parent: u64, name: &[u8], mode: u32, who: Caller) -> io::Result<(u64, libc::stat)> {
@@ -434,11 +448,14 @@ impl Mirror {
             name,
             who,
             |d, n| sys::mkdirat(d, n, mode & 0o7777),
-            |path, st| Request::Mkdir {
-                path,
-                perm: st.st_mode & 0o7777,
+            |path, st| {
+                Some(Request::Mkdir {
+                    path,
+                    perm: st.st_mode & 0o7777,
+                })
             },
         )
+        .map(|(id, st, ())| (id, st))
     }
 
     pub fn symlink(&self, parent: u64, name: &[u8], target: &[u8], who: Caller) -> io::Result<(u64, libc::stat)> {
@@ -448,11 +465,14 @@ impl Mirror {
             name,
             who,
             |d, n| sys::symlinkat(&t, d, n),
-            |path, _| Request::Symlink {
-                path,
-                target: target.to_vec(),
+            |path, _| {
+                Some(Request::Symlink {
+                    path,
+                    target: target.to_vec(),
+                })
             },
         )
+        .map(|(id, st, ())| (id, st))
     }
 
     /// Creates and opens a regular file (`open` with `O_CREAT`).
@@ -464,46 +484,22 @@ impl Mirror {
         flags: i32,
         who: Caller,
     ) -> io::Result<(u64, libc::stat, u64)> {
-        let p = self.inode(parent)?;
-        let cname = name_c(name)?;
-        let pfd = p.fd()?;
-        let d = pfd.as_fd();
-        let mut repair = false;
-        let r = self.rep.apply(|| {
-            let fd = sys::openat(
-                d,
-                &cname,
-                open_flags(flags) | libc::O_CREAT | (flags & (libc::O_TRUNC | libc::O_EXCL)),
-                mode & 0o7777,
-            )?;
-            let after = || -> io::Result<((u64, libc::stat, OwnedFd), Forward)> {
-                let dst = sys::fstat(d)?;
-                self.give(d, &dst, &cname, who)?;
-                let dst = sys::fstat(d)?;
-                let (id, st) = self.enter(parent, d, &cname)?;
-                let fwd = match (self.inodes.path(id), self.inodes.path(parent)) {
-                    // O_CREAT without O_EXCL opened a file made behind the mount's back: a
-                    // repair brings it over whole.
-                    _ if st.st_size > 0 => return Ok(((id, st, fd), Forward::none())).inspect(|_| repair = true),
-                    (Some(path), Some(dir)) => {
-                        let mut reqs = vec![Request::Create {
-                            path: path.clone(),
-                            perm: st.st_mode & 0o7777,
-                            exclusive: false,
-                        }];
-                        reqs.extend(self.created(&path, &st, dir, &dst));
-                        Forward::of(reqs)
-                    }
-                    _ => Forward::none(),
-                };
-                Ok(((id, st, fd), fwd))
-            };
-            after().inspect_err(|_| repair = true)
-        });
-        if repair {
-            self.rep.repair();
-        }
-        let (id, st, fd) = r?;
+        let open = open_flags(flags) | libc::O_CREAT | (flags & (libc::O_TRUNC | libc::O_EXCL));
+        let (id, st, fd) = self.make(
+            parent,
+            name,
+            who,
+            |d, n| sys::openat(d, n, open, mode & 0o7777),
+            // O_CREAT without O_EXCL opened a file made behind the mount's back: a repair brings
+            // it over whole.
+            |path, st| {
+                (st.st_size == 0).then(|| Request::Create {
+                    path,
+                    perm: st.st_mode & 0o7777,
+                    exclusive: false,
+                })
+            },
+        )?;
         let inode = self.inode(id)?;
         inode.io.lock().cached += 1;
         let fh = self.files.insert(FileHandle {
