@@ -487,19 +487,35 @@ mod tests {
     }
 
     #[test]
-    fn a_second_lookup_of_a_hard_link_gives_the_same_id_and_a_live_place() {
+    fn a_hard_link_keeps_its_other_names() {
         let t = table();
         let (fd, st) = fake(40);
         let a = t.found(ROOT, b"a", fd, &st);
         let (fd, st) = fake(40);
         let b = t.found(ROOT, b"b", fd, &st);
-        assert_eq!(a, b);
-        t.removed(ROOT, b"b");
-        assert!(t.path(a).is_none());
+        assert_eq!(a, b, "one inode, one id");
+        t.removed(ROOT, b"a");
+        assert_eq!(t.path(a).unwrap().as_bytes(), b"b", "the other name is left");
+        t.renamed(ROOT, b"b", ROOT, b"c", false);
+        assert_eq!(t.path(a).unwrap().as_bytes(), b"c");
+        t.removed(ROOT, b"c");
+        assert!(t.path(a).is_none(), "no name left");
         let (fd, st) = fake(40);
-        t.found(ROOT, b"a", fd, &st);
-        assert_eq!(t.path(a).unwrap().as_bytes(), b"a");
+        t.found(ROOT, b"d", fd, &st);
+        assert_eq!(t.path(a).unwrap().as_bytes(), b"d", "a new lookup gives it a name again");
         t.forget(a, 3);
         assert_eq!(t.len(), 1);
+    }
+
+    #[test]
+    fn a_lookup_that_raced_a_rename_is_refused() {
+        let t = table();
+        let epoch = t.epoch();
+        t.bump_epoch();
+        let (fd, st) = fake(50);
+        assert!(t.found_at(epoch, ROOT, b"x", fd, &st).is_none());
+        assert_eq!(t.len(), 1, "nothing recorded");
+        let (fd, st) = fake(50);
+        assert!(t.found_at(t.epoch(), ROOT, b"x", fd, &st).is_some());
     }
 }
