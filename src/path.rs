@@ -156,7 +156,7 @@ impl Ord for RelPath {
     /// of a component) sorts before everything, which is exactly comparing component lists.
     fn cmp(&self, other: &Self) -> Ordering {
         let (a, b) = (&self.0, &other.0);
-        match a.iter().zip(b.iter()).position(|(x, y)| x != y) {
+        match first_difference(a, b) {
             Some(i) => {
                 let key = |c: u8| if c == b'/' { 0 } else { c };
                 key(a[i]).cmp(&key(b[i]))
@@ -164,6 +164,19 @@ impl Ord for RelPath {
             None => a.len().cmp(&b.len()),
         }
     }
+}
+
+/// The first index where `a` and `b` differ, comparing eight bytes at a time.
+fn first_difference(a: &[u8], b: &[u8]) -> Option<usize> {
+    let n = a.len().min(b.len());
+    let mut i = 0;
+    while i + 8 <= n {
+        if a[i..i + 8] != b[i..i + 8] {
+            break;
+        }
+        i += 8;
+    }
+    (i..n).find(|&j| a[j] != b[j])
 }
 
 impl PartialOrd for RelPath {

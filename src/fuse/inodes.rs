@@ -502,7 +502,11 @@ mod tests {
         assert!(t.path(a).is_none(), "no name left");
         let (fd, st) = fake(40);
         t.found(ROOT, b"d", fd, &st);
-        assert_eq!(t.path(a).unwrap().as_bytes(), b"d", "a new lookup gives it a name again");
+        assert_eq!(
+            t.path(a).unwrap().as_bytes(),
+            b"d",
+            "a new lookup gives it a name again"
+        );
         t.forget(a, 3);
         assert_eq!(t.len(), 1);
     }

@@ -77,16 +77,14 @@ pub fn scan(fs: &dyn FileSystem, root: &RelPath, opts: ScanOptions) -> Result<Sn
     }
     let xattrs = fs.xattrs(root)?;
     let mut snap = Snapshot::default();
-    snap.entries.insert(
-        RelPath::root(),
-        Entry {
-            path: RelPath::root(),
-            meta,
-            link: None,
-            xattrs,
-            hash: None,
-        },
-    );
+    // Collected first and sorted once at the end: cheaper than keeping a map in order throughout.
+    let mut found = vec![Entry {
+        path: RelPath::root(),
+        meta,
+        link: None,
+        xattrs,
+        hash: None,
+    }];
     let mut stack = vec![RelPath::root()];
     while let Some(dir) = stack.pop() {
         let full = root.join_rel(&dir);
@@ -117,17 +115,16 @@ pub fn scan(fs: &dyn FileSystem, root: &RelPath, opts: ScanOptions) -> Result<Sn
             if de.meta.kind == Kind::Dir {
                 stack.push(path.clone());
             }
-            snap.entries.insert(
-                path.clone(),
-                Entry {
-                    path,
-                    meta: de.meta,
-                    link: de.link,
-                    xattrs: de.xattrs,
-                    hash,
-                },
-            );
+            found.push(Entry {
+                path,
+                meta: de.meta,
+                link: de.link,
+                xattrs: de.xattrs,
+                hash,
+            });
         }
     }
+    found.sort_unstable_by(|a, b| a.path.cmp(&b.path));
+    snap.entries = found.into_iter().map(|e| (e.path.clone(), e)).collect();
     Ok(snap)
 }
