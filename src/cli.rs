@@ -30,6 +30,21 @@ pub enum Command {
     Mount(MountArgs),
     /// Unmount a mirrorfs mount; the daemon finishes and exits.
     Umount(UmountArgs),
+    /// Reconcile, then watch SRC (inotify, no FUSE needed) and keep the target mirrored until
+    /// SIGINT or SIGTERM.
+    Watch(WatchArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct WatchArgs {
+    #[command(flatten)]
+    pub target: TargetArgs,
+    /// Quiet time, in milliseconds, after the last event of a burst before reconciling.
+    #[arg(long, default_value_t = 20, value_parser = clap::value_parser!(u64).range(0..=60_000))]
+    pub debounce_ms: u64,
+    /// Allow an empty source to empty a non-empty target.
+    #[arg(long)]
+    pub allow_mass_delete: bool,
 }
 
 #[derive(Args, Debug, Clone)]

@@ -2,7 +2,7 @@
 //! the replication core: the `FileSystem` interface (`fs`), validated paths (`path`), the wire
 //! protocol (`protocol`), transports (`transport`), the target that applies requests (`target`),
 //! reconcile (`reconcile`: scan, pure plan, apply), the source side (`source`, with the
-//! mount's `Replicator`), the FUSE mount (`fuse`) and the mount daemon's start (`daemon`).
+//! mount's `Replicator`), the FUSE mount (`fuse`), the mount daemon's start (`daemon`) and watch mode (`watch`).
 
 pub mod cli;
 pub mod daemon;
@@ -17,6 +17,7 @@ pub mod source;
 pub mod sys;
 pub mod target;
 pub mod transport;
+pub mod watch;
 
 pub use fs::{FileSystem, LocalFs, MemFs};
 pub use path::RelPath;

@@ -3,7 +3,7 @@
 //! 23 sync finished with per-path problems, as rsync's "partial transfer").
 
 use clap::Parser;
-use mirrorfs::cli::{self, Cli, Command, MountArgs, ServeArgs, SyncArgs, TargetArgs, UmountArgs};
+use mirrorfs::cli::{self, Cli, Command, MountArgs, ServeArgs, SyncArgs, TargetArgs, UmountArgs, WatchArgs};
 use mirrorfs::transport::{self, server::Listen};
 use mirrorfs::{LocalFs, RelPath, ReplicatorSource, SyncOptions};
 use std::process::ExitCode;
@@ -12,7 +12,7 @@ use std::sync::Arc;
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let default_level = match cli.command {
-        Command::Serve(_) | Command::Mount(_) => "info,fuser::session=error",
+        Command::Serve(_) | Command::Mount(_) | Command::Watch(_) => "info,fuser::session=error",
         _ => "warn",
     };
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or(default_level)).init();
@@ -22,6 +22,7 @@ fn main() -> ExitCode {
         Command::Serve(a) => serve(a),
         Command::Mount(a) => mount(a),
         Command::Umount(a) => umount(a),
+        Command::Watch(a) => watch(a),
     };
     match r {
         Ok(code) => code,
@@ -272,5 +273,35 @@ fn umount(a: UmountArgs) -> Result<ExitCode, String> {
             format!("unmount {}: {e}", a.path.display())
         }
     })?;
+    Ok(ExitCode::SUCCESS)
+}
+
+fn watch(a: WatchArgs) -> Result<ExitCode, String> {
+    use mirrorfs::watch::{self, WatchOptions};
+    let (fs, client) = connect(&a.target)?;
+    let src = cli::check_source(&a.target.src)?;
+    let opts = SyncOptions {
+        checksum: false,
+        allow_mass_delete: a.allow_mass_delete,
+        progress: !a.target.quiet,
+    };
+    let source = ReplicatorSource::with_options(fs, RelPath::root(), client, opts).map_err(|e| e.to_string())?;
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    for sig in [signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT] {
+        signal_hook::flag::register(sig, stop.clone()).map_err(|e| format!("signals: {e}"))?;
+    }
+    let wopts = WatchOptions {
+        debounce: std::time::Duration::from_millis(a.debounce_ms),
+        ..WatchOptions::default()
+    };
+    log::info!("watching {}", src.display());
+    let stats = watch::run(&source, &src, wopts, &stop).map_err(|e| e.to_string())?;
+    log::info!(
+        "stopped watching {}: {} events, {} reconciles, {} full rescans",
+        src.display(),
+        stats.events,
+        stats.reconciles,
+        stats.rescans
+    );
     Ok(ExitCode::SUCCESS)
 }
