@@ -92,6 +92,7 @@ pub fn run<R: Rpc>(
     }
     // Anything that changed while the watches were being set up.
     source.reconcile()?;
+    crate::sys::release_free_memory();
     let mut stats = WatchStats::default();
     loop {
         let wake = next_wake(&rx, &opts, stop, periodic);
@@ -109,6 +110,7 @@ pub fn run<R: Rpc>(
         if r.ops > 0 {
             log::debug!("reconciled: {} operations", r.ops);
         }
+        crate::sys::release_free_memory();
     }
 }
 
@@ -166,6 +168,9 @@ fn next_wake(
             Err(RecvTimeoutError::Disconnected) => return Wake::Rescan,
         }
     };
+    if let Ok(e) = &first {
+        log::debug!("woken by {:?} on {:?}", e.kind, e.paths.first());
+    }
     let mut rescan = is_rescan(&first);
     let mut n = 1;
     let burst = Instant::now();
