@@ -543,39 +543,61 @@ impl Mirror {
 
     // ---- Removing and moving ----
 
+    /// A stamp of `path` with the mtime of what `fd` refers to; when that cannot be read (the
+    /// change itself already happened), `repair` is set instead.
+    fn stamp_or_repair(&self, path: RelPath, st: io::Result<libc::stat>, repair: &mut bool) -> Option<Request> {
+        match st {
+            Ok(st) => Some(stamp(path, &st)),
+            Err(e) => {
+                log::warn!("stat after a change of {path}: {e}; repairing instead");
+                *repair = true;
+                None
+            }
+        }
+    }
+
     pub fn unlink(&self, parent: u64, name: &[u8], dir: bool) -> io::Result<()> {
         let p = self.inode(parent)?;
         let cname = name_c(name)?;
-        self.rep.apply(|| {
+        let pfd = p.fd()?;
+        let mut repair = false;
+        let r = self.rep.apply(|| {
             let path = self.inodes.child_path(parent, name);
             self.inodes.bump_epoch();
-            sys::unlinkat(p.fd()?.as_fd(), &cname, dir)?;
+            sys::unlinkat(pfd.as_fd(), &cname, dir)?;
             self.inodes.removed(parent, name);
-            let dst = sys::fstat(p.fd()?.as_fd())?;
             let fwd = match (path, self.inodes.path(parent)) {
-                (Some(path), Some(d)) => Forward::of(vec![
-                    if dir {
+                (Some(path), Some(d)) => {
+                    let mut reqs = vec![if dir {
                         Request::Rmdir { path }
                     } else {
                         Request::Unlink { path }
-                    },
-                    stamp(d, &dst),
-                ]),
+                    }];
+                    reqs.extend(self.stamp_or_repair(d, sys::fstat(pfd.as_fd()), &mut repair));
+                    Forward::of(reqs)
+                }
                 _ => Forward::none(),
             };
             Ok::<_, io::Error>(((), fwd))
-        })
+        });
+        if repair {
+            self.rep.repair();
+        }
+        r
     }
 
     pub fn rename(&self, parent: u64, name: &[u8], newparent: u64, newname: &[u8], flags: u32) -> io::Result<()> {
         let p = self.inode(parent)?;
         let np = self.inode(newparent)?;
         let (cname, cnew) = (name_c(name)?, name_c(newname)?);
-        self.rep.apply(|| {
+        let (pfd, npfd) = (p.fd()?, np.fd()?);
+        let (d, nd) = (pfd.as_fd(), npfd.as_fd());
+        let mut repair = false;
+        let r = self.rep.apply(|| {
             let from = self.inodes.child_path(parent, name);
             let to = self.inodes.child_path(newparent, newname);
             self.inodes.bump_epoch();
-            sys::renameat2(p.fd()?.as_fd(), &cname, np.fd()?.as_fd(), &cnew, flags)?;
+            sys::renameat2(d, &cname, nd, &cnew, flags)?;
             self.inodes
                 .renamed(parent, name, newparent, newname, flags & libc::RENAME_EXCHANGE != 0);
             let (Some(from), Some(to)) = (from, to) else {
@@ -587,20 +609,24 @@ impl Mirror {
                 flags,
             }];
             // The moved entries' own mtimes (a directory's ".." changed), then their directories'.
-            reqs.push(stamp(to.clone(), &sys::fstatat(np.fd()?.as_fd(), &cnew, false)?));
+            reqs.extend(self.stamp_or_repair(to.clone(), sys::fstatat(nd, &cnew, false), &mut repair));
             if flags & libc::RENAME_EXCHANGE != 0 {
-                reqs.push(stamp(from.clone(), &sys::fstatat(p.fd()?.as_fd(), &cname, false)?));
+                reqs.extend(self.stamp_or_repair(from.clone(), sys::fstatat(d, &cname, false), &mut repair));
             }
-            if let Some(d) = from.parent() {
-                reqs.push(stamp(d, &sys::fstat(p.fd()?.as_fd())?));
+            if let Some(dir) = from.parent() {
+                reqs.extend(self.stamp_or_repair(dir, sys::fstat(d), &mut repair));
             }
             if parent != newparent {
-                if let Some(d) = to.parent() {
-                    reqs.push(stamp(d, &sys::fstat(np.fd()?.as_fd())?));
+                if let Some(dir) = to.parent() {
+                    reqs.extend(self.stamp_or_repair(dir, sys::fstat(nd), &mut repair));
                 }
             }
             Ok::<_, io::Error>(((), Forward::of(reqs)))
-        })
+        });
+        if repair {
+            self.rep.repair();
+        }
+        r
     }
 
     // ---- Changing content ----
@@ -714,20 +740,36 @@ impl Mirror {
             Some(fh) => self.files.get(fh),
             None => None,
         };
-        self.rep.apply(|| {
+        let mut repair = false;
+        let r = self.rep.apply(|| {
             let ifd = inode.fd()?;
             let fd = ifd.as_fd();
-            if let Some(size) = a.size {
-                match &handle {
-                    Some(h) if h.writable => sys::ftruncate(h.fd.as_fd(), size)?,
-                    _ => sys::ftruncate(sys::reopen(fd, libc::O_WRONLY)?.as_fd(), size)?,
+            // Steps after the first that succeeded leave the source changed if they fail: the
+            // target is then repaired from it.
+            let mut changed = false;
+            let mut step = |r: io::Result<()>| -> io::Result<()> {
+                match r {
+                    Ok(()) => {
+                        changed = true;
+                        Ok(())
+                    }
+                    Err(e) => {
+                        repair |= changed;
+                        Err(e)
+                    }
                 }
+            };
+            if let Some(size) = a.size {
+                step(match &handle {
+                    Some(h) if h.writable => sys::ftruncate(h.fd.as_fd(), size),
+                    _ => sys::reopen(fd, libc::O_WRONLY).and_then(|w| sys::ftruncate(w.as_fd(), size)),
+                })?;
             }
             if a.uid.is_some() || a.gid.is_some() {
-                sys::fchown_fd(fd, a.uid.unwrap_or(u32::MAX), a.gid.unwrap_or(u32::MAX))?;
+                step(sys::fchown_fd(fd, a.uid.unwrap_or(u32::MAX), a.gid.unwrap_or(u32::MAX)))?;
             }
             if let Some(mode) = a.mode {
-                sys::chmod_opath(fd, mode & 0o7777)?;
+                step(sys::chmod_opath(fd, mode & 0o7777))?;
             }
             let ts = |t: Option<NewTime>| match t {
                 None => TimeSet::Omit,
@@ -735,9 +777,9 @@ impl Mirror {
                 Some(NewTime::At(t)) => TimeSet::At(t.sec, t.nsec),
             };
             if a.atime.is_some() || a.mtime.is_some() {
-                sys::utimens_fd(fd, ts(a.atime), ts(a.mtime))?;
+                step(sys::utimens_fd(fd, ts(a.atime), ts(a.mtime)))?;
             }
-            let st = sys::fstat(fd)?;
+            let st = sys::fstat(fd).inspect_err(|_| repair |= changed)?;
             let Some(path) = self.inodes.path(id) else {
                 return Ok((st, Forward::none()));
             };
@@ -764,7 +806,11 @@ impl Mirror {
                 mtime: SetTime::At(mtime_of(&st)),
             });
             Ok::<_, io::Error>((st, Forward::of(reqs)))
-        })
+        });
+        if repair {
+            self.rep.repair();
+        }
+        r
     }
 
     pub fn setxattr(&self, id: u64, name: &[u8], value: &[u8], flags: i32) -> io::Result<()> {
