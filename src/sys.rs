@@ -484,12 +484,7 @@ pub fn copy_file_range(
     dst_off: u64,
     len: usize,
 ) -> io::Result<usize> {
-    let mut so = src_off as libc::loff_t;
-    let mut d = dst_off as libc::loff_t;
-    // SAFETY: the offsets are valid locals the kernel updates; fds are open.
-    check_size(
-        unsafe { libc::copy_file_range(src.as_raw_fd(), &mut so, dst.as_raw_fd(), &mut d, len, 0) } as libc::ssize_t,
-    )
+    copy_file_range_flags(src, src_off, dst, dst_off, len, 0)
 }
 
 // ---- Calls used by the FUSE mount (`fuse/`) ----

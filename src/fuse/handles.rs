@@ -64,12 +64,4 @@ impl<T> Handles<T> {
     pub fn remove(&self, id: u64) -> Option<Arc<T>> {
         self.map.lock().remove(&id)
     }
-
-    pub fn len(&self) -> usize {
-        self.map.lock().len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
 }

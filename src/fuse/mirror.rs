@@ -212,13 +212,14 @@ impl Mirror {
     // ---- Opening files ----
 
     /// Opens inode `id` with the caller's `flags`. `backing` registers an fd for kernel
-    /// passthrough; it is asked only for read-only opens of inodes with no cached open.
+    /// passthrough; it is asked only for read-only opens of inodes with no cached open. The
+    /// backing id comes back when the kernel is to serve the open by passthrough.
     pub fn open(
         &self,
         id: u64,
         flags: i32,
         backing: impl FnOnce(&OwnedFd) -> io::Result<fuser::BackingId>,
-    ) -> io::Result<(u64, Served)> {
+    ) -> io::Result<(u64, Option<Arc<fuser::BackingId>>)> {
         let inode = self.inode(id)?;
         let fd = sys::reopen(inode.fd()?.as_fd(), open_flags(flags))?;
         let writable = flags & libc::O_ACCMODE != libc::O_RDONLY;
@@ -269,7 +270,7 @@ impl Mirror {
             push_at_close,
             backing: held.clone(),
         });
-        Ok((fh, served))
+        Ok((fh, held))
     }
 
     /// Sends the whole file behind a passthrough writer to the target (see `push_at_close`).
@@ -308,10 +309,6 @@ impl Mirror {
             reqs.push(stamp(path, &st));
             Ok::<_, io::Error>(((), Forward::of(reqs)))
         })
-    }
-
-    pub fn backing_of(&self, fh: u64) -> Option<Arc<fuser::BackingId>> {
-        self.files.get(fh).and_then(|h| h.backing.clone())
     }
 
     pub fn release(&self, fh: u64) {

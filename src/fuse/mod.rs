@@ -118,8 +118,6 @@ pub fn open_root(src: &Path) -> io::Result<(OwnedFd, libc::stat)> {
 /// A live mount. `run` serves until the filesystem is unmounted.
 pub struct Mounted {
     session: fuser::Session<ops::Ops>,
-    mirror: Arc<Mirror>,
-    mountpoint: PathBuf,
 }
 
 /// Mounts `root` (opened with `open_root` before) at the mountpoint, replicating through `rep`.
@@ -145,7 +143,7 @@ pub fn mount(
     let inodes = inodes::Inodes::new(root, root_st, budget).map_err(MountError::Root)?;
     let mirror = Arc::new(Mirror::new(inodes, rep));
     let ops = ops::Ops {
-        m: mirror.clone(),
+        m: mirror,
         want_passthrough: cfg.passthrough,
     };
     let mut config = fuser::Config::default();
@@ -163,22 +161,10 @@ pub fn mount(
     config.clone_fd = true;
     let session = fuser::Session::new(ops, &cfg.mountpoint, &config)
         .map_err(|e| MountError::Mount(cfg.mountpoint.display().to_string(), e))?;
-    Ok(Mounted {
-        session,
-        mirror,
-        mountpoint: cfg.mountpoint.clone(),
-    })
+    Ok(Mounted { session })
 }
 
 impl Mounted {
-    pub fn mountpoint(&self) -> &Path {
-        &self.mountpoint
-    }
-
-    pub fn mirror(&self) -> Arc<Mirror> {
-        self.mirror.clone()
-    }
-
     /// Serves requests until the filesystem is unmounted; then every acknowledged operation is
     /// on the target.
     pub fn run(self) -> io::Result<()> {

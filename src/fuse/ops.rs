@@ -1,7 +1,6 @@
 //! The FUSE adapter: `fuser::Filesystem` for `Mirror`. Each handler only converts the kernel's
 //! arguments, calls `Mirror`, and turns the result into a reply; no decision is made here.
 
-use super::handles::Served;
 use super::inodes::ROOT;
 use super::mirror::{Caller, Mirror, NewTime, SetAttrs};
 use crate::fs::Time;
@@ -274,13 +273,9 @@ impl fuser::Filesystem for Ops {
     }
 
     fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
-        let r = self.m.open(ino.0, flags.0, |fd| reply.open_backing(fd));
-        match r {
-            Ok((fh, Served::Passthrough)) => match self.m.backing_of(fh) {
-                Some(b) => reply.opened_passthrough(FileHandle(fh), FopenFlags::empty(), &b),
-                None => reply.opened(FileHandle(fh), FopenFlags::empty()),
-            },
-            Ok((fh, Served::Cached)) => reply.opened(FileHandle(fh), FopenFlags::empty()),
+        match self.m.open(ino.0, flags.0, |fd| reply.open_backing(fd)) {
+            Ok((fh, Some(b))) => reply.opened_passthrough(FileHandle(fh), FopenFlags::empty(), &b),
+            Ok((fh, None)) => reply.opened(FileHandle(fh), FopenFlags::empty()),
             Err(e) => reply.error(errno(e)),
         }
     }

@@ -50,9 +50,9 @@ pub struct Replicator<R: Rpc> {
 }
 
 /// Requests queued by `start`, to be waited for by `finish`.
-pub struct Ticket(Vec<(Pending, String)>);
+pub struct Ticket(Vec<(Pending, &'static str)>);
 
-/// The requests one source operation produced, and the paths they touch.
+/// The requests one source operation produced, to be applied on the target in this order.
 pub struct Forward {
     pub requests: Vec<Request>,
 }
@@ -117,14 +117,7 @@ impl<R: Rpc> Replicator<R> {
             self.note_unforwarded(&fwd.requests);
             return Ok(value);
         }
-        let pending: Vec<(Pending, String)> = fwd
-            .requests
-            .into_iter()
-            .map(|r| {
-                let what = describe(&r);
-                (self.source.rpc().submit(r), what)
-            })
-            .collect();
+        let pending = self.queue(fwd);
         drop(guard);
         self.settle(pending);
         Ok(value)
@@ -137,15 +130,19 @@ impl<R: Rpc> Replicator<R> {
         if self.lost.load(Ordering::Relaxed) {
             return Ticket(Vec::new());
         }
-        Ticket(
-            fwd.requests
-                .into_iter()
-                .map(|r| {
-                    let what = describe(&r);
-                    (self.source.rpc().submit(r), what)
-                })
-                .collect(),
-        )
+        Ticket(self.queue(fwd))
+    }
+
+    /// Submits an operation's requests, in order; the caller holds the order lock. Only the
+    /// request's name is kept for the log: a refusal's own error names the path.
+    fn queue(&self, fwd: Forward) -> Vec<(Pending, &'static str)> {
+        fwd.requests
+            .into_iter()
+            .map(|r| {
+                let what = r.name();
+                (self.source.rpc().submit(r), what)
+            })
+            .collect()
     }
 
     /// Waits for what `start` queued.
@@ -154,7 +151,7 @@ impl<R: Rpc> Replicator<R> {
     }
 
     /// Waits for every answer of one operation and deals with failures.
-    fn settle(&self, pending: Vec<(Pending, String)>) {
+    fn settle(&self, pending: Vec<(Pending, &'static str)>) {
         let mut failed = None;
         for (p, what) in pending {
             match p.wait() {
@@ -162,7 +159,7 @@ impl<R: Rpc> Replicator<R> {
                     self.forwarded.fetch_add(1, Ordering::Relaxed);
                 }
                 Err(RpcError::Remote(e)) => {
-                    log::warn!("target refused {what}: {e}; repairing the target from the source");
+                    log::warn!("target refused a {what}: {e}; repairing the target from the source");
                     failed.get_or_insert(what);
                 }
                 Err(e @ (RpcError::Timeout(_) | RpcError::Disconnected(_))) => {
@@ -237,12 +234,5 @@ impl<R: Rpc> Replicator<R> {
                 e => self.lose(&e.to_string()),
             }
         }
-    }
-}
-
-fn describe(r: &Request) -> String {
-    match r.paths().first() {
-        Some(p) => format!("{} {}", r.name(), String::from_utf8_lossy(p.as_bytes())),
-        None => r.name().to_string(),
     }
 }
