@@ -42,6 +42,9 @@ pub struct WatchArgs {
     /// Quiet time, in milliseconds, after the last event of a burst before reconciling.
     #[arg(long, default_value_t = 20, value_parser = clap::value_parser!(u64).range(0..=60_000))]
     pub debounce_ms: u64,
+    /// Seconds between rescans of what no watch covers (after the inotify watch limit is hit).
+    #[arg(long, default_value_t = 2.0, value_parser = positive_secs)]
+    pub rescan_secs: f64,
     /// Allow an empty source to empty a non-empty target.
     #[arg(long)]
     pub allow_mass_delete: bool,
@@ -77,6 +80,10 @@ pub struct MountArgs {
     /// Allow an empty source to empty a non-empty target at the startup walk.
     #[arg(long)]
     pub allow_mass_delete: bool,
+    /// Do not watch the source for changes made behind the mount's back (by processes that
+    /// held it open before the mount, or anyone when mounted elsewhere).
+    #[arg(long)]
+    pub no_watch: bool,
     /// No progress bar.
     #[arg(long, short)]
     pub quiet: bool,

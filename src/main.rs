@@ -168,6 +168,20 @@ fn mount(a: MountArgs) -> Result<ExitCode, String> {
     // Everything on the source is opened before the mount covers it.
     let (root, root_st) = fuse::open_root(&src).map_err(|e| format!("source {}: {e}", src.display()))?;
     let fs = Arc::new(LocalFs::new(&src).map_err(|e| format!("source: {e}"))?);
+    // The watcher reaches the source through an fd opened now, under whatever is mounted later.
+    let watch = if a.no_watch {
+        None
+    } else {
+        let (fd, _) = fuse::open_root(&src).map_err(|e| format!("source {}: {e}", src.display()))?;
+        let top = std::path::PathBuf::from(format!("/proc/self/fd/{}", std::os::fd::AsRawFd::as_raw_fd(&fd)));
+        match mirrorfs::watch::Watch::start(&top, &src) {
+            Ok(w) => Some((fd, w)),
+            Err(e) => {
+                log::error!("{e}; changes made behind the mount's back reach the target at the next mount only");
+                None
+            }
+        }
+    };
     let limit = std::time::Duration::from_secs_f64(a.timeout);
     let rpc: Arc<dyn Rpc> =
         transport::open_target(&ep, a.token_file.as_deref(), Some(limit), transport::LocalMode::Inline)
@@ -207,7 +221,31 @@ fn mount(a: MountArgs) -> Result<ExitCode, String> {
             mountpoint.display()
         ),
     }
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let watcher = watch.map(|(fd, w)| {
+        let (rep, stop) = (rep.clone(), stop.clone());
+        std::thread::Builder::new()
+            .name("watch".into())
+            .spawn(move || {
+                let _fd = fd;
+                w.run(rep.as_ref(), &mirrorfs::watch::WatchOptions::default(), &stop)
+            })
+    });
     let served = mounted.run();
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    match watcher {
+        Some(Ok(t)) => match t.join() {
+            Ok(st) => log::info!(
+                "watcher: {} events behind the mount, {} partial reconciles, {} full rescans",
+                st.events,
+                st.reconciles,
+                st.rescans
+            ),
+            Err(_) => log::error!("the watcher thread panicked"),
+        },
+        Some(Err(e)) => log::error!("could not start the watcher thread: {e}"),
+        None => {}
+    }
     let c = rep.counters();
     let link = rep.link();
     let dirty = rep.dirty().len();
@@ -277,31 +315,36 @@ fn umount(a: UmountArgs) -> Result<ExitCode, String> {
 }
 
 fn watch(a: WatchArgs) -> Result<ExitCode, String> {
-    use mirrorfs::watch::{self, WatchOptions};
-    let (fs, client) = connect(&a.target)?;
+    use mirrorfs::watch::{Watch, WatchOptions};
     let src = cli::check_source(&a.target.src)?;
+    let (fs, client) = connect(&a.target)?;
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    for sig in [signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT] {
+        signal_hook::flag::register(sig, stop.clone()).map_err(|e| format!("signals: {e}"))?;
+    }
+    // Watching starts before the startup walk, so nothing changed during it is missed.
+    let w = Watch::start(&src, &src).map_err(|e| e.to_string())?;
     let opts = SyncOptions {
         checksum: false,
         allow_mass_delete: a.allow_mass_delete,
         progress: !a.target.quiet,
     };
     let source = ReplicatorSource::with_options(fs, RelPath::root(), client, opts).map_err(|e| e.to_string())?;
-    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
-    for sig in [signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT] {
-        signal_hook::flag::register(sig, stop.clone()).map_err(|e| format!("signals: {e}"))?;
-    }
+    mirrorfs::sys::release_free_memory();
     let wopts = WatchOptions {
         debounce: std::time::Duration::from_millis(a.debounce_ms),
+        rescan_every: std::time::Duration::from_secs_f64(a.rescan_secs),
         ..WatchOptions::default()
     };
     log::info!("watching {}", src.display());
-    let stats = watch::run(&source, &src, wopts, &stop).map_err(|e| e.to_string())?;
+    let stats = w.run(&source, &wopts, &stop);
     log::info!(
-        "stopped watching {}: {} events, {} reconciles, {} full rescans",
+        "stopped watching {}: {} events, {} partial reconciles, {} full rescans, {} renames forwarded",
         src.display(),
         stats.events,
         stats.reconciles,
-        stats.rescans
+        stats.rescans,
+        stats.renames
     );
     Ok(ExitCode::SUCCESS)
 }

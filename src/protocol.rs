@@ -6,11 +6,11 @@
 
 use crate::fs::{Attrs, FsError, Kind, SetTime, Time};
 use crate::path::RelPath;
-use crate::reconcile::Entry;
+use crate::reconcile::{Entry, Scope};
 use serde::{de::DeserializeOwned, Deserialize, Serialize};
 use std::io::{self, Read, Write};
 
-pub const PROTOCOL_VERSION: u32 = 2;
+pub const PROTOCOL_VERSION: u32 = 3;
 pub const MAGIC: [u8; 8] = *b"MIRRORFS";
 /// Largest frame accepted: generous for a chunk of scan entries or a delta segment.
 pub const MAX_FRAME: usize = 64 << 20;
@@ -143,9 +143,11 @@ pub enum Request {
         datasync: bool,
     },
     // Reconcile.
-    /// Starts a scan of the whole target; the first page of entries comes back.
+    /// Starts a scan of the target, whole or within a scope (a partial reconcile); the first
+    /// page of entries comes back.
     Scan {
         checksum: bool,
+        scope: Option<Scope>,
     },
     /// The next page of the scan started last.
     ScanNext,

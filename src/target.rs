@@ -9,7 +9,7 @@
 use crate::fs::{FileBytes, FileSystem, FsError, FsResult, SetTime};
 use crate::path::RelPath;
 use crate::protocol::{Reply, Request, Response};
-use crate::reconcile::{scan, Entry, ScanOptions};
+use crate::reconcile::{scan_scope, Entry, ScanOptions, Scope};
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -169,8 +169,9 @@ impl ReplicatorTarget {
             Request::Rmdir { path } => fs.rmdir(&self.full(&path))?,
             Request::Rename { from, to, flags } => fs.rename(&self.full(&from), &self.full(&to), flags)?,
             Request::Fsync { path, datasync } => fs.fsync(&self.full(&path), datasync)?,
-            Request::Scan { checksum } => {
-                let snap = scan(fs, &self.root, ScanOptions { checksum })?;
+            Request::Scan { checksum, scope } => {
+                let scope = scope.unwrap_or_else(Scope::full);
+                let snap = scan_scope(fs, &self.root, &scope, ScanOptions { checksum })?;
                 for p in &snap.problems {
                     log::warn!("target scan: {p}");
                 }

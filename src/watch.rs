@@ -1,23 +1,46 @@
-//! `mirrorfs watch`: keeps a target mirrored without FUSE. `notify` (inotify on Linux) watches the
-//! source recursively; events are only hints that something changed. A burst of them is
-//! coalesced (a short debounce after the last one, bounded in total) and then answered by a
-//! reconcile from the source's current state, the same code path as the startup walk, so nothing
-//! an event failed to describe (a directory filled before its watch existed, a queue overflow, a
-//! watch error) can be missed. Where the kernel's watch limit is reached, the message names
-//! `fs.inotify.max_user_watches` and the tree is rescanned periodically instead.
+//! Watching: keeps a target mirrored from inotify events (through `notify`), for
+//! `mirrorfs watch` (no FUSE needed) and under the mount (changes made behind its back). Events
+//! are only hints: each marks a region of the tree dirty, and a burst of them (coalesced by a
+//! short debounce, bounded in total) is answered by a partial reconcile of those regions from
+//! the source's current state, with the same scanner and planner as the startup walk.
 //!
-//! This first version reconciles the whole tree on each wake-up: simple and complete, but its
-//! latency grows with the tree (a few hundred ms for 50,000 files). Reconciling only the dirty
-//! subtrees, and forwarding renames as renames, come next.
+//! - A changed, created or removed entry marks itself (and, through the scope, its ancestors).
+//!   Many events in one directory are rolled up into one rescan of its listing.
+//! - A directory created or moved in is watched (recursively, and before it is scanned, which
+//!   closes the race with files made in it before its watch existed) and rescanned whole.
+//! - A rename seen at both ends is repeated on the target as a rename, so content does not
+//!   travel again; the reconcile that follows checks the result either way.
+//! - A queue overflow or a watch error means a full rescan: coverage is never dropped silently.
+//! - Where the kernel's watch limit is hit, the message names `fs.inotify.max_user_watches`,
+//!   and the part left uncovered is rescanned periodically (and watched again once possible).
+//!
+//! Setting up the watch (`Watch::start`) comes before the caller's startup walk, so nothing
+//! changed during that walk goes unnoticed.
 
-use crate::rpc::Rpc;
-use crate::source::{ReplicatorSource, SyncError};
+use crate::path::RelPath;
+use crate::reconcile::{Depth, Report, Scope};
+use crate::source::SyncError;
 use crossbeam_channel::{Receiver, RecvTimeoutError};
+use notify::event::{AccessKind, AccessMode, CreateKind, ModifyKind, RenameMode};
 use notify::{EventKind, RecursiveMode, Watcher};
-use std::path::Path;
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
 use std::time::{Duration, Instant};
+
+/// What the watcher needs from whoever keeps the target: `ReplicatorSource` for
+/// `mirrorfs watch`, the mount's `Replicator` (under its order lock) for the mount.
+pub trait Reconciler {
+    fn reconcile_all(&self) -> Result<Report, SyncError>;
+    fn reconcile_scope(&self, scope: Scope) -> Result<Report, SyncError>;
+    /// Repeats on the target a rename seen at the source; false when the target refused.
+    fn rename(&self, from: &RelPath, to: &RelPath) -> bool;
+    /// Paths whose changes the caller is itself forwarding (the mount's open writers): events
+    /// on them are skipped.
+    fn is_busy(&self, _p: &RelPath) -> bool {
+        false
+    }
+}
 
 #[derive(Debug, Clone, Copy)]
 pub struct WatchOptions {
@@ -25,8 +48,10 @@ pub struct WatchOptions {
     pub debounce: Duration,
     /// The longest a burst may delay its reconcile.
     pub max_delay: Duration,
-    /// How often to rescan when events cannot be trusted to cover the tree.
+    /// How often to rescan what the watches do not cover.
     pub rescan_every: Duration,
+    /// Events in one directory beyond which its listing is rescanned instead.
+    pub roll_up: usize,
 }
 
 impl Default for WatchOptions {
@@ -35,6 +60,7 @@ impl Default for WatchOptions {
             debounce: Duration::from_millis(20),
             max_delay: Duration::from_millis(500),
             rescan_every: Duration::from_secs(2),
+            roll_up: 64,
         }
     }
 }
@@ -51,142 +77,333 @@ pub enum WatchError {
 #[derive(Debug, Default, Clone, Copy)]
 pub struct WatchStats {
     pub events: u64,
+    /// Partial reconciles.
     pub reconciles: u64,
+    /// Whole-tree reconciles (overflow, watch errors).
     pub rescans: u64,
+    pub renames: u64,
 }
 
-/// Why the watcher woke up.
-enum Wake {
-    Events(u64),
-    /// The events can no longer be trusted (overflow, watch error).
-    Rescan,
-    Tick,
-    Stop,
+type Events = Receiver<notify::Result<notify::Event>>;
+
+/// A recursive watch on a source tree, set up and collecting events.
+pub struct Watch {
+    watcher: notify::RecommendedWatcher,
+    rx: Events,
+    /// The watched path; event paths are relative to it.
+    top: PathBuf,
+    /// The source as the user knows it, for messages.
+    shown: PathBuf,
+    /// Regions no watch covers (the watch limit was hit): rescanned periodically.
+    uncovered: Scope,
 }
 
-/// Watches `src` and keeps the target behind `source` equal to it until `stop` is set.
-pub fn run<R: Rpc>(
-    source: &ReplicatorSource<R>,
-    src: &Path,
-    opts: WatchOptions,
-    stop: &Arc<AtomicBool>,
-) -> Result<WatchStats, WatchError> {
-    let (tx, rx) = crossbeam_channel::unbounded::<notify::Result<notify::Event>>();
-    let mut watcher = notify::recommended_watcher(move |r| {
-        let _ = tx.send(r);
-    })
-    .map_err(|e| WatchError::Watch(src.display().to_string(), e))?;
-    let mut periodic = false;
-    if let Err(e) = watcher.watch(src, RecursiveMode::Recursive) {
-        if matches!(e.kind, notify::ErrorKind::MaxFilesWatch) {
+impl Watch {
+    /// Watches `top` recursively. `top` may be a `/proc/self/fd/N` path, which reaches a
+    /// directory a mount now covers; messages then name it `shown`.
+    pub fn start(top: &Path, shown: &Path) -> Result<Watch, WatchError> {
+        let (tx, rx) = crossbeam_channel::unbounded();
+        let watcher = notify::recommended_watcher(move |r| {
+            let _ = tx.send(r);
+        })
+        .map_err(|e| WatchError::Watch(shown.display().to_string(), e))?;
+        let mut w = Watch {
+            watcher,
+            rx,
+            top: top.to_path_buf(),
+            shown: shown.to_path_buf(),
+            uncovered: Scope::default(),
+        };
+        if let Err(e) = w.watcher.watch(top, RecursiveMode::Recursive) {
+            if !matches!(e.kind, notify::ErrorKind::MaxFilesWatch) {
+                return Err(WatchError::Watch(shown.display().to_string(), e));
+            }
+            w.limit_hit(RelPath::root());
+        }
+        Ok(w)
+    }
+
+    fn limit_hit(&mut self, p: RelPath) {
+        if self.uncovered.is_empty() {
             log::error!(
                 "the inotify watch limit is reached under {}; raise fs.inotify.max_user_watches \
-                 (sysctl fs.inotify.max_user_watches=N). Until then the tree is rescanned every {:?}",
-                src.display(),
-                opts.rescan_every
+                 (sysctl fs.inotify.max_user_watches=N). Until then what is not watched is rescanned \
+                 periodically",
+                self.shown.join(p.as_path()).display(),
             );
-            periodic = true;
-        } else {
-            return Err(WatchError::Watch(src.display().to_string(), e));
         }
+        self.uncovered.add(p, Depth::Tree);
     }
-    // Anything that changed while the watches were being set up.
-    source.reconcile()?;
-    crate::sys::release_free_memory();
-    let mut stats = WatchStats::default();
-    loop {
-        let wake = next_wake(&rx, &opts, stop, periodic);
-        match wake {
-            Wake::Stop => return Ok(stats),
-            Wake::Tick => {}
-            Wake::Events(n) => stats.events += n,
-            Wake::Rescan => stats.rescans += 1,
-        }
-        let r = source.reconcile()?;
-        stats.reconciles += 1;
-        for p in &r.problems {
-            log::warn!("{p}");
-        }
-        if r.ops > 0 {
-            log::debug!("reconciled: {} operations", r.ops);
-        }
-        crate::sys::release_free_memory();
-    }
-}
 
-/// Reads cause events too (opens, closes, accesses), among them the reconcile's own reads of the
-/// source: only changes wake the watcher.
-fn is_change(ev: &notify::Result<notify::Event>) -> bool {
-    use notify::event::{AccessKind, AccessMode};
-    match ev {
-        Err(_) => true,
-        Ok(e) => match e.kind {
-            EventKind::Access(AccessKind::Close(AccessMode::Write)) => true,
-            EventKind::Access(_) => false,
-            _ => true,
-        },
+    fn rel(&self, p: &Path) -> Option<RelPath> {
+        RelPath::from_path(p.strip_prefix(&self.top).ok()?).ok()
     }
-}
 
-fn is_rescan(ev: &notify::Result<notify::Event>) -> bool {
-    match ev {
-        Err(e) => {
-            log::warn!("watch error ({e}); rescanning the whole tree");
-            true
+    /// Watches a directory that appeared (created or moved in) before it is scanned: a file
+    /// made in it from now on raises an event, and one made before is found by the scan.
+    fn cover(&mut self, p: &RelPath) {
+        match self.watcher.watch(&self.top.join(p.as_path()), RecursiveMode::Recursive) {
+            Ok(()) => {}
+            Err(e) if matches!(e.kind, notify::ErrorKind::MaxFilesWatch) => self.limit_hit(p.clone()),
+            // Gone again, or not a directory any more: the scan sees what is there.
+            Err(e) => log::debug!("watching {p}: {e}"),
         }
-        Ok(e) => {
-            let overflow = e.need_rescan();
-            if overflow {
-                log::warn!("the event queue overflowed; rescanning the whole tree");
+    }
+
+    /// Watches again what the limit left uncovered; what is covered now drops out of the
+    /// periodic rescans (after the rescan that follows this call).
+    fn retry_uncovered(&mut self) -> Scope {
+        let was = std::mem::take(&mut self.uncovered);
+        for (p, d) in was.regions() {
+            if d != Depth::Tree {
+                continue;
             }
-            overflow
+            if let Err(e) = self.watcher.watch(&self.top.join(p.as_path()), RecursiveMode::Recursive) {
+                if matches!(e.kind, notify::ErrorKind::MaxFilesWatch) {
+                    self.uncovered.add(p.clone(), Depth::Tree);
+                }
+            }
+        }
+        if !was.is_empty() && self.uncovered.is_empty() {
+            log::info!("every directory is watched again");
+        }
+        was
+    }
+
+    /// Keeps the target behind `mirror` equal to the watched tree until `stop` is set. The
+    /// caller has reconciled once after `start`.
+    pub fn run(mut self, mirror: &dyn Reconciler, opts: &WatchOptions, stop: &AtomicBool) -> WatchStats {
+        let mut stats = WatchStats::default();
+        let mut last_tick = Instant::now();
+        loop {
+            let periodic = !self.uncovered.is_empty();
+            let tick = periodic.then_some(last_tick + opts.rescan_every);
+            let batch = match self.next_batch(opts, stop, tick, &|p| mirror.is_busy(p)) {
+                None => return stats,
+                Some(b) => b,
+            };
+            stats.events += batch.events;
+            let mut scope = batch.scope;
+            let mut full = batch.full;
+            for p in batch.limit_hits {
+                self.limit_hit(p);
+            }
+            if periodic && last_tick.elapsed() >= opts.rescan_every {
+                last_tick = Instant::now();
+                scope.merge(self.retry_uncovered());
+            }
+            // New directories are watched before they are scanned.
+            let fresh: Vec<RelPath> = scope
+                .regions()
+                .filter(|(p, d)| *d == Depth::Tree && !p.is_root())
+                .map(|(p, _)| p.clone())
+                .collect();
+            for p in &fresh {
+                self.cover(p);
+            }
+            for (from, to) in &batch.renames {
+                if self.rename_applies(from, to) && mirror.rename(from, to) {
+                    stats.renames += 1;
+                }
+            }
+            if scope.is_full() {
+                full = true;
+            }
+            let r = if full {
+                stats.rescans += 1;
+                mirror.reconcile_all()
+            } else if scope.is_empty() {
+                continue;
+            } else {
+                stats.reconciles += 1;
+                mirror.reconcile_scope(scope)
+            };
+            match r {
+                Ok(r) => {
+                    if r.ops > 0 {
+                        log::debug!("reconciled: {} operations", r.ops);
+                    }
+                    if !r.problems.is_empty() && !full {
+                        // The scope may have missed what the problem depends on.
+                        for p in &r.problems {
+                            log::info!("{p}; reconciling the whole tree");
+                        }
+                        if let Err(e) = mirror.reconcile_all() {
+                            log::error!("reconcile: {e}");
+                        }
+                    } else {
+                        for p in &r.problems {
+                            log::warn!("{p}");
+                        }
+                    }
+                }
+                Err(SyncError::Rpc(e)) => {
+                    log::error!("the target is gone: {e}");
+                    return stats;
+                }
+                Err(e) => log::error!("reconcile: {e}"),
+            }
+            crate::sys::release_free_memory();
+        }
+    }
+
+    /// A rename is repeated on the target only when the source still shows it: the old name
+    /// gone and the new one there (otherwise later changes would be undone on the target and
+    /// sent again).
+    fn rename_applies(&self, from: &RelPath, to: &RelPath) -> bool {
+        let at = |p: &RelPath| self.top.join(p.as_path());
+        matches!(std::fs::symlink_metadata(at(from)), Err(e) if e.kind() == std::io::ErrorKind::NotFound)
+            && std::fs::symlink_metadata(at(to)).is_ok()
+    }
+
+    /// Waits for the next reason to reconcile and gathers the burst: `None` when `stop` is set.
+    fn next_batch(
+        &mut self,
+        opts: &WatchOptions,
+        stop: &AtomicBool,
+        tick: Option<Instant>,
+        busy: &dyn Fn(&RelPath) -> bool,
+    ) -> Option<Batch> {
+        let poll = Duration::from_millis(100);
+        let mut batch = Batch::default();
+        loop {
+            if stop.load(Ordering::Relaxed) {
+                return None;
+            }
+            if tick.is_some_and(|t| Instant::now() >= t) {
+                return Some(batch);
+            }
+            match self.rx.recv_timeout(poll) {
+                Ok(ev) => {
+                    if batch.add(self, ev) {
+                        break;
+                    }
+                }
+                Err(RecvTimeoutError::Timeout) => continue,
+                Err(RecvTimeoutError::Disconnected) => {
+                    batch.full = true;
+                    return Some(batch);
+                }
+            }
+        }
+        let burst = Instant::now();
+        while burst.elapsed() < opts.max_delay {
+            match self.rx.recv_timeout(opts.debounce) {
+                Ok(ev) => {
+                    batch.add(self, ev);
+                }
+                Err(_) => break,
+            }
+        }
+        batch.finish(opts, busy);
+        Some(batch)
+    }
+}
+
+/// The changes of one burst.
+#[derive(Default)]
+struct Batch {
+    events: u64,
+    full: bool,
+    /// Regions beyond single entries (new directories).
+    scope: Scope,
+    /// Changed entries, by parent, rolled up per directory at the end.
+    entries: HashMap<RelPath, Vec<RelPath>>,
+    renames: Vec<(RelPath, RelPath)>,
+    limit_hits: Vec<RelPath>,
+}
+
+impl Batch {
+    /// Takes one event in; true when it calls for a reconcile (reads do not).
+    fn add(&mut self, w: &Watch, ev: notify::Result<notify::Event>) -> bool {
+        let ev = match ev {
+            Err(e) => {
+                self.events += 1;
+                if !matches!(e.kind, notify::ErrorKind::MaxFilesWatch) {
+                    log::warn!("watch error ({e}); rescanning the whole tree");
+                    self.full = true;
+                    return true;
+                }
+                // The directory that could not be watched may already hold files.
+                match e.paths.first().and_then(|p| w.rel(p)) {
+                    Some(p) => {
+                        self.scope.add(p.clone(), Depth::Tree);
+                        self.limit_hits.push(p);
+                    }
+                    None => {
+                        self.full = true;
+                        self.limit_hits.push(RelPath::root());
+                    }
+                }
+                return true;
+            }
+            Ok(ev) => ev,
+        };
+        if ev.need_rescan() {
+            log::warn!("the event queue overflowed; rescanning the whole tree");
+            self.full = true;
+            self.events += 1;
+            return true;
+        }
+        let deep = match ev.kind {
+            EventKind::Access(AccessKind::Close(AccessMode::Write)) => false,
+            EventKind::Access(_) => return false,
+            EventKind::Create(CreateKind::Folder) => true,
+            EventKind::Create(CreateKind::File) => false,
+            // A directory may have arrived with its contents.
+            EventKind::Modify(ModifyKind::Name(RenameMode::To | RenameMode::Both)) => true,
+            EventKind::Create(_) => true,
+            _ => false,
+        };
+        self.events += 1;
+        let paths: Vec<RelPath> = ev.paths.iter().filter_map(|p| w.rel(p)).collect();
+        if paths.len() != ev.paths.len() {
+            // Outside the watched tree, or the watched directory itself moved: start over.
+            log::info!("event {:?} on {:?}; rescanning the whole tree", ev.kind, ev.paths);
+            self.full = true;
+            return true;
+        }
+        if let EventKind::Modify(ModifyKind::Name(RenameMode::Both)) = ev.kind {
+            if let [from, to] = &paths[..] {
+                self.renames.push((from.clone(), to.clone()));
+            }
+        }
+        for (i, p) in paths.into_iter().enumerate() {
+            // The "to" end of a rename is the last path.
+            let new_tree = deep && (ev.paths.len() == 1 || i == 1) && is_dir(&w.top.join(p.as_path()));
+            if new_tree {
+                self.scope.add(p, Depth::Tree);
+            } else if let Some(parent) = p.parent() {
+                self.entries.entry(parent).or_default().push(p);
+            } else {
+                // The watched directory itself.
+                self.scope.add(p, Depth::Entry);
+            }
+        }
+        true
+    }
+
+    /// Turns the entries seen into regions: one each, or the directory's listing when many.
+    /// Entries the caller is itself forwarding are left out.
+    fn finish(&mut self, opts: &WatchOptions, busy: &dyn Fn(&RelPath) -> bool) {
+        for (parent, mut paths) in std::mem::take(&mut self.entries) {
+            paths.sort_unstable();
+            paths.dedup();
+            paths.retain(|p| !busy(p));
+            if paths.is_empty() {
+                continue;
+            }
+            if paths.len() > opts.roll_up {
+                self.scope.add(parent, Depth::Children);
+            } else {
+                for p in paths {
+                    self.scope.add(p, Depth::Entry);
+                }
+            }
         }
     }
 }
 
-/// Waits for the next reason to reconcile: a burst of events (coalesced), a rescan notice, the
-/// periodic tick (when the watch limit was hit) or the stop flag.
-fn next_wake(
-    rx: &Receiver<notify::Result<notify::Event>>,
-    opts: &WatchOptions,
-    stop: &Arc<AtomicBool>,
-    periodic: bool,
-) -> Wake {
-    let poll = Duration::from_millis(100);
-    let started = Instant::now();
-    let first = loop {
-        if stop.load(Ordering::Relaxed) {
-            return Wake::Stop;
-        }
-        if periodic && started.elapsed() >= opts.rescan_every {
-            return Wake::Tick;
-        }
-        match rx.recv_timeout(poll) {
-            Ok(ev) if is_change(&ev) => break ev,
-            Ok(_) => continue,
-            Err(RecvTimeoutError::Timeout) => continue,
-            Err(RecvTimeoutError::Disconnected) => return Wake::Rescan,
-        }
-    };
-    if let Ok(e) = &first {
-        log::debug!("woken by {:?} on {:?}", e.kind, e.paths.first());
-    }
-    let mut rescan = is_rescan(&first);
-    let mut n = 1;
-    let burst = Instant::now();
-    while burst.elapsed() < opts.max_delay {
-        match rx.recv_timeout(opts.debounce) {
-            Ok(ev) if is_change(&ev) => {
-                rescan |= is_rescan(&ev);
-                n += 1;
-            }
-            Ok(_) => {}
-            Err(_) => break,
-        }
-    }
-    if rescan {
-        Wake::Rescan
-    } else {
-        Wake::Events(n)
-    }
+fn is_dir(p: &Path) -> bool {
+    std::fs::symlink_metadata(p).is_ok_and(|m| m.is_dir())
 }

@@ -50,10 +50,106 @@ fn mem_equal(a: &MemFs, b: &MemFs) {
             checksum: true,
             owners: true,
             allow_mass_delete: true,
+            root_unlisted: false,
         },
     )
     .unwrap();
     assert!(plan.ops.is_empty(), "differences: {:?}", plan.ops);
+}
+
+fn mem_differ(a: &MemFs, b: &MemFs) -> bool {
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| mem_equal(a, b))).is_err()
+}
+
+/// Partial reconciles (what the watcher runs): each change is followed by a reconcile of a
+/// scope that covers it, and the trees must then be equal; a change outside the scope must be
+/// left alone until a scope (or the whole tree) covers it.
+#[test]
+fn memfs_partial_reconcile_covers_its_scope_only() {
+    use mirrorfs::reconcile::{Depth, Scope};
+    let src = Arc::new(MemFs::new());
+    let dst = Arc::new(MemFs::new());
+    src.mkdir(&p("d"), 0o755).unwrap();
+    src.create(&p("d/a"), 0o644, true).unwrap();
+    src.write_at(&p("d/a"), 0, b"hello").unwrap();
+    src.mkdir(&p("e"), 0o755).unwrap();
+    src.create(&p("e/x"), 0o644, true).unwrap();
+    let target = Mutex::new(ReplicatorTarget::new(dst.clone(), RelPath::root()));
+    let rpc = move |req: Request| -> Response { target.lock().handle_request(req) };
+    let s = ReplicatorSource::new(src.clone(), RelPath::root(), rpc).unwrap();
+    mem_equal(&src, &dst);
+    let scope = |r: &[(&str, Depth)]| Scope::of(r.iter().map(|(x, d)| (p(x), *d)));
+    type Change = fn(&MemFs);
+    // (what changes on the source, the scope reconciled afterwards)
+    let table: Vec<(&str, Change, Scope)> = vec![
+        ("write", |m| m.write_at(&p("d/a"), 5, b" world").unwrap(), scope(&[("d/a", Depth::Entry)])),
+        ("chmod", |m| m.set_perm(&p("d/a"), 0o600).unwrap(), scope(&[("d/a", Depth::Entry)])),
+        (
+            "create",
+            |m| {
+                m.create(&p("d/b"), 0o644, true).unwrap();
+                m.write_at(&p("d/b"), 0, b"new").unwrap();
+            },
+            scope(&[("d/b", Depth::Entry)]),
+        ),
+        // A directory made with contents, seen only as an entry: the scope must grow.
+        (
+            "mkdir with contents",
+            |m| {
+                m.mkdir(&p("d/n"), 0o750).unwrap();
+                m.mkdir(&p("d/n/m"), 0o750).unwrap();
+                m.create(&p("d/n/m/f"), 0o644, true).unwrap();
+                m.write_at(&p("d/n/m/f"), 0, b"deep").unwrap();
+            },
+            scope(&[("d/n", Depth::Entry)]),
+        ),
+        ("unlink", |m| m.unlink(&p("d/b")).unwrap(), scope(&[("d/b", Depth::Entry)])),
+        (
+            "file replaced by a directory",
+            |m| {
+                m.unlink(&p("d/a")).unwrap();
+                m.mkdir(&p("d/a"), 0o755).unwrap();
+                m.create(&p("d/a/in"), 0o644, true).unwrap();
+            },
+            scope(&[("d", Depth::Children)]),
+        ),
+        (
+            "directory replaced by a symlink",
+            |m| {
+                m.unlink(&p("d/a/in")).unwrap();
+                m.rmdir(&p("d/a")).unwrap();
+                m.symlink(b"elsewhere", &p("d/a")).unwrap();
+            },
+            scope(&[("d/a", Depth::Entry)]),
+        ),
+        // A whole top-level tree removed while the root's listing is out of scope: no
+        // mass-delete refusal, and the rest of the target stays.
+        (
+            "remove a tree",
+            |m| {
+                m.unlink(&p("e/x")).unwrap();
+                m.rmdir(&p("e")).unwrap();
+            },
+            scope(&[("e", Depth::Tree)]),
+        ),
+    ];
+    for (what, change, sc) in table {
+        change(&src);
+        let r = s.reconcile_scope(sc).unwrap();
+        assert!(r.problems.is_empty(), "{what}: {:?}", r.problems);
+        mem_equal(&src, &dst);
+    }
+    // Out of scope: left alone.
+    src.write_at(&p("d/n/m/f"), 0, b"DEEP").unwrap();
+    s.reconcile_scope(scope(&[("d", Depth::Entry)])).unwrap();
+    assert!(mem_differ(&src, &dst), "a change outside the scope was reconciled");
+    s.reconcile_scope(scope(&[("d/n", Depth::Tree)])).unwrap();
+    mem_equal(&src, &dst);
+    // Hard links reach beyond any scope: the whole tree is reconciled.
+    src.link(&p("d/n/m/f"), &p("hl")).unwrap();
+    src.set_perm(&p("d"), 0o700).unwrap();
+    s.reconcile_scope(scope(&[("hl", Depth::Entry)])).unwrap();
+    mem_equal(&src, &dst);
 }
 
 #[test]

@@ -261,6 +261,9 @@ impl Mirror {
             log::info!(
                 "inode {id} is open for passthrough reads: a writable open of it replicates at fsync and close, not at each write"
             );
+            // The watcher leaves the file to the push at close.
+            let st = sys::fstat(fd.as_fd())?;
+            self.rep.defer(st.st_dev, st.st_ino);
         }
         let fh = self.files.insert(FileHandle {
             inode,
@@ -313,6 +316,11 @@ impl Mirror {
 
     pub fn release(&self, fh: u64) {
         if let Some(h) = self.files.remove(fh) {
+            if h.push_at_close {
+                if let Ok(st) = sys::fstat(h.fd.as_fd()) {
+                    self.rep.undefer(st.st_dev, st.st_ino);
+                }
+            }
             let mut io = h.inode.io.lock();
             match h.served {
                 Served::Passthrough => io.passthrough = io.passthrough.saturating_sub(1),

@@ -7,7 +7,9 @@
 pub mod apply;
 pub mod plan;
 pub mod scan;
+pub mod scope;
 
 pub use apply::{execute, ApplyOptions, Report};
 pub use plan::{describe, plan, Op, Plan, PlanError, PlanOptions};
-pub use scan::{scan, Entry, ScanOptions, Snapshot};
+pub use scan::{scan, scan_scope, Entry, ScanOptions, Snapshot};
+pub use scope::{Depth, Scope};

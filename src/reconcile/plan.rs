@@ -57,6 +57,9 @@ pub struct PlanOptions {
     pub owners: bool,
     /// Let an empty source empty a non-empty target.
     pub allow_mass_delete: bool,
+    /// The snapshots are partial and do not list the root's children: the mass-delete guard has
+    /// nothing to judge.
+    pub root_unlisted: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -107,7 +110,7 @@ fn link_groups(snap: &Snapshot) -> HashMap<(u64, u64), Vec<RelPath>> {
 }
 
 pub fn plan(src: &Snapshot, dst: &Snapshot, opts: &PlanOptions) -> Result<Plan, PlanError> {
-    if src.entries.len() <= 1 && dst.entries.len() > 1 && !opts.allow_mass_delete {
+    if !opts.root_unlisted && src.entries.len() <= 1 && dst.entries.len() > 1 && !opts.allow_mass_delete {
         return Err(PlanError::MassDelete(dst.entries.len() - 1));
     }
     let mut ops = Vec::new();

@@ -3,12 +3,13 @@
 //! (target scan asked for first and run while the source is scanned, then plan, then apply),
 //! verification, and forwarding of single requests, on which the mount builds.
 
-use crate::fs::{FileSystem, FsError};
+use crate::fs::{FileSystem, FsError, Kind};
 use crate::path::RelPath;
 use crate::progress::Progress;
 use crate::protocol::{Reply, Request};
-use crate::reconcile::{self, ApplyOptions, Op, PlanError, PlanOptions, Report, ScanOptions, Snapshot};
+use crate::reconcile::{self, ApplyOptions, Depth, Op, PlanError, PlanOptions, Report, ScanOptions, Scope, Snapshot};
 use crate::rpc::{Pending, Rpc, RpcError};
+use crate::watch::Reconciler;
 use std::sync::Arc;
 
 pub mod replicator;
@@ -75,13 +76,56 @@ impl<R: Rpc> ReplicatorSource<R> {
             checksum,
             owners: self.rpc.target_info().is_root,
             allow_mass_delete: self.opts.allow_mass_delete,
+            root_unlisted: false,
         }
     }
 
     /// Makes the target equal to the source, writing only what differs.
     pub fn reconcile(&self) -> Result<Report, SyncError> {
-        let (src, dst) = scan_both(self.fs.as_ref(), &self.root, &self.rpc, self.opts.checksum)?;
+        let (src, dst) = scan_both(self.fs.as_ref(), &self.root, &self.rpc, self.opts.checksum, None)?;
         let plan = reconcile::plan(&src, &dst, &self.plan_options(self.opts.checksum))?;
+        self.carry_out(&src, &plan, self.opts.progress)
+    }
+
+    /// Makes the target equal to the source within `scope` only (what a watcher saw change),
+    /// with the same planner as the whole-tree walk. The scope grows where the plan needs more
+    /// than it covers (a directory to make whose contents were not scanned), and a whole-tree
+    /// reconcile is done instead where a partial one cannot be exact: hard-link groups reach
+    /// beyond any scope.
+    pub fn reconcile_scope(&self, mut scope: Scope) -> Result<Report, SyncError> {
+        const MAX_GROWTH: usize = 8;
+        for _ in 0..MAX_GROWTH {
+            if scope.is_full() {
+                break;
+            }
+            let (src, dst) = scan_both(self.fs.as_ref(), &self.root, &self.rpc, self.opts.checksum, Some(&scope))?;
+            let linked = |e: &reconcile::Entry| e.meta.kind == Kind::File && e.meta.nlink > 1;
+            if src.entries.values().any(linked) || dst.entries.values().any(linked) {
+                log::debug!("hard links in a partial reconcile: reconciling the whole tree");
+                break;
+            }
+            let mut opts = self.plan_options(self.opts.checksum);
+            opts.root_unlisted = !scope.lists_root();
+            let plan = reconcile::plan(&src, &dst, &opts)?;
+            let unseen: Vec<RelPath> = plan
+                .ops
+                .iter()
+                .filter_map(|o| match o {
+                    Op::Mkdir(p) if !scope.under_tree(p) => Some(p.clone()),
+                    _ => None,
+                })
+                .collect();
+            if unseen.is_empty() {
+                return self.carry_out(&src, &plan, false);
+            }
+            for p in unseen {
+                scope.add(p, Depth::Tree);
+            }
+        }
+        self.reconcile()
+    }
+
+    fn carry_out(&self, src: &Snapshot, plan: &reconcile::Plan, progress: bool) -> Result<Report, SyncError> {
         let total: u64 = plan
             .ops
             .iter()
@@ -90,11 +134,11 @@ impl<R: Rpc> ReplicatorSource<R> {
                 _ => None,
             })
             .sum();
-        let progress = Progress::new(self.opts.progress, total);
+        let progress = Progress::new(progress, total);
         let apply = ApplyOptions {
             owners: self.rpc.target_info().is_root,
         };
-        let mut report = reconcile::execute(self.fs.as_ref(), &self.root, &src, &plan, &self.rpc, &apply, &progress)?;
+        let mut report = reconcile::execute(self.fs.as_ref(), &self.root, src, plan, &self.rpc, &apply, &progress)?;
         progress.finish();
         report
             .problems
@@ -107,20 +151,52 @@ impl<R: Rpc> ReplicatorSource<R> {
         verify_only(self.fs.clone(), self.root.clone(), &self.rpc)
     }
 
+    /// The source's entry at `p` (relative to the replicated root).
+    pub fn stat(&self, p: &RelPath) -> Result<crate::fs::Meta, FsError> {
+        self.fs.stat(&self.root.join_rel(p))
+    }
+
     /// Sends one request to the target and waits for its answer.
     pub fn forward(&self, req: Request) -> Result<Reply, RpcError> {
         self.rpc.call(req)
     }
 }
 
+/// `mirrorfs watch`: the watcher drives the source directly.
+impl<R: Rpc> Reconciler for ReplicatorSource<R> {
+    fn reconcile_all(&self) -> Result<Report, SyncError> {
+        self.reconcile()
+    }
+
+    fn reconcile_scope(&self, scope: Scope) -> Result<Report, SyncError> {
+        ReplicatorSource::reconcile_scope(self, scope)
+    }
+
+    fn rename(&self, from: &RelPath, to: &RelPath) -> bool {
+        let req = Request::Rename {
+            from: from.clone(),
+            to: to.clone(),
+            flags: 0,
+        };
+        match self.forward(req) {
+            Ok(_) => true,
+            Err(e) => {
+                log::debug!("rename {from} -> {to} on the target: {e}; the reconcile sends it instead");
+                false
+            }
+        }
+    }
+}
+
 /// Lists the differences without changing anything (building a `ReplicatorSource` would
 /// reconcile first).
 pub fn verify_only(fs: Arc<dyn FileSystem>, root: RelPath, rpc: &dyn Rpc) -> Result<Vec<String>, SyncError> {
-    let (src, dst) = scan_both(fs.as_ref(), &root, rpc, true)?;
+    let (src, dst) = scan_both(fs.as_ref(), &root, rpc, true, None)?;
     let opts = PlanOptions {
         checksum: true,
         owners: rpc.target_info().is_root,
         allow_mass_delete: true,
+        root_unlisted: false,
     };
     let plan = reconcile::plan(&src, &dst, &opts)?;
     let mut out: Vec<String> = plan.ops.iter().map(|op| reconcile::describe(op, &src, &dst)).collect();
@@ -135,10 +211,22 @@ fn scan_both(
     root: &RelPath,
     rpc: &dyn Rpc,
     checksum: bool,
+    scope: Option<&Scope>,
 ) -> Result<(Snapshot, Snapshot), SyncError> {
+    let opts = ScanOptions { checksum };
+    if let Some(scope) = scope {
+        // Small: not worth a thread.
+        let pending = rpc.submit(Request::Scan {
+            checksum,
+            scope: Some(scope.clone()),
+        });
+        rpc.flush();
+        let src = reconcile::scan_scope(fs, root, scope, opts).map_err(SyncError::Scan)?;
+        return Ok((src, collect_scan(rpc, pending)?));
+    }
     std::thread::scope(|s| {
-        let src = s.spawn(|| reconcile::scan(fs, root, ScanOptions { checksum }));
-        let pending = rpc.submit(Request::Scan { checksum });
+        let src = s.spawn(|| reconcile::scan(fs, root, opts));
+        let pending = rpc.submit(Request::Scan { checksum, scope: None });
         rpc.flush();
         let dst = collect_scan(rpc, pending);
         let src = src

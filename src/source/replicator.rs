@@ -18,7 +18,9 @@ use crate::path::RelPath;
 use crate::protocol::Request;
 use crate::rpc::{Pending, Rpc, RpcError};
 use parking_lot::Mutex;
-use std::collections::BTreeSet;
+use crate::reconcile::{Report, Scope};
+use crate::watch::Reconciler;
+use std::collections::{BTreeSet, HashMap};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 /// What the replicator has seen of the target.
@@ -47,6 +49,10 @@ pub struct Replicator<R: Rpc> {
     forwarded: AtomicU64,
     repairs: AtomicU64,
     unforwarded: AtomicU64,
+    /// Files (device, inode) whose writes reach the target later, at close (the mount's
+    /// writers beside passthrough readers), with their count of such opens: the watcher
+    /// leaves them alone.
+    deferred: Mutex<HashMap<(u64, u64), usize>>,
 }
 
 /// Requests queued by `start`, to be waited for by `finish`.
@@ -77,6 +83,7 @@ impl<R: Rpc> Replicator<R> {
             forwarded: AtomicU64::new(0),
             repairs: AtomicU64::new(0),
             unforwarded: AtomicU64::new(0),
+            deferred: Mutex::new(HashMap::new()),
         }
     }
 
@@ -234,5 +241,64 @@ impl<R: Rpc> Replicator<R> {
                 e => self.lose(&e.to_string()),
             }
         }
+    }
+}
+
+impl<R: Rpc> Replicator<R> {
+    /// A file is open for writes that reach the target at close only.
+    pub fn defer(&self, dev: u64, ino: u64) {
+        *self.deferred.lock().entry((dev, ino)).or_default() += 1;
+    }
+
+    /// One such open ended (after its file was sent).
+    pub fn undefer(&self, dev: u64, ino: u64) {
+        let mut d = self.deferred.lock();
+        if let Some(n) = d.get_mut(&(dev, ino)) {
+            *n -= 1;
+            if *n == 0 {
+                d.remove(&(dev, ino));
+            }
+        }
+    }
+
+    /// Runs a reconcile while no mutation can run; a lost target ends forwarding as in `settle`.
+    fn reconcile_with(&self, f: impl FnOnce(&ReplicatorSource<R>) -> Result<Report, SyncError>) -> Result<Report, SyncError> {
+        let g = self.order.lock();
+        if self.lost.load(Ordering::Relaxed) {
+            return Ok(Report::default());
+        }
+        match f(&self.source) {
+            Err(SyncError::Rpc(e)) => {
+                drop(g);
+                self.lose(&format!("watch: {e}"));
+                Ok(Report::default())
+            }
+            r => r,
+        }
+    }
+}
+
+/// The watcher under the mount: changes made behind the mount's back are reconciled under the
+/// order lock, so they never interleave with the mount's own forwarding.
+impl<R: Rpc> Reconciler for Replicator<R> {
+    fn reconcile_all(&self) -> Result<Report, SyncError> {
+        self.reconcile_with(|s| s.reconcile())
+    }
+
+    fn reconcile_scope(&self, scope: Scope) -> Result<Report, SyncError> {
+        self.reconcile_with(|s| s.reconcile_scope(scope))
+    }
+
+    fn rename(&self, from: &RelPath, to: &RelPath) -> bool {
+        let _g = self.order.lock();
+        !self.lost.load(Ordering::Relaxed) && Reconciler::rename(&self.source, from, to)
+    }
+
+    fn is_busy(&self, p: &RelPath) -> bool {
+        let d = self.deferred.lock();
+        if d.is_empty() {
+            return false;
+        }
+        self.source.stat(p).is_ok_and(|m| d.contains_key(&(m.dev, m.ino)))
     }
 }
