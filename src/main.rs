@@ -236,10 +236,11 @@ fn mount(a: MountArgs) -> Result<ExitCode, String> {
     match watcher {
         Some(Ok(t)) => match t.join() {
             Ok(st) => log::info!(
-                "watcher: {} events behind the mount, {} partial reconciles, {} full rescans",
+                "watcher: {} events, {} partial reconciles, {} full rescans, {} files sent",
                 st.events,
                 st.reconciles,
-                st.rescans
+                st.rescans,
+                st.files_sent
             ),
             Err(_) => log::error!("the watcher thread panicked"),
         },

@@ -82,6 +82,8 @@ pub struct WatchStats {
     /// Whole-tree reconciles (overflow, watch errors).
     pub rescans: u64,
     pub renames: u64,
+    /// Files whose content the reconciles sent.
+    pub files_sent: u64,
 }
 
 type Events = Receiver<notify::Result<notify::Event>>;
@@ -220,6 +222,7 @@ impl Watch {
             };
             match r {
                 Ok(r) => {
+                    stats.files_sent += r.files_sent;
                     if r.ops > 0 {
                         log::debug!("reconciled: {} operations", r.ops);
                     }

@@ -810,3 +810,100 @@ fn a_mountpoint_inside_the_source_is_refused() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("inside the source"));
     assert!(!mounted(&tmp.path().join("src/inner")));
 }
+
+/// Polls until the target equals `src`, or fails with what still differs.
+fn converge(m: &Mount, what: &str) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let d = std::panic::catch_unwind(|| tree_diff(&m.src, &m.dst))
+            .unwrap_or_else(|_| vec!["the tree changed during the comparison".into()]);
+        if d.is_empty() {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{what}: the target did not converge:\n{}\nlog:\n{}",
+            d.join("\n"),
+            m.log_text()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// A process whose working directory is the source from before the mount writes beneath the
+/// mount's back; the watcher on the backing directory carries it to the target.
+#[test]
+fn changes_behind_the_mount_reach_the_target() {
+    use std::process::Stdio;
+    let held = std::cell::RefCell::new(None);
+    let before = |src: &Path| {
+        let script = "read go; echo behind > behind; mkdir -p deep/er; echo x > deep/er/f; \
+                      chmod 600 deep/er/f; mv deep moved; echo more >> behind; ln -s behind link";
+        let c = Command::new("sh")
+            .args(["-c", script])
+            .current_dir(src)
+            .stdin(Stdio::piped())
+            .spawn()
+            .unwrap();
+        *held.borrow_mut() = Some(common::ChildGuard(c));
+    };
+    let opts = Opts {
+        before: Some(&before),
+        ..Opts::default()
+    };
+    let Some(m) = Mount::with("changes_behind_the_mount_reach_the_target", opts) else {
+        return;
+    };
+    let mut c = held.borrow_mut().take().unwrap();
+    writeln!(c.0.stdin.take().unwrap(), "go").unwrap();
+    assert!(c.0.wait().unwrap().success());
+    assert_eq!(fs::read(m.p("behind")).unwrap(), b"behind\nmore\n");
+    converge(&m, "writes by a process from before the mount");
+    m.finish();
+}
+
+/// With the mount elsewhere, anyone may write to the source directly; and the mount's own
+/// writes, which the watcher sees too, send nothing twice.
+#[test]
+fn separate_mountpoint_source_written_directly() {
+    let opts = Opts {
+        separate: true,
+        ..Opts::default()
+    };
+    let Some(mut m) = Mount::with("separate_mountpoint_source_written_directly", opts) else {
+        return;
+    };
+    // Through the mount only: the watcher must find nothing to send.
+    for i in 0..20 {
+        fs::write(m.p(&format!("own{i}")), vec![b'x'; 10_000]).unwrap();
+    }
+    fs::create_dir(m.p("owndir")).unwrap();
+    fs::rename(m.p("own0"), m.p("owndir/own0")).unwrap();
+    // A writer beside a passthrough reader: its writes reach the target at close.
+    {
+        let _reader = File::open(m.p("own1")).unwrap();
+        let mut w = OpenOptions::new().append(true).open(m.p("own1")).unwrap();
+        for _ in 0..10 {
+            w.write_all(b"appended through the mount\n").unwrap();
+            std::thread::sleep(Duration::from_millis(30));
+        }
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    converge(&m, "the mount's own writes");
+    let st = m.unmount();
+    assert!(st.success(), "daemon exited {st}:\n{}", m.log_text());
+    assert!(
+        m.log_text().contains(" 0 files sent"),
+        "the watcher sent the mount's own writes again:\n{}",
+        m.log_text()
+    );
+    // Now behind its back, while mounted elsewhere.
+    m.start(false);
+    fs::write(m.src.join("direct"), b"written to the source directly").unwrap();
+    fs::create_dir_all(m.src.join("a/b")).unwrap();
+    fs::write(m.src.join("a/b/c"), b"deep").unwrap();
+    fs::rename(m.src.join("own5"), m.src.join("a/own5")).unwrap();
+    fs::remove_file(m.src.join("own6")).unwrap();
+    converge(&m, "direct writes to the source");
+    m.finish();
+}

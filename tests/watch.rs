@@ -10,6 +10,7 @@ use std::fs;
 use std::os::unix::fs::{symlink, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
+use std::sync::RwLock;
 use std::time::{Duration, Instant};
 
 struct Watch {
@@ -20,12 +21,30 @@ struct Watch {
     watcher: Option<ChildGuard>,
 }
 
+/// Tests that change inotify sysctls take this for writing, all others for reading: a
+/// shrunken watch limit would break the watches of tests running beside them.
+static SYSCTLS: RwLock<()> = RwLock::new(());
+
+fn shared() -> std::sync::RwLockReadGuard<'static, ()> {
+    SYSCTLS.read().unwrap_or_else(|e| e.into_inner())
+}
+
+fn exclusive() -> std::sync::RwLockWriteGuard<'static, ()> {
+    SYSCTLS.write().unwrap_or_else(|e| e.into_inner())
+}
+
 impl Watch {
     fn start() -> Watch {
+        Watch::start_with(|_| {}, &[])
+    }
+
+    /// `before` fills the source before the watcher starts; `extra` are more flags.
+    fn start_with(before: impl FnOnce(&Path), extra: &[&str]) -> Watch {
         let tmp = tempfile::tempdir().unwrap();
         let (src, dst) = (tmp.path().join("src"), tmp.path().join("dst"));
         fs::create_dir(&src).unwrap();
         fs::create_dir(&dst).unwrap();
+        before(&src);
         let sock = tmp.path().join("t.sock");
         let server = serve(&dst, &format!("unix:{}", sock.display()), &[]);
         let log = fs::File::create(tmp.path().join("watch.log")).unwrap();
@@ -35,6 +54,7 @@ impl Watch {
             .arg("--target")
             .arg(format!("unix:{}", sock.display()))
             .arg("-q")
+            .args(extra)
             .env("RUST_LOG", "info")
             .stdout(Stdio::null())
             .stderr(log)
@@ -105,6 +125,7 @@ fn sh(cmd: &str) {
 
 #[test]
 fn every_kind_of_change_reaches_the_target() {
+    let _g = shared();
     let w = Watch::start();
     let t = Duration::from_secs(20);
     fs::create_dir_all(w.p("d/e")).unwrap();
@@ -150,6 +171,7 @@ fn every_kind_of_change_reaches_the_target() {
 
 #[test]
 fn a_burst_of_ten_thousand_files_converges() {
+    let _g = shared();
     let w = Watch::start();
     for d in 0..100 {
         let dir = w.p(&format!("burst/{}/{}", d / 10, d));
@@ -186,6 +208,7 @@ impl Drop for Sysctl {
 
 #[test]
 fn an_overflowing_event_queue_means_a_full_rescan() {
+    let _x = exclusive();
     // The queue size is taken when the watcher starts: shrink it first.
     let Some(_g) = Sysctl::set("/proc/sys/fs/inotify/max_queued_events", "32") else {
         common::mnt::skip(
@@ -213,4 +236,123 @@ fn watch_refuses_a_missing_source() {
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("/nonexistent/src"));
     let _ = Path::new("/");
+}
+
+/// Renames seen at both ends travel as renames: the target's file keeps its inode (it was
+/// moved, not sent again), for a file and for a directory tree.
+#[test]
+fn renames_are_forwarded_as_renames() {
+    use std::os::unix::fs::MetadataExt;
+    let _g = shared();
+    let w = Watch::start_with(
+        |src| {
+            fs::create_dir_all(src.join("tree/sub")).unwrap();
+            fs::write(src.join("tree/sub/big"), vec![7u8; 1 << 20]).unwrap();
+            fs::write(src.join("f"), b"file").unwrap();
+        },
+        &[],
+    );
+    let t = Duration::from_secs(20);
+    w.converge("start", t);
+    // Open on the target across the renames: a file moved keeps its links, one sent again
+    // leaves this one unlinked (inode numbers alone could be reused).
+    let held_big = fs::File::open(w.dst.join("tree/sub/big")).unwrap();
+    let held_f = fs::File::open(w.dst.join("f")).unwrap();
+    fs::rename(w.p("f"), w.p("g")).unwrap();
+    fs::rename(w.p("tree"), w.p("moved")).unwrap();
+    w.converge("renames", t);
+    let same = |held: &fs::File, p: &str| {
+        let m = held.metadata().unwrap();
+        m.nlink() > 0 && m.ino() == fs::symlink_metadata(w.dst.join(p)).unwrap().ino()
+    };
+    assert!(same(&held_f, "g"), "the renamed file was sent again instead of renamed");
+    assert!(same(&held_big, "moved/sub/big"), "the renamed tree was sent again instead of renamed");
+    // A rename whose old name is taken again before the watcher looks is not repeated (that
+    // would move the new file): the reconcile sends what is there.
+    fs::rename(w.p("g"), w.p("h")).unwrap();
+    fs::write(w.p("g"), b"new g").unwrap();
+    w.converge("rename then reuse of the name", t);
+    w.stop();
+}
+
+/// The classic race: directories made and filled faster than watches can be added, and a
+/// tree moved in with its contents, then filled further at once. Nothing made in the gap
+/// before a directory's watch exists may be missed.
+#[test]
+fn directories_filled_before_their_watch_exists_are_scanned() {
+    let _g = shared();
+    let w = Watch::start();
+    let outside = w.tmp.path().join("outside");
+    fs::create_dir_all(outside.join("t/a/b")).unwrap();
+    for i in 0..50 {
+        fs::write(outside.join(format!("t/a/b/pre{i}")), format!("{i}")).unwrap();
+    }
+    let src = w.src.display().to_string();
+    let out = outside.display().to_string();
+    sh(&format!(
+        "cd '{src}' && for i in $(seq 20); do mkdir -p r$i/1/2/3 && echo $i > r$i/1/2/3/f && echo $i > r$i/1/g; done; \
+         mv '{out}/t' '{src}/t' && mkdir t/a/b/c && for i in $(seq 50); do echo $i > t/a/b/c/post$i; done"
+    ));
+    w.converge("filled before watched", Duration::from_secs(30));
+    // The watches exist now: changes deep inside the new trees still arrive.
+    fs::write(w.p("t/a/b/c/post1"), b"later").unwrap();
+    fs::write(w.p("r20/1/2/3/f"), b"later").unwrap();
+    w.converge("inside the new trees", Duration::from_secs(30));
+    w.stop();
+}
+
+/// Roots' inotify watches in use now, from every inotify fd's fdinfo.
+fn watches_in_use() -> usize {
+    let mut n = 0;
+    for p in fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(fds) = fs::read_dir(p.path().join("fdinfo")) else { continue };
+        for fd in fds.flatten() {
+            if let Ok(s) = fs::read_to_string(fd.path()) {
+                n += s.lines().filter(|l| l.starts_with("inotify wd:")).count();
+            }
+        }
+    }
+    n
+}
+
+/// At the watch limit: a clear message naming the sysctl, periodic rescans that still carry
+/// every change, and full coverage again once the limit is raised.
+#[test]
+fn the_watch_limit_falls_back_to_periodic_rescans() {
+    let _x = exclusive();
+    let w0 = |src: &Path| {
+        for i in 0..20 {
+            fs::create_dir_all(src.join(format!("d{i}/e"))).unwrap();
+            fs::write(src.join(format!("d{i}/e/f")), b"x").unwrap();
+        }
+    };
+    let limit = (watches_in_use() + 5).to_string();
+    let Some(guard) = Sysctl::set("/proc/sys/fs/inotify/max_user_watches", &limit) else {
+        common::mnt::skip(
+            "the_watch_limit_falls_back_to_periodic_rescans",
+            "cannot write fs.inotify.max_user_watches",
+        );
+        return;
+    };
+    let w = Watch::start_with(w0, &["--rescan-secs", "0.3"]);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !w.log().contains("fs.inotify.max_user_watches") {
+        assert!(Instant::now() < deadline, "no watch-limit message:\n{}", w.log());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    w.converge("start", Duration::from_secs(20));
+    // Deep in the tree, where no watch can be.
+    fs::write(w.p("d19/e/f"), b"changed while unwatched").unwrap();
+    fs::create_dir(w.p("d19/e/new")).unwrap();
+    fs::remove_file(w.p("d18/e/f")).unwrap();
+    w.converge("changes under the limit", Duration::from_secs(20));
+    drop(guard);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !w.log().contains("watched again") {
+        assert!(Instant::now() < deadline, "coverage did not come back:\n{}", w.log());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    fs::write(w.p("d19/e/new/after"), b"watched").unwrap();
+    w.converge("after the limit was raised", Duration::from_secs(20));
+    w.stop();
 }
