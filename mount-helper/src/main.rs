@@ -5,7 +5,7 @@
 //! `mirrorfs mount` command line and runs it (which returns once the mount is live).
 //!
 //! mirrorfs options: `target=` (required), `token_file=`, `timeout=`, `log_file=`, `threads=`,
-//! `no_passthrough`, `allow_mass_delete`. Generic options mount(8) or fstab add (`rw`,
+//! `no_passthrough`, `allow_mass_delete`, `no_watch`. Generic options mount(8) or fstab add (`rw`,
 //! `defaults`, `auto`, `noauto`, `user`, `nofail`, `_netdev`, `x-*`, …) are ignored; anything else
 //! is an error, unless `-s` (sloppy) was given.
 
@@ -118,10 +118,11 @@ fn mirrorfs_args(c: &Call) -> Result<Vec<String>, String> {
             "threads" => args.extend(flag("threads")?),
             "no_passthrough" => args.push("--no-passthrough".into()),
             "allow_mass_delete" => args.push("--allow-mass-delete".into()),
+            "no_watch" => args.push("--no-watch".into()),
             "ro" => return Err("mirrorfs mounts are read-write; drop the ro option".into()),
             _ if generic(o) => {}
             _ if c.sloppy => {}
-            _ => return Err(format!("unknown option {o:?} (mirrorfs options: target=, token_file=, timeout=, log_file=, threads=, no_passthrough, allow_mass_delete)")),
+            _ => return Err(format!("unknown option {o:?} (mirrorfs options: target=, token_file=, timeout=, log_file=, threads=, no_passthrough, allow_mass_delete, no_watch)")),
         }
     }
     let target = target.ok_or("the target option is required: -o target=DIR|unix:PATH|tcp:HOST:PORT")?;
@@ -223,8 +224,8 @@ mod tests {
                 ]),
             ),
             (
-                &["/s", "/m", "-o", "no_passthrough,target=/b,x-systemd.after=net"],
-                Ok(&["mount", "/s", "/m", "--no-passthrough", "--target", "/b", "--quiet"]),
+                &["/s", "/m", "-o", "no_passthrough,target=/b,x-systemd.after=net,no_watch"],
+                Ok(&["mount", "/s", "/m", "--no-passthrough", "--no-watch", "--target", "/b", "--quiet"]),
             ),
             (&["/s", "/m", "-o", "rw"], Err("target option is required")),
             (&["/s", "/m", "-o", "target=/b,colour=red"], Err("unknown option")),
