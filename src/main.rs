@@ -224,12 +224,10 @@ fn mount(a: MountArgs) -> Result<ExitCode, String> {
     let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let watcher = watch.map(|(fd, w)| {
         let (rep, stop) = (rep.clone(), stop.clone());
-        std::thread::Builder::new()
-            .name("watch".into())
-            .spawn(move || {
-                let _fd = fd;
-                w.run(rep.as_ref(), &mirrorfs::watch::WatchOptions::default(), &stop)
-            })
+        std::thread::Builder::new().name("watch".into()).spawn(move || {
+            let _fd = fd;
+            w.run(rep.as_ref(), &mirrorfs::watch::WatchOptions::default(), &stop)
+        })
     });
     let served = mounted.run();
     stop.store(true, std::sync::atomic::Ordering::Relaxed);

@@ -144,7 +144,10 @@ impl Watch {
     /// Watches a directory that appeared (created or moved in) before it is scanned: a file
     /// made in it from now on raises an event, and one made before is found by the scan.
     fn cover(&mut self, p: &RelPath) {
-        match self.watcher.watch(&self.top.join(p.as_path()), RecursiveMode::Recursive) {
+        match self
+            .watcher
+            .watch(&self.top.join(p.as_path()), RecursiveMode::Recursive)
+        {
             Ok(()) => {}
             Err(e) if matches!(e.kind, notify::ErrorKind::MaxFilesWatch) => self.limit_hit(p.clone()),
             // Gone again, or not a directory any more: the scan sees what is there.
@@ -160,7 +163,10 @@ impl Watch {
             if d != Depth::Tree {
                 continue;
             }
-            if let Err(e) = self.watcher.watch(&self.top.join(p.as_path()), RecursiveMode::Recursive) {
+            if let Err(e) = self
+                .watcher
+                .watch(&self.top.join(p.as_path()), RecursiveMode::Recursive)
+            {
                 if matches!(e.kind, notify::ErrorKind::MaxFilesWatch) {
                     self.uncovered.add(p.clone(), Depth::Tree);
                 }
@@ -409,4 +415,63 @@ impl Batch {
 
 fn is_dir(p: &Path) -> bool {
     std::fs::symlink_metadata(p).is_ok_and(|m| m.is_dir())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn p(s: &str) -> RelPath {
+        RelPath::new(s).unwrap()
+    }
+
+    #[test]
+    fn many_events_in_one_directory_roll_up_into_its_listing() {
+        let opts = WatchOptions {
+            roll_up: 3,
+            ..WatchOptions::default()
+        };
+        // (entries seen, busy paths, expected regions)
+        let table: Vec<(Vec<&str>, Vec<&str>, Vec<(&str, Depth)>)> = vec![
+            (
+                vec!["d/a", "d/b"],
+                vec![],
+                vec![
+                    ("", Depth::Entry),
+                    ("d", Depth::Entry),
+                    ("d/a", Depth::Entry),
+                    ("d/b", Depth::Entry),
+                ],
+            ),
+            // The same path many times is one entry.
+            (
+                vec!["d/a", "d/a", "d/a", "d/a"],
+                vec![],
+                vec![("", Depth::Entry), ("d", Depth::Entry), ("d/a", Depth::Entry)],
+            ),
+            (
+                vec!["d/a", "d/b", "d/c", "d/e", "x"],
+                vec![],
+                vec![("", Depth::Entry), ("d", Depth::Children), ("x", Depth::Entry)],
+            ),
+            (
+                vec!["d/a", "d/b"],
+                vec!["d/a"],
+                vec![("", Depth::Entry), ("d", Depth::Entry), ("d/b", Depth::Entry)],
+            ),
+            (vec!["d/a"], vec!["d/a"], vec![]),
+        ];
+        for (seen, busy, want) in table {
+            let mut b = Batch::default();
+            for s in &seen {
+                let s = p(s);
+                b.entries.entry(s.parent().unwrap()).or_default().push(s);
+            }
+            let busy: Vec<RelPath> = busy.iter().map(|s| p(s)).collect();
+            b.finish(&opts, &|x| busy.contains(x));
+            let got: Vec<(RelPath, Depth)> = b.scope.regions().map(|(x, d)| (x.clone(), d)).collect();
+            let want: Vec<(RelPath, Depth)> = want.iter().map(|(x, d)| (p(x), *d)).collect();
+            assert_eq!(got, want, "seen {seen:?}");
+        }
+    }
 }

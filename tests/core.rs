@@ -82,8 +82,16 @@ fn memfs_partial_reconcile_covers_its_scope_only() {
     type Change = fn(&MemFs);
     // (what changes on the source, the scope reconciled afterwards)
     let table: Vec<(&str, Change, Scope)> = vec![
-        ("write", |m| m.write_at(&p("d/a"), 5, b" world").unwrap(), scope(&[("d/a", Depth::Entry)])),
-        ("chmod", |m| m.set_perm(&p("d/a"), 0o600).unwrap(), scope(&[("d/a", Depth::Entry)])),
+        (
+            "write",
+            |m| m.write_at(&p("d/a"), 5, b" world").unwrap(),
+            scope(&[("d/a", Depth::Entry)]),
+        ),
+        (
+            "chmod",
+            |m| m.set_perm(&p("d/a"), 0o600).unwrap(),
+            scope(&[("d/a", Depth::Entry)]),
+        ),
         (
             "create",
             |m| {
@@ -103,7 +111,11 @@ fn memfs_partial_reconcile_covers_its_scope_only() {
             },
             scope(&[("d/n", Depth::Entry)]),
         ),
-        ("unlink", |m| m.unlink(&p("d/b")).unwrap(), scope(&[("d/b", Depth::Entry)])),
+        (
+            "unlink",
+            |m| m.unlink(&p("d/b")).unwrap(),
+            scope(&[("d/b", Depth::Entry)]),
+        ),
         (
             "file replaced by a directory",
             |m| {

@@ -266,7 +266,10 @@ fn renames_are_forwarded_as_renames() {
         m.nlink() > 0 && m.ino() == fs::symlink_metadata(w.dst.join(p)).unwrap().ino()
     };
     assert!(same(&held_f, "g"), "the renamed file was sent again instead of renamed");
-    assert!(same(&held_big, "moved/sub/big"), "the renamed tree was sent again instead of renamed");
+    assert!(
+        same(&held_big, "moved/sub/big"),
+        "the renamed tree was sent again instead of renamed"
+    );
     // A rename whose old name is taken again before the watcher looks is not repeated (that
     // would move the new file): the reconcile sends what is there.
     fs::rename(w.p("g"), w.p("h")).unwrap();
@@ -305,7 +308,9 @@ fn directories_filled_before_their_watch_exists_are_scanned() {
 fn watches_in_use() -> usize {
     let mut n = 0;
     for p in fs::read_dir("/proc").unwrap().flatten() {
-        let Ok(fds) = fs::read_dir(p.path().join("fdinfo")) else { continue };
+        let Ok(fds) = fs::read_dir(p.path().join("fdinfo")) else {
+            continue;
+        };
         for fd in fds.flatten() {
             if let Ok(s) = fs::read_to_string(fd.path()) {
                 n += s.lines().filter(|l| l.starts_with("inotify wd:")).count();

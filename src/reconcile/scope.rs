@@ -107,7 +107,9 @@ impl Scope {
 
     /// The root's listing is part of the scope (the mass-delete guard can only judge then).
     pub fn lists_root(&self) -> bool {
-        self.regions.get(&RelPath::root()).is_some_and(|d| *d >= Depth::Children)
+        self.regions
+            .get(&RelPath::root())
+            .is_some_and(|d| *d >= Depth::Children)
     }
 
     /// The regions as a list, for the wire.
@@ -140,7 +142,10 @@ mod tests {
                 vec![("a/b", Entry), ("a", Children)],
                 vec![("", Entry), ("a", Children), ("a/b", Entry)],
             ),
-            (vec![("a/b", Tree), ("a/b/c", Children)], vec![("", Entry), ("a", Entry), ("a/b", Tree)]),
+            (
+                vec![("a/b", Tree), ("a/b/c", Children)],
+                vec![("", Entry), ("a", Entry), ("a/b", Tree)],
+            ),
             (
                 vec![("a/b/c", Children), ("a/b/d", Entry), ("a/b", Tree)],
                 vec![("", Entry), ("a", Entry), ("a/b", Tree)],

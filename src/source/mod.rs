@@ -98,7 +98,13 @@ impl<R: Rpc> ReplicatorSource<R> {
             if scope.is_full() {
                 break;
             }
-            let (src, dst) = scan_both(self.fs.as_ref(), &self.root, &self.rpc, self.opts.checksum, Some(&scope))?;
+            let (src, dst) = scan_both(
+                self.fs.as_ref(),
+                &self.root,
+                &self.rpc,
+                self.opts.checksum,
+                Some(&scope),
+            )?;
             let linked = |e: &reconcile::Entry| e.meta.kind == Kind::File && e.meta.nlink > 1;
             if src.entries.values().any(linked) || dst.entries.values().any(linked) {
                 log::debug!("hard links in a partial reconcile: reconciling the whole tree");

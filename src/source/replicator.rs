@@ -16,10 +16,10 @@
 use super::{ReplicatorSource, SyncError};
 use crate::path::RelPath;
 use crate::protocol::Request;
-use crate::rpc::{Pending, Rpc, RpcError};
-use parking_lot::Mutex;
 use crate::reconcile::{Report, Scope};
+use crate::rpc::{Pending, Rpc, RpcError};
 use crate::watch::Reconciler;
+use parking_lot::Mutex;
 use std::collections::{BTreeSet, HashMap};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
@@ -262,7 +262,10 @@ impl<R: Rpc> Replicator<R> {
     }
 
     /// Runs a reconcile while no mutation can run; a lost target ends forwarding as in `settle`.
-    fn reconcile_with(&self, f: impl FnOnce(&ReplicatorSource<R>) -> Result<Report, SyncError>) -> Result<Report, SyncError> {
+    fn reconcile_with(
+        &self,
+        f: impl FnOnce(&ReplicatorSource<R>) -> Result<Report, SyncError>,
+    ) -> Result<Report, SyncError> {
         let g = self.order.lock();
         if self.lost.load(Ordering::Relaxed) {
             return Ok(Report::default());
