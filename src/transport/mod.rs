@@ -140,6 +140,7 @@ pub fn open_target(
 ) -> Result<std::sync::Arc<dyn crate::rpc::Rpc>, TransportError> {
     if let Endpoint::Local(dir) = ep {
         let fs = crate::fs::LocalFs::new(dir).map_err(|e| TransportError::Io(format!("target: {e}")))?;
+        let fs = fs.with_direct_writes(matches!(local, LocalMode::Inline));
         let fs: std::sync::Arc<dyn crate::fs::FileSystem> = std::sync::Arc::new(fs);
         let t = match local {
             LocalMode::Inline => local::LocalTarget::inline(fs),
