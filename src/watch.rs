@@ -252,7 +252,11 @@ impl Watch {
                 }
                 Err(e) => log::error!("reconcile: {e}"),
             }
-            crate::sys::release_free_memory();
+            // A whole-tree walk or a big burst leaves freed memory behind: give it back, so an
+            // idle watcher stays small. Not after every small burst: trimming costs CPU.
+            if full || batch.events >= 1000 {
+                crate::sys::release_free_memory();
+            }
         }
     }
 
