@@ -173,7 +173,9 @@ fn mount(a: MountArgs) -> Result<ExitCode, String> {
         None
     } else {
         let (fd, _) = fuse::open_root(&src).map_err(|e| format!("source {}: {e}", src.display()))?;
-        let top = std::path::PathBuf::from(format!("/proc/self/fd/{}", std::os::fd::AsRawFd::as_raw_fd(&fd)));
+        // "/." : the watch's walk starts at a directory, not at the magic link (symlinks are
+        // not followed).
+        let top = std::path::PathBuf::from(format!("/proc/self/fd/{}/.", std::os::fd::AsRawFd::as_raw_fd(&fd)));
         match mirrorfs::watch::Watch::start(&top, &src) {
             Ok(w) => Some((fd, w)),
             Err(e) => {
@@ -345,5 +347,9 @@ fn watch(a: WatchArgs) -> Result<ExitCode, String> {
         stats.rescans,
         stats.renames
     );
+    if stats.lost {
+        eprintln!("mirrorfs: the target was lost; the next watch or sync reconciles it");
+        return Ok(ExitCode::from(23));
+    }
     Ok(ExitCode::SUCCESS)
 }

@@ -10,9 +10,12 @@
 //!   closes the race with files made in it before its watch existed) and rescanned whole.
 //! - A rename seen at both ends is repeated on the target as a rename, so content does not
 //!   travel again; the reconcile that follows checks the result either way.
-//! - A queue overflow or a watch error means a full rescan: coverage is never dropped silently.
+//! - A queue overflow or a watch error means a full rescan, after the whole tree is watched
+//!   again: coverage is never dropped silently. A reconcile that fails is tried again with the
+//!   next batch. Symlinks are never followed.
 //! - Where the kernel's watch limit is hit, the message names `fs.inotify.max_user_watches`,
-//!   and the part left uncovered is rescanned periodically (and watched again once possible).
+//!   and the part left uncovered (or a directory whose watch failed otherwise) is rescanned
+//!   periodically, at most a fifth of the time, and watched again once possible.
 //!
 //! Setting up the watch (`Watch::start`) comes before the caller's startup walk, so nothing
 //! changed during that walk goes unnoticed.
@@ -84,6 +87,8 @@ pub struct WatchStats {
     pub renames: u64,
     /// Files whose content the reconciles sent.
     pub files_sent: u64,
+    /// The watch ended because the target was lost.
+    pub lost: bool,
 }
 
 type Events = Receiver<notify::Result<notify::Event>>;
@@ -96,8 +101,11 @@ pub struct Watch {
     top: PathBuf,
     /// The source as the user knows it, for messages.
     shown: PathBuf,
-    /// Regions no watch covers (the watch limit was hit): rescanned periodically.
+    /// Regions no watch covers (the watch limit was hit, a watch failed): rescanned
+    /// periodically.
     uncovered: Scope,
+    /// A failed reconcile's scope, tried again with the next batch.
+    pending: Scope,
 }
 
 impl Watch {
@@ -105,9 +113,15 @@ impl Watch {
     /// directory a mount now covers; messages then name it `shown`.
     pub fn start(top: &Path, shown: &Path) -> Result<Watch, WatchError> {
         let (tx, rx) = crossbeam_channel::unbounded();
-        let watcher = notify::recommended_watcher(move |r| {
-            let _ = tx.send(r);
-        })
+        // Symlinks are entries like any other: following one would watch a directory under a
+        // second name (inotify keeps one watch per inode) or reach outside the tree.
+        let config = notify::Config::default().with_follow_symlinks(false);
+        let watcher = notify::RecommendedWatcher::new(
+            move |r| {
+                let _ = tx.send(r);
+            },
+            config,
+        )
         .map_err(|e| WatchError::Watch(shown.display().to_string(), e))?;
         let mut w = Watch {
             watcher,
@@ -115,6 +129,7 @@ impl Watch {
             top: top.to_path_buf(),
             shown: shown.to_path_buf(),
             uncovered: Scope::default(),
+            pending: Scope::default(),
         };
         if let Err(e) = w.watcher.watch(top, RecursiveMode::Recursive) {
             if !matches!(e.kind, notify::ErrorKind::MaxFilesWatch) {
@@ -144,15 +159,38 @@ impl Watch {
     /// Watches a directory that appeared (created or moved in) before it is scanned: a file
     /// made in it from now on raises an event, and one made before is found by the scan.
     fn cover(&mut self, p: &RelPath) {
-        match self
-            .watcher
-            .watch(&self.top.join(p.as_path()), RecursiveMode::Recursive)
-        {
-            Ok(()) => {}
-            Err(e) if matches!(e.kind, notify::ErrorKind::MaxFilesWatch) => self.limit_hit(p.clone()),
-            // Gone again, or not a directory any more: the scan sees what is there.
-            Err(e) => log::debug!("watching {p}: {e}"),
+        if let Err(e) = self.try_cover(p) {
+            if matches!(e.kind, notify::ErrorKind::MaxFilesWatch) {
+                self.limit_hit(p.clone());
+            } else {
+                log::warn!(
+                    "watching {}: {e}; rescanning it periodically",
+                    self.shown.join(p.as_path()).display()
+                );
+                self.uncovered.add(p.clone(), Depth::Tree);
+            }
         }
+    }
+
+    /// notify's recursive watch stops at the first directory it cannot watch (one removed
+    /// during the walk, say), leaving the rest of the walk unwatched: that is a failure unless
+    /// `p` itself is gone or no longer a directory (the scan then sees what is there).
+    fn try_cover(&mut self, p: &RelPath) -> Result<(), notify::Error> {
+        let at = self.top.join(p.as_path());
+        match self.watcher.watch(&at, RecursiveMode::Recursive) {
+            Err(e) if is_dir(&at) => Err(e),
+            Err(e) => {
+                log::debug!("watching {p}: {e} (gone)");
+                Ok(())
+            }
+            Ok(()) => Ok(()),
+        }
+    }
+
+    /// After an overflow or a watch error, directories made meanwhile may lack watches: the
+    /// whole tree is watched again (existing watches are kept) before it is rescanned.
+    fn recover(&mut self) {
+        self.cover(&RelPath::root());
     }
 
     /// Watches again what the limit left uncovered; what is covered now drops out of the
@@ -163,13 +201,8 @@ impl Watch {
             if d != Depth::Tree {
                 continue;
             }
-            if let Err(e) = self
-                .watcher
-                .watch(&self.top.join(p.as_path()), RecursiveMode::Recursive)
-            {
-                if matches!(e.kind, notify::ErrorKind::MaxFilesWatch) {
-                    self.uncovered.add(p.clone(), Depth::Tree);
-                }
+            if self.try_cover(p).is_err() {
+                self.uncovered.add(p.clone(), Depth::Tree);
             }
         }
         if !was.is_empty() && self.uncovered.is_empty() {
@@ -178,54 +211,67 @@ impl Watch {
         was
     }
 
-    /// Keeps the target behind `mirror` equal to the watched tree until `stop` is set. The
-    /// caller has reconciled once after `start`.
+    /// Keeps the target behind `mirror` equal to the watched tree until `stop` is set (or the
+    /// target is lost, which `WatchStats::lost` says). The caller has reconciled once after
+    /// `start`.
     pub fn run(mut self, mirror: &dyn Reconciler, opts: &WatchOptions, stop: &AtomicBool) -> WatchStats {
         let mut stats = WatchStats::default();
         let mut last_tick = Instant::now();
+        // Periodic rescans never take more than about a fifth of the time (under the mount
+        // they hold its operations back).
+        let mut every = opts.rescan_every;
         loop {
             let periodic = !self.uncovered.is_empty();
-            let tick = periodic.then_some(last_tick + opts.rescan_every);
+            let tick = periodic.then_some(last_tick + every);
             let batch = match self.next_batch(opts, stop, tick, &|p| mirror.is_busy(p)) {
                 None => return stats,
                 Some(b) => b,
             };
             stats.events += batch.events;
             let mut scope = batch.scope;
+            scope.merge(std::mem::take(&mut self.pending));
             let mut full = batch.full;
             for p in batch.limit_hits {
                 self.limit_hit(p);
             }
-            if periodic && last_tick.elapsed() >= opts.rescan_every {
-                last_tick = Instant::now();
+            let ticked = periodic && last_tick.elapsed() >= every;
+            if ticked {
                 scope.merge(self.retry_uncovered());
             }
-            // New directories are watched before they are scanned.
-            let fresh: Vec<RelPath> = scope
-                .regions()
-                .filter(|(p, d)| *d == Depth::Tree && !p.is_root())
-                .map(|(p, _)| p.clone())
-                .collect();
-            for p in &fresh {
-                self.cover(p);
+            if full {
+                self.recover();
+            } else {
+                // New directories are watched before they are scanned.
+                let fresh: Vec<RelPath> = scope
+                    .regions()
+                    .filter(|(p, d)| *d == Depth::Tree && !p.is_root())
+                    .map(|(p, _)| p.clone())
+                    .collect();
+                for p in &fresh {
+                    self.cover(p);
+                }
             }
             for (from, to) in &batch.renames {
                 if self.rename_applies(from, to) && mirror.rename(from, to) {
                     stats.renames += 1;
                 }
             }
-            if scope.is_full() {
-                full = true;
+            full |= scope.is_full();
+            if !full && scope.is_empty() {
+                continue;
             }
+            let started = Instant::now();
             let r = if full {
                 stats.rescans += 1;
                 mirror.reconcile_all()
-            } else if scope.is_empty() {
-                continue;
             } else {
                 stats.reconciles += 1;
-                mirror.reconcile_scope(scope)
+                mirror.reconcile_scope(scope.clone())
             };
+            if ticked {
+                last_tick = Instant::now();
+                every = opts.rescan_every.max(started.elapsed() * 5);
+            }
             match r {
                 Ok(r) => {
                     stats.files_sent += r.files_sent;
@@ -247,10 +293,20 @@ impl Watch {
                     }
                 }
                 Err(SyncError::Rpc(e)) => {
-                    log::error!("the target is gone: {e}");
+                    log::error!("the target is lost: {e}");
+                    stats.lost = true;
                     return stats;
                 }
-                Err(e) => log::error!("reconcile: {e}"),
+                Err(e) => {
+                    // Kept, so the next batch tries again (a refused mass delete stays refused
+                    // until the source is back, and nothing else in the batch is dropped).
+                    log::error!("reconcile: {e}");
+                    if full {
+                        self.pending = Scope::full();
+                    } else {
+                        self.pending = scope;
+                    }
+                }
             }
             // A whole-tree walk or a big burst leaves freed memory behind: give it back, so an
             // idle watcher stays small. Not after every small burst: trimming costs CPU.
@@ -365,6 +421,9 @@ impl Batch {
             EventKind::Create(CreateKind::File) => false,
             // A directory may have arrived with its contents.
             EventKind::Modify(ModifyKind::Name(RenameMode::To | RenameMode::Both)) => true,
+            // The path may name a new directory already (`mv new d` over an old `d`): notify
+            // drops watches by path when the old one goes, so the new one is watched again.
+            EventKind::Remove(_) | EventKind::Modify(ModifyKind::Name(RenameMode::From)) => true,
             EventKind::Create(_) => true,
             _ => false,
         };

@@ -361,3 +361,32 @@ fn the_watch_limit_falls_back_to_periodic_rescans() {
     w.converge("after the limit was raised", Duration::from_secs(20));
     w.stop();
 }
+
+/// A symlink to a directory is an entry, not a second way into the directory: changes in the
+/// real directory arrive under its real name, also after the link is removed.
+#[test]
+fn symlinks_to_directories_are_not_followed() {
+    let _g = shared();
+    let w = Watch::start_with(
+        |src| {
+            fs::create_dir_all(src.join("releases/v2")).unwrap();
+            symlink("releases/v2", src.join("current")).unwrap();
+            symlink("/", src.join("outside")).unwrap();
+        },
+        &[],
+    );
+    let t = Duration::from_secs(20);
+    w.converge("start", t);
+    fs::write(w.p("releases/v2/x"), b"through the real name").unwrap();
+    w.converge("write in the linked directory", t);
+    fs::remove_file(w.p("current")).unwrap();
+    w.converge("link removed", t);
+    fs::write(w.p("releases/v2/y"), b"still watched").unwrap();
+    w.converge("write after the link went", t);
+    assert!(
+        !w.log().contains("max_user_watches"),
+        "a link outside the tree was followed:\n{}",
+        w.log()
+    );
+    w.stop();
+}
