@@ -355,13 +355,19 @@ impl Watch {
                 }
             }
         }
+        // The burst ends at the first quiet `debounce`. The thread sleeps through each window
+        // and then takes what arrived, instead of waking for every event: under a stream of
+        // writes (each one an event) that cost a context switch per write.
         let burst = Instant::now();
         while burst.elapsed() < opts.max_delay {
-            match self.rx.recv_timeout(opts.debounce) {
-                Ok(ev) => {
-                    batch.add(self, ev);
-                }
-                Err(_) => break,
+            std::thread::sleep(opts.debounce.min(opts.max_delay.saturating_sub(burst.elapsed())));
+            let mut quiet = true;
+            while let Ok(ev) = self.rx.try_recv() {
+                batch.add(self, ev);
+                quiet = false;
+            }
+            if quiet {
+                break;
             }
         }
         batch.finish(opts, busy);
@@ -446,7 +452,10 @@ impl Batch {
             if new_tree {
                 self.scope.add(p, Depth::Tree);
             } else if let Some(parent) = p.parent() {
-                self.entries.entry(parent).or_default().push(p);
+                let seen = self.entries.entry(parent).or_default();
+                if seen.last() != Some(&p) {
+                    seen.push(p);
+                }
             } else {
                 // The watched directory itself.
                 self.scope.add(p, Depth::Entry);
