@@ -106,6 +106,8 @@ pub struct Watch {
     uncovered: Scope,
     /// A failed reconcile's scope, tried again with the next batch.
     pending: Scope,
+    /// The watch-limit message was given (once until everything is watched again).
+    limit_reported: bool,
 }
 
 impl Watch {
@@ -130,6 +132,7 @@ impl Watch {
             shown: shown.to_path_buf(),
             uncovered: Scope::default(),
             pending: Scope::default(),
+            limit_reported: false,
         };
         if let Err(e) = w.watcher.watch(top, RecursiveMode::Recursive) {
             if !matches!(e.kind, notify::ErrorKind::MaxFilesWatch) {
@@ -141,7 +144,8 @@ impl Watch {
     }
 
     fn limit_hit(&mut self, p: RelPath) {
-        if self.uncovered.is_empty() {
+        if !self.limit_reported {
+            self.limit_reported = true;
             log::error!(
                 "the inotify watch limit is reached under {}; raise fs.inotify.max_user_watches \
                  (sysctl fs.inotify.max_user_watches=N). Until then what is not watched is rescanned \
@@ -207,6 +211,7 @@ impl Watch {
         }
         if !was.is_empty() && self.uncovered.is_empty() {
             log::info!("every directory is watched again");
+            self.limit_reported = false;
         }
         was
     }

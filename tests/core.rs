@@ -350,6 +350,20 @@ fn escapes_are_refused() {
     assert!(!e.root.join("link").exists());
 }
 
+/// Opens a session with the current version and reads the server's answer.
+fn hello(c: &mut std::os::unix::net::UnixStream) {
+    protocol::write_frame(
+        c,
+        &ClientHello {
+            magic: MAGIC,
+            version: PROTOCOL_VERSION,
+            capabilities: vec![],
+        },
+    )
+    .unwrap();
+    let _: ServerHello = protocol::read_frame(c).unwrap();
+}
+
 #[test]
 fn server_answers_bad_frames_and_versions_without_dying() {
     let d = tempfile::tempdir().unwrap();
@@ -379,16 +393,7 @@ fn server_answers_bad_frames_and_versions_without_dying() {
 
     // A malformed request gets an error under its id; the connection then still works.
     let mut c = std::os::unix::net::UnixStream::connect(&sock).unwrap();
-    protocol::write_frame(
-        &mut c,
-        &ClientHello {
-            magic: MAGIC,
-            version: PROTOCOL_VERSION,
-            capabilities: vec![],
-        },
-    )
-    .unwrap();
-    let _: ServerHello = protocol::read_frame(&mut c).unwrap();
+    hello(&mut c);
     let mut junk = vec![0u8; 4];
     junk.extend_from_slice(&[5u8, 0xfe, 0xff, 0xff, 0xff, 0xff]);
     let n = (junk.len() - 4) as u32;
@@ -415,16 +420,7 @@ fn server_answers_bad_frames_and_versions_without_dying() {
 
     // An oversized frame ends that connection cleanly...
     let mut c = std::os::unix::net::UnixStream::connect(&sock).unwrap();
-    protocol::write_frame(
-        &mut c,
-        &ClientHello {
-            magic: MAGIC,
-            version: PROTOCOL_VERSION,
-            capabilities: vec![],
-        },
-    )
-    .unwrap();
-    let _: ServerHello = protocol::read_frame(&mut c).unwrap();
+    hello(&mut c);
     c.write_all(&u32::MAX.to_le_bytes()).unwrap();
     let r: Result<(u64, Response), _> = protocol::read_frame(&mut c);
     assert!(matches!(r, Err(protocol::FrameError::Closed)), "{r:?}");

@@ -109,17 +109,7 @@ fn unchanged_files_are_not_touched() {
 /// (inode, ctime sec, ctime nsec) of every entry, in a stable order.
 fn walk_stats(root: &Path) -> Vec<(u64, i64, i64)> {
     let mut out = Vec::new();
-    let mut stack = vec![root.to_path_buf()];
-    let mut paths = Vec::new();
-    while let Some(d) = stack.pop() {
-        for e in fs::read_dir(&d).unwrap() {
-            let p = e.unwrap().path();
-            if fs::symlink_metadata(&p).unwrap().is_dir() {
-                stack.push(p.clone());
-            }
-            paths.push(p);
-        }
-    }
+    let mut paths = common::all_paths(root);
     paths.sort();
     for p in paths {
         let m = fs::symlink_metadata(&p).unwrap();

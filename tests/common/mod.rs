@@ -234,6 +234,22 @@ fn sh(cmd: &str) {
 }
 
 /// A tree with every kind of entry and attribute the mirror must keep.
+/// Every path beneath `root` (not `root` itself), without following symlinks, in no set order.
+pub fn all_paths(root: &Path) -> Vec<PathBuf> {
+    let mut paths = Vec::new();
+    let mut stack = vec![root.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for e in fs::read_dir(&d).unwrap() {
+            let p = e.unwrap().path();
+            if fs::symlink_metadata(&p).unwrap().is_dir() {
+                stack.push(p.clone());
+            }
+            paths.push(p);
+        }
+    }
+    paths
+}
+
 pub fn rich_tree(root: &Path) {
     fs::create_dir_all(root.join("dir/sub/deeper")).unwrap();
     fs::create_dir_all(root.join("empty")).unwrap();
@@ -270,17 +286,7 @@ pub fn rich_tree(root: &Path) {
     f.write_all_at(b"end", (32 << 20) - 3).unwrap();
     drop(f);
     let mut t = 1_600_000_000i64;
-    let mut paths: Vec<PathBuf> = Vec::new();
-    let mut stack = vec![root.to_path_buf()];
-    while let Some(d) = stack.pop() {
-        for e in fs::read_dir(&d).unwrap() {
-            let p = e.unwrap().path();
-            if fs::symlink_metadata(&p).unwrap().is_dir() {
-                stack.push(p.clone());
-            }
-            paths.push(p);
-        }
-    }
+    let mut paths = all_paths(root);
     // Deepest first, so setting a child's time cannot move its parent's afterwards.
     paths.sort_by_key(|p| std::cmp::Reverse(p.components().count()));
     paths.push(root.to_path_buf());
