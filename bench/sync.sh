@@ -5,9 +5,14 @@
 #
 #   bench/sync.sh                 # Rust docs tree + large-file tree + 1 GiB delta case
 #   ROUNDS=5 WORK=/var/tmp/b bench/sync.sh
+#   TREES=large CASES=copy bench/sync.sh   # a subset while iterating (TREES: docs large;
+#                                          # CASES: copy rerun append big)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROUNDS=${ROUNDS:-3}
+TREES=${TREES:-docs large}
+CASES=${CASES:-copy rerun append big}
+has() { [[ " $CASES " == *" $1 "* ]]; }
 WORK=${WORK:-/tmp/mirrorfs-bench}
 command -v rsync >/dev/null || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq rsync; }
 cargo build --release -q
@@ -22,6 +27,7 @@ echo "many files: $(find "$WORK/docs" -type f | wc -l) files, $(du -sh "$WORK/do
 mkdir -p "$WORK/large"
 for i in 1 2 3 4 5 6 7 8; do head -c $((64 << 20)) /dev/urandom > "$WORK/large/f$i"; done
 echo "large files: 8 x 64 MiB random"
+sync
 
 now() { date +%s.%N; }
 elapsed() { awk -v a="$1" -v b="$(now)" 'BEGIN { printf "%.6f", b - a }'; }
@@ -38,38 +44,46 @@ time_pair() {
     eval "$prep rsync"; t0=$(now); eval "$rcmd" >/dev/null 2>&1; rt+=("$(elapsed "$t0")")
   done
   local m r
+  echo "$name: mirrorfs ${mt[*]}; rsync ${rt[*]}" >&2
   m=$(printf '%s\n' "${mt[@]}" | median)
   r=$(printf '%s\n' "${rt[@]}" | median)
   row "$name (time, s)" "$(printf %.3f "$m")" "$(printf %.3f "$r")" "$(ratio "$m" "$r")"
 }
 
-for tree in docs large; do
+fresh() { rm -rf "$WORK/t-$1"; mkdir "$WORK/t-$1"; sync; }
+noop() { :; }
+for tree in $TREES; do
   S=$WORK/$tree
-  fresh() { rm -rf "$WORK/t-$1"; mkdir "$WORK/t-$1"; sync; }
-  time_pair "$tree: initial copy to empty target" fresh \
+  if has copy; then
+    time_pair "$tree: initial copy to empty target" fresh \
+      "$M sync $S --target $WORK/t-mirror -q" "rsync -a $S/ $WORK/t-rsync/"
+  else
+    fresh mirror; fresh rsync
+    $M sync "$S" --target "$WORK/t-mirror" -q; rsync -a "$S/" "$WORK/t-rsync/"; sync
+  fi
+  has rerun && time_pair "$tree: re-run, nothing changed" noop \
     "$M sync $S --target $WORK/t-mirror -q" "rsync -a $S/ $WORK/t-rsync/"
-  noop() { :; }
-  time_pair "$tree: re-run, nothing changed" noop \
-    "$M sync $S --target $WORK/t-mirror -q" "rsync -a $S/ $WORK/t-rsync/"
+  if [ "$tree" = docs ] && has append; then
+    # Append to 1% of the files, then both catch up; bytes from each tool's own count.
+    mapfile -t files < <(find "$S" -type f | awk 'NR % 100 == 0')
+    append() { if [ "$1" = mirror ]; then for f in "${files[@]}"; do echo "appended $RANDOM" >> "$f"; done; fi; }
+    time_pair "docs: after appending to 1% of files" append \
+      "$M sync $S --target $WORK/t-mirror -q" "rsync -a $S/ $WORK/t-rsync/"
+    for f in "${files[@]}"; do echo "appended again" >> "$f"; done
+    mb=$($M sync "$S" --target "$WORK/t-mirror" 2>&1 | sed -n 's/.* \([0-9]*\) bytes on the wire.*/\1/p')
+    rb=$(rsync -a --stats "$S/" "$WORK/t-rsync/" | sed -n 's/^Total bytes sent: //p' | tr -d ,)
+    row "docs: 1% appended (bytes sent)" "$mb" "$rb" "$(ratio "$mb" "$rb")"
+    for f in "${files[@]}"; do echo "appended a third time" >> "$f"; done
+    rbd=$(rsync -a --no-whole-file --stats "$S/" "$WORK/t-rsync/" | sed -n 's/^Total bytes sent: //p' | tr -d ,)
+    $M sync "$S" --target "$WORK/t-mirror" -q
+    row "  (rsync --no-whole-file bytes, reference)" "-" "$rbd" "-"
+  fi
+  rm -rf "$WORK/t-mirror" "$WORK/t-rsync"
 done
-
-# Append to 1% of the many-file tree, then both catch up; bytes from each tool's own count.
-S=$WORK/docs
-mapfile -t files < <(find "$S" -type f | awk 'NR % 100 == 0')
-append() { if [ "$1" = mirror ]; then for f in "${files[@]}"; do echo "appended $RANDOM" >> "$f"; done; fi; }
-time_pair "docs: after appending to 1% of files" append \
-  "$M sync $S --target $WORK/t-mirror -q" "rsync -a $S/ $WORK/t-rsync/"
-for f in "${files[@]}"; do echo "appended again" >> "$f"; done
-mb=$($M sync "$S" --target "$WORK/t-mirror" 2>&1 | sed -n 's/.* \([0-9]*\) bytes on the wire.*/\1/p')
-rb=$(rsync -a --stats "$S/" "$WORK/t-rsync/" | sed -n 's/^Total bytes sent: //p' | tr -d ,)
-row "docs: 1% appended (bytes sent)" "$mb" "$rb" "$(ratio "$mb" "$rb")"
-for f in "${files[@]}"; do echo "appended a third time" >> "$f"; done
-rbd=$(rsync -a --no-whole-file --stats "$S/" "$WORK/t-rsync/" | sed -n 's/^Total bytes sent: //p' | tr -d ,)
-$M sync "$S" --target "$WORK/t-mirror" -q
-row "  (rsync --no-whole-file bytes, reference)" "-" "$rbd" "-"
+rm -rf "$WORK/docs" "$WORK/large"
+has big || { echo; printf '%-44s %10s %10s %8s\n' "case" "mirrorfs" "rsync" "ratio"; printf '%s\n' "${results[@]}"; rm -rf "$WORK"; exit 0; }
 
 # One 1 GiB file, 1 MiB changed in its middle.
-rm -rf "$WORK/docs" "$WORK/large" "$WORK"/t-*
 mkdir -p "$WORK/one" "$WORK/t-mirror"
 head -c $((1 << 30)) /dev/urandom > "$WORK/one/big"
 $M sync "$WORK/one" --target "$WORK/t-mirror" -q

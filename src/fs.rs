@@ -257,6 +257,18 @@ pub trait FileSystem: Send + Sync {
     fn remove_xattr(&self, p: &RelPath, name: &[u8]) -> FsResult<()>;
     fn fsync(&self, p: &RelPath, datasync: bool) -> FsResult<()>;
 
+    /// A regular file of this file system opened for reading, to hand to an in-process target
+    /// (`Request::StageCopy`); `None` where there is no kernel file behind it.
+    fn open_file(&self, _p: &RelPath) -> FsResult<Option<std::fs::File>> {
+        Ok(None)
+    }
+
+    /// Copies `len` bytes at `offset` of `from` (a file open in this process) to the same offset
+    /// of `p`. Stops early at the end of `from`.
+    fn copy_in(&self, p: &RelPath, offset: u64, from: &std::fs::File, len: u64) -> FsResult<()> {
+        copy_through_buffer(self, p, offset, from, len)
+    }
+
     /// Copies a byte range between two files.
     fn copy_range(&self, src: &RelPath, src_off: u64, dst: &RelPath, dst_off: u64, len: u64) -> FsResult<()> {
         let mut done = 0u64;
@@ -386,6 +398,31 @@ impl std::ops::Deref for FileBytes {
 }
 
 /// Whether this process may set owners (is root).
+/// `FileSystem::copy_in` by reading `from` and writing `p`, a piece at a time.
+pub fn copy_through_buffer<F: FileSystem + ?Sized>(
+    fs: &F,
+    p: &RelPath,
+    offset: u64,
+    from: &std::fs::File,
+    len: u64,
+) -> FsResult<()> {
+    use std::os::unix::fs::FileExt;
+    let mut buf = vec![0u8; (len as usize).min(CHUNK)];
+    let mut done = 0u64;
+    while done < len {
+        let n = ((len - done) as usize).min(buf.len());
+        let got = from
+            .read_at(&mut buf[..n], offset + done)
+            .map_err(|e| FsError::io(e, "read", p))?;
+        if got == 0 {
+            break;
+        }
+        fs.write_at(p, offset + done, &buf[..got])?;
+        done += got as u64;
+    }
+    Ok(())
+}
+
 pub fn running_as_root() -> bool {
     crate::sys::geteuid() == 0
 }

@@ -214,7 +214,25 @@ pub enum Request {
     RemoveTree {
         path: RelPath,
     },
+    /// `len` bytes at `offset` of a file open in this process, copied to the same offset of the
+    /// stage by the kernel (`copy_file_range`), never through a buffer. Only an in-process
+    /// target takes it (it advertises `LOCAL_COPY`): the variant is never encoded nor decoded,
+    /// so it cannot cross a connection. Last in the enum, so the other variants keep their tags.
+    #[serde(skip)]
+    StageCopy {
+        stage: u64,
+        offset: u64,
+        len: u64,
+        from: LocalFile,
+    },
 }
+
+/// The capability of a target that shares this process and can take `Request::StageCopy`.
+pub const LOCAL_COPY: &str = "local-copy";
+
+/// A source file opened for reading, handed to an in-process target.
+#[derive(Debug, Clone)]
+pub struct LocalFile(pub std::sync::Arc<std::fs::File>);
 
 impl Request {
     /// A short name for logs.
@@ -243,6 +261,7 @@ impl Request {
             Request::PutFile { .. } => "put_file",
             Request::StageOpen { .. } => "stage_open",
             Request::StageWrite { .. } => "stage_write",
+            Request::StageCopy { .. } => "stage_copy",
             Request::StageDelta { .. } => "stage_delta",
             Request::StageCommit { .. } => "stage_commit",
             Request::StageAbort { .. } => "stage_abort",
@@ -281,6 +300,7 @@ impl Request {
             Request::Scan { .. }
             | Request::ScanNext
             | Request::StageWrite { .. }
+            | Request::StageCopy { .. }
             | Request::StageDelta { .. }
             | Request::StageCommit { .. }
             | Request::StageAbort { .. } => Vec::new(),
@@ -330,6 +350,25 @@ pub fn encode<T: Serialize>(value: &T) -> Result<Vec<u8>, FrameError> {
     }
     buf[..4].copy_from_slice(&(len as u32).to_le_bytes());
     Ok(buf)
+}
+
+/// The size request `id` would have as a frame on a connection. A `StageCopy` counts as the
+/// `StageWrite` of its bytes that a connection would carry instead.
+pub fn request_frame_len(id: u64, req: &Request) -> u64 {
+    match req {
+        Request::StageCopy {
+            stage, offset, len, ..
+        } => {
+            let head = Request::StageWrite {
+                stage: *stage,
+                offset: *offset,
+                data: Vec::new(),
+            };
+            // The empty data's 1-byte length becomes a varint of up to 9 bytes, plus the bytes.
+            frame_len(&(id, &head)) + 8 + len
+        }
+        _ => frame_len(&(id, req)),
+    }
 }
 
 /// The size `value` would have as a frame on a connection, without building it.

@@ -237,6 +237,19 @@ impl ReplicatorTarget {
                     return Err(e);
                 }
             }
+            Request::StageCopy {
+                stage,
+                offset,
+                len,
+                from,
+            } => {
+                let st = self.stage(stage)?;
+                let tmp = st.tmp.clone();
+                if let Err(e) = fs.copy_in(&tmp, offset, &from.0, len) {
+                    st.failed = Some(e.clone());
+                    return Err(e);
+                }
+            }
             Request::StageDelta { stage, offset, delta } => {
                 let st = self.stage(stage)?;
                 let r = Self::apply_delta(fs, st, offset, &delta);

@@ -433,3 +433,67 @@ fn server_answers_bad_frames_and_versions_without_dying() {
     common::sync(&src, &listen, &["-q"]);
     common::assert_same_tree(&src, &dir);
 }
+
+/// `StageCopy` (what an in-process target takes instead of the bytes): the kernel copies the
+/// given extents into the stage, the holes between them stay holes, and the request can never be
+/// put on a connection.
+#[test]
+fn stage_copy_copies_extents_and_never_travels() {
+    use std::os::unix::fs::{FileExt, MetadataExt};
+    let d = tempfile::tempdir().unwrap();
+    let (src, dst) = (d.path().join("src"), d.path().join("dst"));
+    fs::create_dir(&src).unwrap();
+    fs::create_dir(&dst).unwrap();
+    // 16 MiB apparent: 1 MiB of data at the start and 1 MiB at 12 MiB, a hole between.
+    let f = fs::File::create(src.join("big")).unwrap();
+    f.set_len(16 << 20).unwrap();
+    f.write_all_at(&vec![7u8; 1 << 20], 0).unwrap();
+    f.write_all_at(&vec![9u8; 1 << 20], 12 << 20).unwrap();
+    drop(f);
+
+    let src_fs = LocalFs::new(&src).unwrap();
+    let file = src_fs.open_file(&p("big")).unwrap().expect("a local file system opens files");
+    let from = protocol::LocalFile(Arc::new(file));
+    let mut target = ReplicatorTarget::new(Arc::new(LocalFs::new(&dst).unwrap()), RelPath::root());
+    let mut ask = |req| target.handle_request(req).unwrap();
+    ask(Request::StageOpen {
+        stage: 1,
+        path: p("big"),
+        sparse: true,
+    });
+    for offset in [0u64, 12 << 20] {
+        let from = from.clone();
+        ask(Request::StageCopy {
+            stage: 1,
+            offset,
+            len: 1 << 20,
+            from,
+        });
+    }
+    let m = fs::symlink_metadata(src.join("big")).unwrap();
+    ask(Request::StageCommit {
+        stage: 1,
+        size: 16 << 20,
+        attrs: mirrorfs::fs::Attrs {
+            perm: 0o640,
+            owner: None,
+            mtime: mirrorfs::fs::Time::new(m.mtime(), m.mtime_nsec() as u32),
+            xattrs: Vec::new(),
+        },
+        hash: None,
+    });
+    assert_eq!(fs::read(src.join("big")).unwrap(), fs::read(dst.join("big")).unwrap());
+    let allocated = fs::metadata(dst.join("big")).unwrap().blocks() * 512;
+    assert!(allocated < 4 << 20, "the hole was filled: {allocated} bytes allocated");
+    assert_eq!(fs::read_dir(&dst).unwrap().count(), 1, "a staging file was left behind");
+
+    // Neither a frame nor a byte count for a connection can be made of it.
+    let req = Request::StageCopy {
+        stage: 2,
+        offset: 0,
+        len: 1 << 20,
+        from,
+    };
+    assert!(protocol::encode(&(1u64, &req)).is_err());
+    assert!(protocol::request_frame_len(1, &req) > 1 << 20);
+}

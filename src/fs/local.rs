@@ -371,6 +371,35 @@ impl FileSystem for LocalFs {
         Ok(())
     }
 
+    fn open_file(&self, p: &RelPath) -> FsResult<Option<std::fs::File>> {
+        let fd = self.open(p, RD, "open")?;
+        let st = sys::fstat(fd.as_fd()).map_err(|e| FsError::io(e, "open", p))?;
+        if Kind::from_mode(st.st_mode) != Kind::File {
+            return Err(FsError::new(libc::EINVAL, "open", p));
+        }
+        Ok(Some(std::fs::File::from(fd)))
+    }
+
+    /// In the kernel (`copy_file_range`): no copy through this process, and a reflink where the
+    /// file system shares extents. Falls back to reading and writing where the kernel refuses
+    /// (across file systems on old kernels, or file systems without it).
+    fn copy_in(&self, p: &RelPath, offset: u64, from: &std::fs::File, len: u64) -> FsResult<()> {
+        let d = self.open_file_wr(p, "copy_file_range")?;
+        let mut done = 0u64;
+        while done < len {
+            match sys::copy_file_range(from.as_fd(), offset + done, d.as_fd(), offset + done, (len - done) as usize) {
+                Ok(0) => return Ok(()),
+                Ok(n) => done += n as u64,
+                Err(e) if done == 0 && matches!(e.raw_os_error(), Some(libc::EXDEV | libc::EINVAL | libc::ENOSYS | libc::EOPNOTSUPP)) => {
+                    log::debug!("{p}: copy_file_range refused ({e}); copying through a buffer");
+                    return crate::fs::copy_through_buffer(self, p, offset, from, len);
+                }
+                Err(e) => return Err(FsError::io(e, "copy_file_range", p)),
+            }
+        }
+        Ok(())
+    }
+
     /// One resolution of the parent and one fd for the whole job: create, write, size, owner,
     /// mode, xattrs, mtime, rename.
     fn install_file(

@@ -1,7 +1,9 @@
 //! Applying a plan: turns each `Op` into requests for the target and pipelines them, reading
 //! source content as it goes. Small files travel whole in one `PutFile`; large ones are staged in
 //! 8 MiB pieces, or, when the target has an older version, as rsync deltas against it (verified
-//! by a BLAKE3 hash on the target, with a whole-file fallback). Holes are never sent. A file that
+//! by a BLAKE3 hash on the target, with a whole-file fallback). A target in this process takes
+//! large files as kernel copies from the open source file instead (`StageCopy`), so their bytes
+//! never pass through a buffer here. Holes are never sent. A file that
 //! changes while it is read is read again, so the target never gets a torn copy stamped with a
 //! stale mtime. Per-path failures are collected in the report; a lost connection aborts.
 
@@ -10,9 +12,10 @@ use super::scan::{Entry, Snapshot};
 use crate::fs::{Attrs, FileSystem, Meta};
 use crate::path::RelPath;
 use crate::progress::Progress;
-use crate::protocol::{Reply, Request, DATA_CHUNK};
+use crate::protocol::{LocalFile, Reply, Request, DATA_CHUNK, LOCAL_COPY};
 use crate::rpc::{Pending, Rpc, RpcError};
 use std::collections::VecDeque;
+use std::sync::Arc;
 
 /// Files up to this size travel in a single request.
 pub const SMALL_FILE: u64 = 4 << 20;
@@ -50,6 +53,8 @@ struct Exec<'a> {
     inflight: VecDeque<(Pending, RelPath, &'static str)>,
     report: Report,
     next_stage: u64,
+    /// The target shares this process and takes `StageCopy`.
+    local_copy: bool,
 }
 
 /// Why a delta could not be used; the file is then sent whole.
@@ -75,6 +80,7 @@ pub fn execute(
         inflight: VecDeque::new(),
         report: Report::default(),
         next_stage: 1,
+        local_copy: rpc.target_info().capabilities.iter().any(|c| c == LOCAL_COPY),
     };
     for op in &plan.ops {
         ex.report.ops += 1;
@@ -333,8 +339,28 @@ impl Exec<'_> {
                     sparse: m0.is_sparse(),
                 },
             )?;
+            // An in-process target copies in the kernel; the copies must be done before the
+            // second stat can tell whether they saw one version of the file.
+            let local = match self.local_copy {
+                true => self.fs.open_file(&full).ok().flatten(),
+                false => None,
+            };
+            let copied = local.is_some();
+            if let Some(file) = local {
+                let from = LocalFile(Arc::new(file));
+                for &(offset, len) in &segs {
+                    let req = Request::StageCopy {
+                        stage,
+                        offset,
+                        len,
+                        from: from.clone(),
+                    };
+                    self.send(path, req)?;
+                }
+                self.settle(0)?;
+            }
             let mut failed = None;
-            'segs: for (off, len) in segs {
+            'segs: for (off, len) in segs.into_iter().filter(|_| !copied) {
                 let mut o = off;
                 while o < off + len {
                     let n = ((off + len - o) as usize).min(DATA_CHUNK);

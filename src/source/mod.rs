@@ -82,9 +82,22 @@ impl<R: Rpc> ReplicatorSource<R> {
 
     /// Makes the target equal to the source, writing only what differs.
     pub fn reconcile(&self) -> Result<Report, SyncError> {
+        let t0 = std::time::Instant::now();
         let (src, dst) = scan_both(self.fs.as_ref(), &self.root, &self.rpc, self.opts.checksum, None)?;
+        let t1 = std::time::Instant::now();
         let plan = reconcile::plan(&src, &dst, &self.plan_options(self.opts.checksum))?;
-        self.carry_out(&src, &plan, self.opts.progress)
+        let t2 = std::time::Instant::now();
+        let r = self.carry_out(&src, &plan, self.opts.progress);
+        log::debug!(
+            "reconcile: scans {:?} ({} source, {} target entries), plan {:?} ({} ops), apply {:?}",
+            t1 - t0,
+            src.entries.len(),
+            dst.entries.len(),
+            t2 - t1,
+            plan.ops.len(),
+            t2.elapsed()
+        );
+        r
     }
 
     /// Makes the target equal to the source within `scope` only (what a watcher saw change),
@@ -231,10 +244,16 @@ fn scan_both(
         return Ok((src, collect_scan(rpc, pending)?));
     }
     std::thread::scope(|s| {
-        let src = s.spawn(|| reconcile::scan(fs, root, opts));
+        let t0 = std::time::Instant::now();
+        let src = s.spawn(move || {
+            let r = reconcile::scan(fs, root, opts);
+            log::debug!("source scan {:?}", t0.elapsed());
+            r
+        });
         let pending = rpc.submit(Request::Scan { checksum, scope: None });
         rpc.flush();
         let dst = collect_scan(rpc, pending);
+        log::debug!("target scan {:?}", t0.elapsed());
         let src = src
             .join()
             .unwrap_or_else(|_| Err(FsError::msg(libc::EIO, "scan", root, "source scan panicked")))

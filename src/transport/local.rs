@@ -80,7 +80,7 @@ impl Rpc for LocalTarget {
     fn submit(&self, req: Request) -> Pending {
         let id = self.next.fetch_add(1, Ordering::Relaxed);
         self.bytes
-            .fetch_add(crate::protocol::frame_len(&(id, &req)), Ordering::Relaxed);
+            .fetch_add(crate::protocol::request_frame_len(id, &req), Ordering::Relaxed);
         match &self.mode {
             Mode::Inline(t) => Pending::Ready(t.lock().handle_request(req).map_err(RpcError::Remote)),
             Mode::Threaded { tx, .. } => {
@@ -106,7 +106,7 @@ impl Rpc for LocalTarget {
         TargetInfo {
             is_root: crate::fs::running_as_root(),
             version: crate::protocol::PROTOCOL_VERSION,
-            capabilities: vec!["delta".into(), "stage".into()],
+            capabilities: vec!["delta".into(), "stage".into(), crate::protocol::LOCAL_COPY.into()],
         }
     }
 }
