@@ -175,7 +175,7 @@ impl ReplicatorTarget {
                 for p in &snap.problems {
                     log::warn!("target scan: {p}");
                 }
-                self.scan_rest = Some(snap.entries.into_values().collect::<Vec<_>>().into_iter());
+                self.scan_rest = Some(snap.entries.into_vec().into_iter());
                 return Ok(self.scan_page());
             }
             Request::ScanNext => return Ok(self.scan_page()),

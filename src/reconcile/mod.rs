@@ -11,5 +11,5 @@ pub mod scope;
 
 pub use apply::{execute, ApplyOptions, Report};
 pub use plan::{describe, plan, Op, Plan, PlanError, PlanOptions};
-pub use scan::{scan, scan_scope, Entry, ScanOptions, Snapshot};
+pub use scan::{scan, scan_scope, Entries, Entry, ScanOptions, Snapshot};
 pub use scope::{Depth, Scope};

@@ -131,8 +131,8 @@ pub fn plan(src: &Snapshot, dst: &Snapshot, opts: &PlanOptions) -> Result<Plan, 
     };
 
     // 1. What the source lacks.
-    for p in dst.entries.keys() {
-        if p.is_root() || src.entries.contains_key(p) || src.is_incomplete_at(p) {
+    for (p, in_src) in dst.entries.keys().zip(dst.entries.counterparts(&src.entries)) {
+        if p.is_root() || in_src.is_some() || src.is_incomplete_at(p) {
             continue;
         }
         let parent = p.parent().unwrap_or_default();
@@ -158,11 +158,12 @@ pub fn plan(src: &Snapshot, dst: &Snapshot, opts: &PlanOptions) -> Result<Plan, 
     };
 
     // 2. Pre-order pass over the source.
-    for (p, s) in &src.entries {
+    let in_dst = src.entries.counterparts(&dst.entries);
+    for ((p, s), &t0) in src.entries.iter().zip(&in_dst) {
         if p.is_root() {
             continue;
         }
-        let mut t = if gone(&replaced, p) { None } else { dst.get(p) };
+        let mut t = if gone(&replaced, p) { None } else { t0 };
         if let Some(te) = t {
             let same_kind = te.meta.kind == s.meta.kind;
             let same_node = match s.meta.kind {
@@ -247,11 +248,11 @@ pub fn plan(src: &Snapshot, dst: &Snapshot, opts: &PlanOptions) -> Result<Plan, 
     }
 
     // 3. Post-order pass: directory metadata, children before parents.
-    for (p, s) in src.entries.iter().rev() {
+    for ((p, s), &t0) in src.entries.iter().zip(&in_dst).rev() {
         if s.meta.kind != Kind::Dir {
             continue;
         }
-        let t = if gone(&replaced, p) { None } else { dst.get(p) };
+        let t = if gone(&replaced, p) { None } else { t0 };
         let needed = match t {
             None => true,
             Some(te) => touched.contains(p) || attrs_differ(s, te, opts),

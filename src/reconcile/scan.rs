@@ -1,5 +1,7 @@
 //! Scanning: walk a tree through `FileSystem::read_dir` (one open directory per listing, entries
-//! read with `*at` calls) into a `Snapshot` keyed by `RelPath`, in pre-order. A directory that
+//! read with `*at` calls) into a `Snapshot`: its entries in one vector sorted by `RelPath`
+//! (pre-order), looked up by binary search, so a tree of 50k entries costs one allocation per
+//! entry's path and no map nodes. A directory that
 //! cannot be read is recorded as incomplete, never as empty, so nothing beneath it is deleted on
 //! the strength of a failed read.
 
@@ -7,7 +9,7 @@ use super::scope::{Depth, Scope};
 use crate::fs::{FileSystem, FsError, Kind, Meta, Xattr};
 use crate::path::RelPath;
 use serde::{Deserialize, Serialize};
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeSet;
 
 /// One entry of a scanned tree.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -27,10 +29,101 @@ pub struct ScanOptions {
     pub checksum: bool,
 }
 
+/// Entries sorted by path, each path once: a map from path to entry with map-like accessors.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Entries(Vec<Entry>);
+
+impl Entries {
+    /// Sorts by path; of entries with equal paths the first is kept.
+    pub fn new(mut v: Vec<Entry>) -> Entries {
+        // Already sorted in the common case (a walk in pre-order), which the sort sees in O(n).
+        v.sort_by(|a, b| a.path.cmp(&b.path));
+        v.dedup_by(|a, b| a.path == b.path);
+        Entries(v)
+    }
+
+    fn find(&self, p: &RelPath) -> Result<usize, usize> {
+        self.0.binary_search_by(|e| e.path.cmp(p))
+    }
+
+    pub fn get(&self, p: &RelPath) -> Option<&Entry> {
+        self.find(p).ok().map(|i| &self.0[i])
+    }
+
+    pub fn get_mut(&mut self, p: &RelPath) -> Option<&mut Entry> {
+        self.find(p).ok().map(|i| &mut self.0[i])
+    }
+
+    pub fn contains_key(&self, p: &RelPath) -> bool {
+        self.find(p).is_ok()
+    }
+
+    /// Adds `e`, replacing the entry with its path if there is one.
+    pub fn insert(&mut self, e: Entry) {
+        match self.find(&e.path) {
+            Ok(i) => self.0[i] = e,
+            Err(i) => self.0.insert(i, e),
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    pub fn keys(&self) -> impl ExactSizeIterator<Item = &RelPath> + DoubleEndedIterator {
+        self.0.iter().map(|e| &e.path)
+    }
+
+    pub fn values(&self) -> std::slice::Iter<'_, Entry> {
+        self.0.iter()
+    }
+
+    pub fn iter(&self) -> impl ExactSizeIterator<Item = (&RelPath, &Entry)> + DoubleEndedIterator {
+        self.0.iter().map(|e| (&e.path, e))
+    }
+
+    pub fn into_vec(self) -> Vec<Entry> {
+        self.0
+    }
+
+    /// For each entry in order, the entry of `other` with the same path: one merge of the two
+    /// sorted lists instead of a search per entry.
+    pub fn counterparts<'a>(&self, other: &'a Entries) -> Vec<Option<&'a Entry>> {
+        let mut out = Vec::with_capacity(self.0.len());
+        let mut j = 0;
+        for e in &self.0 {
+            while j < other.0.len() && other.0[j].path < e.path {
+                j += 1;
+            }
+            out.push(other.0.get(j).filter(|o| o.path == e.path));
+        }
+        out
+    }
+}
+
+impl<'a> IntoIterator for &'a Entries {
+    type Item = (&'a RelPath, &'a Entry);
+    type IntoIter = std::iter::Map<std::slice::Iter<'a, Entry>, fn(&'a Entry) -> (&'a RelPath, &'a Entry)>;
+    fn into_iter(self) -> Self::IntoIter {
+        self.0.iter().map(|e| (&e.path, e))
+    }
+}
+
+impl std::ops::Index<&RelPath> for Entries {
+    type Output = Entry;
+    fn index(&self, p: &RelPath) -> &Entry {
+        self.get(p).unwrap_or_else(|| panic!("no entry {p}"))
+    }
+}
+
 /// A scanned tree: every entry including the root (the empty path).
 #[derive(Debug, Clone, Default)]
 pub struct Snapshot {
-    pub entries: BTreeMap<RelPath, Entry>,
+    pub entries: Entries,
     /// Directories whose listing failed: their contents are unknown.
     pub incomplete: BTreeSet<RelPath>,
     /// What went wrong while scanning, per path.
@@ -40,7 +133,7 @@ pub struct Snapshot {
 impl Snapshot {
     pub fn from_entries(entries: impl IntoIterator<Item = Entry>) -> Snapshot {
         Snapshot {
-            entries: entries.into_iter().map(|e| (e.path.clone(), e)).collect(),
+            entries: Entries::new(entries.into_iter().collect()),
             ..Default::default()
         }
     }
@@ -51,6 +144,9 @@ impl Snapshot {
 
     /// True when `p` or one of its ancestors could not be listed.
     pub fn is_incomplete_at(&self, p: &RelPath) -> bool {
+        if self.incomplete.is_empty() {
+            return false;
+        }
         let mut cur = p.parent();
         while let Some(c) = cur {
             if self.incomplete.contains(&c) {
@@ -99,11 +195,8 @@ pub fn scan_scope(fs: &dyn FileSystem, root: &RelPath, scope: &Scope, opts: Scan
         }
         w.walk(path, depth == Depth::Tree);
     }
-    let mut found = w.found;
-    found.sort_unstable_by(|a, b| a.path.cmp(&b.path));
-    found.dedup_by(|a, b| a.path == b.path);
     let mut snap = w.snap;
-    snap.entries = found.into_iter().map(|e| (e.path.clone(), e)).collect();
+    snap.entries = Entries::new(w.found);
     Ok(snap)
 }
 
@@ -195,6 +288,79 @@ impl Walk<'_> {
                     hash,
                 });
             }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn e(path: &str, size: u64) -> Entry {
+        Entry {
+            path: if path.is_empty() {
+                RelPath::root()
+            } else {
+                RelPath::new(path).unwrap()
+            },
+            meta: Meta {
+                kind: Kind::File,
+                perm: 0o644,
+                uid: 0,
+                gid: 0,
+                size,
+                mtime: Default::default(),
+                atime: Default::default(),
+                ctime: Default::default(),
+                dev: 1,
+                ino: size,
+                nlink: 1,
+                rdev: 0,
+                blocks: 0,
+            },
+            link: None,
+            xattrs: Vec::new(),
+            hash: None,
+        }
+    }
+
+    fn paths(es: &Entries) -> Vec<String> {
+        es.keys().map(|p| p.to_string()).collect()
+    }
+
+    #[test]
+    fn entries_are_sorted_by_component_and_unique() {
+        // "a/x" sorts before "a.b" (component order), and a repeated path keeps its first entry.
+        let es = Entries::new(vec![e("a.b", 1), e("a/x", 2), e("", 0), e("a", 3), e("a/x", 9)]);
+        assert_eq!(paths(&es), [".", "a", "a/x", "a.b"]);
+        assert_eq!(es.get(&RelPath::new("a/x").unwrap()).unwrap().meta.size, 2);
+        assert!(es.contains_key(&RelPath::new("a.b").unwrap()));
+        assert!(!es.contains_key(&RelPath::new("a/y").unwrap()));
+        let mut es = es;
+        es.insert(e("a/w", 4));
+        es.insert(e("a", 5));
+        assert_eq!(paths(&es), [".", "a", "a/w", "a/x", "a.b"]);
+        assert_eq!(es[&RelPath::new("a").unwrap()].meta.size, 5);
+    }
+
+    #[test]
+    fn counterparts_pair_equal_paths() {
+        let cases: &[(&[&str], &[&str], &[bool])] = &[
+            (&["", "a", "a/x", "b"], &["", "a/x", "b", "c"], &[true, false, true, true]),
+            (&["", "a"], &[""], &[true, false]),
+            (&[""], &["", "a", "b"], &[true]),
+            (&["", "z"], &["", "a", "b", "z"], &[true, true]),
+        ];
+        for (a, b, want) in cases {
+            let a = Entries::new(a.iter().map(|p| e(p, 0)).collect());
+            let b = Entries::new(b.iter().map(|p| e(p, 0)).collect());
+            let got: Vec<bool> = a
+                .counterparts(&b)
+                .iter()
+                .zip(a.values())
+                .map(|(o, x)| o.is_some_and(|o| o.path == x.path))
+                .collect();
+            assert_eq!(&got, want, "{:?} against {:?}", paths(&a), paths(&b));
         }
     }
 }
