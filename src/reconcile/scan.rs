@@ -260,33 +260,47 @@ impl Walk<'_> {
     }
 
     /// Records what lies beneath the directory `top`: its children, or with `deep` everything.
+    /// In pre-order with each listing sorted by name, which is the order of `RelPath`, so a
+    /// whole-tree snapshot comes out sorted.
     fn walk(&mut self, top: &RelPath, deep: bool) {
-        let mut stack = vec![top.clone()];
-        while let Some(dir) = stack.pop() {
-            let full = self.root.join_rel(&dir);
-            let list = match self.fs.read_dir(&full, true) {
-                Ok(l) => l,
-                Err(e) => {
-                    self.snap.incomplete.insert(dir.clone());
-                    self.snap.problems.push(e);
-                    continue;
-                }
+        let Some(first) = self.list(top) else { return };
+        let mut stack = vec![(top.clone(), first)];
+        while let Some((dir, list)) = stack.last_mut() {
+            let Some(de) = list.next() else {
+                stack.pop();
+                continue;
             };
-            for de in list {
-                let Ok(path) = dir.join(&de.name) else {
-                    continue;
-                };
-                let hash = self.hash(&path, de.meta.kind);
-                if deep && de.meta.kind == Kind::Dir {
-                    stack.push(path.clone());
+            let Ok(path) = dir.join(&de.name) else {
+                continue;
+            };
+            let hash = self.hash(&path, de.meta.kind);
+            let sub = (deep && de.meta.kind == Kind::Dir).then(|| path.clone());
+            self.found.push(Entry {
+                path,
+                meta: de.meta,
+                link: de.link,
+                xattrs: de.xattrs,
+                hash,
+            });
+            if let Some(sub) = sub {
+                if let Some(l) = self.list(&sub) {
+                    stack.push((sub, l));
                 }
-                self.found.push(Entry {
-                    path,
-                    meta: de.meta,
-                    link: de.link,
-                    xattrs: de.xattrs,
-                    hash,
-                });
+            }
+        }
+    }
+
+    /// The listing of `dir` sorted by name, or `None` (recorded as incomplete) when unreadable.
+    fn list(&mut self, dir: &RelPath) -> Option<std::vec::IntoIter<crate::fs::DirEntry>> {
+        match self.fs.read_dir(&self.root.join_rel(dir), true) {
+            Ok(mut l) => {
+                l.sort_unstable_by(|a, b| a.name.cmp(&b.name));
+                Some(l.into_iter())
+            }
+            Err(e) => {
+                self.snap.incomplete.insert(dir.clone());
+                self.snap.problems.push(e);
+                None
             }
         }
     }
