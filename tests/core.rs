@@ -497,3 +497,38 @@ fn stage_copy_copies_extents_and_never_travels() {
     assert!(protocol::encode(&(1u64, &req)).is_err());
     assert!(protocol::request_frame_len(1, &req) > 1 << 20);
 }
+
+/// A delta the target refuses (its basis changed after it gave the signature, so the rebuilt
+/// file fails the source's hash) is sent whole after the plan, and the directory's mtime, which
+/// that second rename changed, is set again.
+#[test]
+fn memfs_refused_delta_is_sent_whole() {
+    let src = Arc::new(MemFs::new());
+    let data: Vec<u8> = (0..1_000_000u32).map(|i| (i.wrapping_mul(2654435761) >> 11) as u8).collect();
+    src.mkdir(&p("d"), 0o755).unwrap();
+    src.create(&p("d/big"), 0o644, true).unwrap();
+    src.write_at(&p("d/big"), 0, &data).unwrap();
+    src.set_times(&p("d"), SetTime::Omit, SetTime::At(mirrorfs::fs::Time::new(1_000_000, 5)))
+        .unwrap();
+    let dst = Arc::new(MemFs::new());
+    replicate(&src, &dst);
+    src.write_at(&p("d/big"), 500_000, b"a small change").unwrap();
+    src.set_times(&p("d"), SetTime::Omit, SetTime::At(mirrorfs::fs::Time::new(1_000_000, 5)))
+        .unwrap();
+
+    let target = Mutex::new(ReplicatorTarget::new(dst.clone(), RelPath::root()));
+    let spoil = dst.clone();
+    let rpc = move |req: Request| -> Response {
+        let signature = matches!(req, Request::Signature { .. });
+        let r = target.lock().handle_request(req);
+        if signature {
+            spoil.write_at(&p("d/big"), 100, b"spoilt").unwrap();
+        }
+        r
+    };
+    let s = ReplicatorSource::new(src.clone(), RelPath::root(), rpc).unwrap();
+    let r = s.last_report();
+    assert_eq!((r.delta_files, r.files_sent), (0, 1), "{r:?}");
+    assert!(r.problems.is_empty(), "{:?}", r.problems);
+    mem_equal(&src, &dst);
+}

@@ -22,6 +22,9 @@ pub const SMALL_FILE: u64 = 4 << 20;
 /// Files from this size are sent as deltas when the target has a version.
 pub const DELTA_MIN: u64 = 64 << 10;
 const MAX_INFLIGHT: usize = 4096;
+/// Signatures asked for ahead of the files that need them, so the target computes the next
+/// ones while this side diffs, instead of both waiting in turn.
+const SIGNATURES_AHEAD: usize = 8;
 const READ_TRIES: usize = 3;
 
 #[derive(Debug, Clone, Default)]
@@ -50,15 +53,34 @@ struct Exec<'a> {
     rpc: &'a dyn Rpc,
     opts: &'a ApplyOptions,
     progress: &'a Progress,
-    inflight: VecDeque<(Pending, RelPath, &'static str)>,
+    inflight: VecDeque<(Pending, RelPath, &'static str, OnError)>,
+    /// Files whose delta the target refused: sent whole once the plan is through.
+    resend: Vec<RelPath>,
     report: Report,
     next_stage: u64,
     /// The target shares this process and takes `StageCopy`.
     local_copy: bool,
+    /// Files the plan will send as deltas, in plan order, and the next one to ask a signature for.
+    delta_queue: Vec<(RelPath, u64)>,
+    next_signature: usize,
+    /// Signatures asked for and not yet used, in plan order.
+    signatures: VecDeque<(RelPath, Pending)>,
 }
 
 /// Why a delta could not be used; the file is then sent whole.
 struct NoDelta;
+
+/// What a failed answer means.
+#[derive(Debug, Clone, Copy)]
+enum OnError {
+    /// A per-path problem for the report.
+    Report,
+    /// Nothing by itself: a delta piece, whose failure fails the stage's commit too.
+    Ignore,
+    /// The commit of a delta: the target refused the rebuilt file, which is then sent whole.
+    /// Holds the bytes counted for it.
+    Resend(u64),
+}
 
 pub fn execute(
     fs: &dyn FileSystem,
@@ -78,15 +100,50 @@ pub fn execute(
         opts,
         progress,
         inflight: VecDeque::new(),
+        resend: Vec::new(),
         report: Report::default(),
         next_stage: 1,
         local_copy: rpc.target_info().capabilities.iter().any(|c| c == LOCAL_COPY),
+        delta_queue: plan
+            .ops
+            .iter()
+            .filter_map(|op| match op {
+                Op::Transfer { path, basis: true } => {
+                    let size = src.get(path)?.meta.size;
+                    (size >= DELTA_MIN).then(|| (path.clone(), size))
+                }
+                _ => None,
+            })
+            .collect(),
+        next_signature: 0,
+        signatures: VecDeque::new(),
     };
+    // The first signatures are computed while the first files are sent.
+    ex.ask_signatures_ahead();
     for op in &plan.ops {
         ex.report.ops += 1;
         ex.run(op)?;
     }
+    // Signatures asked for but not used (a file that shrank below the delta size): drained so
+    // their answers do not outlive the apply.
+    for (_, p) in ex.signatures.drain(..) {
+        if let Err(e @ (RpcError::Disconnected(_) | RpcError::Timeout(_))) = p.wait() {
+            return Err(e);
+        }
+    }
     ex.settle(0)?;
+    while !ex.resend.is_empty() {
+        let mut parents = std::collections::BTreeSet::new();
+        for path in std::mem::take(&mut ex.resend) {
+            ex.send_whole(&path)?;
+            parents.extend(path.parent());
+        }
+        // The new file's rename changed its directory's mtime after the plan had set it.
+        for dir in parents.iter().rev().filter(|d| src.get(d).is_some()) {
+            ex.run(&Op::Attrs(dir.clone()))?;
+        }
+        ex.settle(0)?;
+    }
     ex.report.wire_bytes = rpc.bytes_sent() - start_bytes;
     Ok(ex.report)
 }
@@ -123,32 +180,44 @@ impl Exec<'_> {
         self.report.problems.push(what);
     }
 
-    /// Records one answer; a lost connection is fatal, anything else is a per-path problem.
-    fn record(&mut self, r: Result<Reply, RpcError>, path: &RelPath, name: &str) -> Result<(), RpcError> {
-        match r {
-            Ok(_) => Ok(()),
-            Err(RpcError::Remote(e)) => {
+    /// Records one answer; a lost connection is fatal, anything else is dealt with per path.
+    fn record(&mut self, r: Result<Reply, RpcError>, path: &RelPath, name: &str, on: OnError) -> Result<(), RpcError> {
+        match (r, on) {
+            (Ok(_), _) | (Err(RpcError::Remote(_)), OnError::Ignore) => Ok(()),
+            (Err(RpcError::Remote(e)), OnError::Report) => {
                 self.problem(format!("{name} {path}: {e}"));
                 Ok(())
             }
-            Err(e) => Err(e),
+            (Err(RpcError::Remote(e)), OnError::Resend(bytes)) => {
+                log::info!("{path}: delta rejected by the target ({e}); sending whole");
+                self.report.delta_files -= 1;
+                self.report.files_sent -= 1;
+                self.report.content_bytes -= bytes;
+                self.resend.push(path.clone());
+                Ok(())
+            }
+            (Err(e), _) => Err(e),
         }
     }
 
     fn send(&mut self, path: &RelPath, req: Request) -> Result<(), RpcError> {
+        self.send_as(path, req, OnError::Report)
+    }
+
+    fn send_as(&mut self, path: &RelPath, req: Request, on: OnError) -> Result<(), RpcError> {
         let name = req.name();
         let p = self.rpc.submit(req);
-        self.inflight.push_back((p, path.clone(), name));
-        while self.inflight.front().is_some_and(|(p, _, _)| p.is_ready()) {
+        self.inflight.push_back((p, path.clone(), name, on));
+        while self.inflight.front().is_some_and(|(p, ..)| p.is_ready()) {
             self.settle_one()?;
         }
         self.settle(MAX_INFLIGHT)
     }
 
     fn settle_one(&mut self) -> Result<(), RpcError> {
-        if let Some((p, path, name)) = self.inflight.pop_front() {
+        if let Some((p, path, name, on)) = self.inflight.pop_front() {
             let r = p.wait();
-            self.record(r, &path, name)?;
+            self.record(r, &path, name, on)?;
         }
         Ok(())
     }
@@ -405,6 +474,44 @@ impl Exec<'_> {
         Ok(())
     }
 
+    /// The target's signature of `path`, asked for now unless it was asked for ahead; and
+    /// the signatures of the next few delta files asked for ahead.
+    fn signature(&mut self, path: &RelPath, size: u64) -> Pending {
+        // Answers for files passed over (not sent as deltas after all) are dropped; the plan,
+        // and so the queue, is in path order.
+        while self.signatures.front().is_some_and(|(p, _)| p < path) {
+            self.signatures.pop_front();
+        }
+        let mine = match self.signatures.front() {
+            Some((p, _)) if p == path => self.signatures.pop_front().map(|(_, pending)| pending),
+            _ => None,
+        };
+        // Skip the queue up to and past this file, then ask ahead.
+        if let Some(i) = self.delta_queue[self.next_signature..].iter().position(|(q, _)| q == path) {
+            self.next_signature += i + 1;
+        }
+        let mine = mine.unwrap_or_else(|| {
+            self.rpc.submit(Request::Signature {
+                path: path.clone(),
+                block_size: block_size(size),
+            })
+        });
+        self.ask_signatures_ahead();
+        mine
+    }
+
+    fn ask_signatures_ahead(&mut self) {
+        while self.signatures.len() < SIGNATURES_AHEAD && self.next_signature < self.delta_queue.len() {
+            let (p, size) = self.delta_queue[self.next_signature].clone();
+            self.next_signature += 1;
+            let pending = self.rpc.submit(Request::Signature {
+                path: p.clone(),
+                block_size: block_size(size),
+            });
+            self.signatures.push_back((p, pending));
+        }
+    }
+
     /// An rsync delta against the target's current file, in segments of `DATA_CHUNK`.
     fn send_delta(&mut self, path: &RelPath) -> Result<Result<(), NoDelta>, RpcError> {
         let full = self.root.join_rel(path);
@@ -412,10 +519,7 @@ impl Exec<'_> {
             Ok(m) => m,
             Err(_) => return Ok(Err(NoDelta)),
         };
-        let sig = match self.rpc.call(Request::Signature {
-            path: path.clone(),
-            block_size: block_size(m0.size),
-        }) {
+        let sig = match self.signature(path, m0.size).wait() {
             Ok(Reply::Signature(s)) => s,
             Ok(_) | Err(RpcError::Remote(_)) => return Ok(Err(NoDelta)),
             Err(e) => return Err(e),
@@ -426,11 +530,14 @@ impl Exec<'_> {
         let index = sig.index();
         let stage = self.next_stage;
         self.next_stage += 1;
-        let mut parts = vec![self.rpc.submit(Request::StageOpen {
+        // Pipelined like any other file: the commit's answer is checked when it arrives, and a
+        // refused delta is sent whole after the plan (`OnError::Resend`).
+        let open = Request::StageOpen {
             stage,
             path: path.clone(),
             sparse: m0.is_sparse(),
-        })];
+        };
+        self.send_as(path, open, OnError::Ignore)?;
         let mut hasher = blake3::Hasher::new();
         let mut off = 0u64;
         let mut ok = true;
@@ -448,44 +555,29 @@ impl Exec<'_> {
                 ok = false;
                 break;
             }
-            parts.push(self.rpc.submit(Request::StageDelta {
+            let piece = Request::StageDelta {
                 stage,
                 offset: off,
                 delta,
-            }));
+            };
+            self.send_as(path, piece, OnError::Ignore)?;
             off += data.len() as u64;
         }
         let stable = ok && off == m0.size && self.fs.stat(&full).map(|m1| same_version(&m0, &m1)).unwrap_or(false);
-        let last = if stable {
-            let attrs = self.attrs(&m0, self.entry(path));
-            let hash = Some(*hasher.finalize().as_bytes());
-            self.rpc.submit(Request::StageCommit {
-                stage,
-                size: m0.size,
-                attrs,
-                hash,
-            })
-        } else {
-            self.rpc.submit(Request::StageAbort { stage })
+        if !stable {
+            self.send_as(path, Request::StageAbort { stage }, OnError::Ignore)?;
+            return Ok(Err(NoDelta));
+        }
+        let attrs = self.attrs(&m0, self.entry(path));
+        let commit = Request::StageCommit {
+            stage,
+            size: m0.size,
+            attrs,
+            hash: Some(*hasher.finalize().as_bytes()),
         };
-        for p in parts {
-            match p.wait() {
-                Ok(_) | Err(RpcError::Remote(_)) => {}
-                Err(e) => return Err(e),
-            }
-        }
-        match last.wait() {
-            Ok(_) if stable => {
-                self.report.delta_files += 1;
-                self.count_file(m0.size);
-                Ok(Ok(()))
-            }
-            Ok(_) => Ok(Err(NoDelta)),
-            Err(RpcError::Remote(e)) => {
-                log::info!("{path}: delta rejected by the target ({e}); sending whole");
-                Ok(Err(NoDelta))
-            }
-            Err(e) => Err(e),
-        }
+        self.report.delta_files += 1;
+        self.count_file(m0.size);
+        self.send_as(path, commit, OnError::Resend(m0.size))?;
+        Ok(Ok(()))
     }
 }
