@@ -6,17 +6,25 @@
 #   bench/sync.sh                 # Rust docs tree + large-file tree + 1 GiB delta case
 #   ROUNDS=5 WORK=/var/tmp/b bench/sync.sh
 #   TREES=large CASES=copy bench/sync.sh   # a subset while iterating (TREES: docs large;
-#                                          # CASES: copy rerun append big)
+#                                          # CASES: copy rerun append remote big)
+#   DELAY_MS=25 bench/sync.sh      # one-way delay of the link in the remote cases (default 5)
+#
+# The remote cases run the docs tree over TCP through bench/delay.py, a relay that delays each
+# direction by DELAY_MS: `mirrorfs serve` against an rsync daemon, each behind its own relay.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROUNDS=${ROUNDS:-3}
 TREES=${TREES:-docs large}
-CASES=${CASES:-copy rerun append big}
+CASES=${CASES:-copy rerun append remote big}
+DELAY_MS=${DELAY_MS:-5}
 has() { [[ " $CASES " == *" $1 "* ]]; }
 WORK=${WORK:-/tmp/mirrorfs-bench}
 command -v rsync >/dev/null || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq rsync; }
 cargo build --release -q
 M=$PWD/target/release/mirrorfs
+BENCH=$PWD/bench
+pids=()
+trap 'kill "${pids[@]}" 2>/dev/null || true' EXIT
 
 rm -rf "$WORK"
 mkdir -p "$WORK"
@@ -77,6 +85,41 @@ for tree in $TREES; do
     rbd=$(rsync -a --no-whole-file --stats "$S/" "$WORK/t-rsync/" | sed -n 's/^Total bytes sent: //p' | tr -d ,)
     $M sync "$S" --target "$WORK/t-mirror" -q
     row "  (rsync --no-whole-file bytes, reference)" "-" "$rbd" "-"
+  fi
+  if [ "$tree" = docs ] && has remote; then
+    # The same tree to a server on the other end of a link with latency.
+    mkdir -p "$WORK/r-mirror" "$WORK/r-rsync"
+    cat > "$WORK/rsyncd.conf" <<CONF
+pid file = $WORK/rsyncd.pid
+use chroot = false
+[t]
+  path = $WORK/r-rsync
+  read only = false
+  uid = root
+  gid = root
+CONF
+    $M serve "$WORK/r-mirror" --listen tcp:127.0.0.1:17611 2>/dev/null & pids+=($!)
+    rsync --daemon --no-detach --address 127.0.0.1 --port 17613 --config "$WORK/rsyncd.conf" & pids+=($!)
+    python3 "$BENCH/delay.py" 17612 17611 "$DELAY_MS" & pids+=($!)
+    python3 "$BENCH/delay.py" 17614 17613 "$DELAY_MS" & pids+=($!)
+    sleep 1
+    RM="$M sync $S --target tcp:127.0.0.1:17612 -q"
+    RR="rsync -a $S/ rsync://127.0.0.1:17614/t/"
+    empty() { find "$WORK/r-$1" -mindepth 1 -delete; sync; }
+    l="docs over TCP, ${DELAY_MS} ms each way"
+    time_pair "$l: initial copy" empty "$RM" "$RR"
+    time_pair "$l: re-run" noop "$RM" "$RR"
+    mapfile -t files < <(find "$S" -type f | awk 'NR % 100 == 0')
+    append() { if [ "$1" = mirror ]; then for f in "${files[@]}"; do echo "appended $RANDOM" >> "$f"; done; fi; }
+    time_pair "$l: 1% appended" append "$RM" "$RR"
+    for f in "${files[@]}"; do echo "appended again" >> "$f"; done
+    mb=$($M sync "$S" --target tcp:127.0.0.1:17612 2>&1 | sed -n 's/.* \([0-9]*\) bytes on the wire.*/\1/p')
+    rb=$($RR --stats | sed -n 's/^Total bytes sent: //p' | tr -d ,)
+    row "$l: 1% appended (bytes sent)" "$mb" "$rb" "$(ratio "$mb" "$rb")"
+    kill "${pids[@]}" 2>/dev/null || true
+    wait 2>/dev/null || true
+    pids=()
+    rm -rf "$WORK/r-mirror" "$WORK/r-rsync"
   fi
   rm -rf "$WORK/t-mirror" "$WORK/t-rsync"
 done

@@ -381,6 +381,21 @@ fn serve_over_unix_and_tcp_with_token() {
         let _server = serve(&dst, &sock_arg, &[]);
         sync(&src, &sock_arg, &["-q"]);
         assert_same_tree(&src, &dst);
+        // Over a connection even small files travel as deltas: many files appended to at once,
+        // their signatures asked for ahead, their deltas pipelined.
+        fs::create_dir(src.join("many")).unwrap();
+        for i in 0..100 {
+            fs::write(src.join(format!("many/{i}")), vec![b'a' + (i % 26) as u8; 8 << 10]).unwrap();
+        }
+        sync(&src, &sock_arg, &["-q"]);
+        for i in 0..100 {
+            let mut f = fs::OpenOptions::new().append(true).open(src.join(format!("many/{i}"))).unwrap();
+            std::io::Write::write_all(&mut f, format!("appended {i}\n").as_bytes()).unwrap();
+        }
+        let out = sync(&src, &sock_arg, &[]);
+        assert!(out.contains("100 files sent (100 as deltas)"), "{out}");
+        assert!(field(&out, "bytes on the wire") < 100 * (4 << 10), "{out}");
+        assert_same_tree(&src, &dst);
     }
     // TCP on loopback with a token; a wrong token is refused and changes nothing.
     let token = d.path().join("token");

@@ -19,12 +19,16 @@ use std::sync::Arc;
 
 /// Files up to this size travel in a single request.
 pub const SMALL_FILE: u64 = 4 << 20;
-/// Files from this size are sent as deltas when the target has a version.
-pub const DELTA_MIN: u64 = 64 << 10;
+/// Files from this size are sent as deltas when the target has a version, over a connection.
+pub const DELTA_MIN: u64 = 4 << 10;
+/// The same for a target in this process. There the bytes cross no link and a delta costs more
+/// CPU than the copy it replaces, so the many small files go as copies; larger ones still go as
+/// deltas, which keeps `bytes on the wire` what a link would carry.
+pub const DELTA_MIN_LOCAL: u64 = 64 << 10;
 const MAX_INFLIGHT: usize = 4096;
 /// Signatures asked for ahead of the files that need them, so the target computes the next
 /// ones while this side diffs, instead of both waiting in turn.
-const SIGNATURES_AHEAD: usize = 8;
+const SIGNATURES_AHEAD: usize = 64;
 const READ_TRIES: usize = 3;
 
 #[derive(Debug, Clone, Default)]
@@ -60,6 +64,8 @@ struct Exec<'a> {
     next_stage: u64,
     /// The target shares this process and takes `StageCopy`.
     local_copy: bool,
+    /// Files from this size are sent as deltas.
+    delta_min: u64,
     /// Files the plan will send as deltas, in plan order, and the next one to ask a signature for.
     delta_queue: Vec<(RelPath, u64)>,
     next_signature: usize,
@@ -92,6 +98,8 @@ pub fn execute(
     progress: &Progress,
 ) -> Result<Report, RpcError> {
     let start_bytes = rpc.bytes_sent();
+    let local_copy = rpc.target_info().capabilities.iter().any(|c| c == LOCAL_COPY);
+    let delta_min = if local_copy { DELTA_MIN_LOCAL } else { DELTA_MIN };
     let mut ex = Exec {
         fs,
         root,
@@ -103,14 +111,15 @@ pub fn execute(
         resend: Vec::new(),
         report: Report::default(),
         next_stage: 1,
-        local_copy: rpc.target_info().capabilities.iter().any(|c| c == LOCAL_COPY),
+        local_copy,
+        delta_min,
         delta_queue: plan
             .ops
             .iter()
             .filter_map(|op| match op {
                 Op::Transfer { path, basis: true } => {
                     let size = src.get(path)?.meta.size;
-                    (size >= DELTA_MIN).then(|| (path.clone(), size))
+                    (size >= delta_min).then(|| (path.clone(), size))
                 }
                 _ => None,
             })
@@ -301,7 +310,7 @@ impl Exec<'_> {
             }
             Op::Transfer { path, basis } => {
                 let size = self.entry(path).meta.size;
-                if *basis && size >= DELTA_MIN {
+                if *basis && size >= self.delta_min {
                     match self.send_delta(path)? {
                         Ok(()) => return Ok(()),
                         Err(NoDelta) => log::debug!("{path}: delta not usable, sending whole"),
