@@ -167,25 +167,51 @@ pub fn check_target(target: &str, src: &Path) -> Result<Endpoint, String> {
             return Err(format!("target {} is not a directory", dir.display()));
         }
         let t = std::fs::canonicalize(dir).map_err(|e| format!("target {}: {e}", dir.display()))?;
-        if t == src {
-            return Err(format!("source and target are the same directory ({})", t.display()));
-        }
-        if t.starts_with(src) {
-            return Err(format!(
-                "target {} lies inside the source {}; that would sync a directory into itself",
-                t.display(),
-                src.display()
-            ));
-        }
-        if src.starts_with(&t) {
-            return Err(format!(
-                "source {} lies inside the target {}; the sync would delete or overwrite its own source",
-                src.display(),
-                t.display()
-            ));
-        }
+        check_nesting(&t, src)?;
     }
     Ok(ep)
+}
+
+/// Like rsync, `sync` makes a local target directory that does not exist yet, when its parent
+/// does; the same checks as for an existing one come first. Returns the directory it made.
+pub fn create_missing_target(target: &str, src: &Path) -> Result<Option<PathBuf>, String> {
+    let Ok(Endpoint::Local(dir)) = Endpoint::parse(target) else {
+        return Ok(None);
+    };
+    match std::fs::symlink_metadata(&dir) {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        _ => return Ok(None),
+    }
+    let (Some(parent), Some(name)) = (dir.parent(), dir.file_name()) else {
+        return Ok(None);
+    };
+    let parent = if parent.as_os_str().is_empty() { Path::new(".") } else { parent };
+    let parent = std::fs::canonicalize(parent).map_err(|e| format!("target {}: {e}", dir.display()))?;
+    check_nesting(&parent.join(name), src)?;
+    std::fs::create_dir(&dir).map_err(|e| format!("creating target {}: {e}", dir.display()))?;
+    Ok(Some(dir))
+}
+
+/// Refuses a target that is the source, lies inside it, or contains it.
+fn check_nesting(t: &Path, src: &Path) -> Result<(), String> {
+    if t == src {
+        return Err(format!("source and target are the same directory ({})", t.display()));
+    }
+    if t.starts_with(src) {
+        return Err(format!(
+            "target {} lies inside the source {}; that would sync a directory into itself",
+            t.display(),
+            src.display()
+        ));
+    }
+    if src.starts_with(t) {
+        return Err(format!(
+            "source {} lies inside the target {}; the sync would delete or overwrite its own source",
+            src.display(),
+            t.display()
+        ));
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -212,5 +238,19 @@ mod tests {
         assert!(check_target(d.path().join("other").to_str().unwrap(), &src).is_ok());
         assert!(check_target("tcp:nohost", &src).is_err());
         assert!(check_target(d.path().join("missing").to_str().unwrap(), &src).is_err());
+        // A missing target is made only where an existing one would be accepted.
+        let new_inner = src.join("new");
+        assert!(create_missing_target(new_inner.to_str().unwrap(), &src)
+            .unwrap_err()
+            .contains("inside the source"));
+        assert!(!new_inner.exists());
+        let deep = d.path().join("no/such");
+        assert!(create_missing_target(deep.to_str().unwrap(), &src).is_err());
+        assert!(!d.path().join("no").exists());
+        let made = d.path().join("made");
+        assert_eq!(create_missing_target(made.to_str().unwrap(), &src).unwrap(), Some(made.clone()));
+        assert!(made.is_dir());
+        assert_eq!(create_missing_target(made.to_str().unwrap(), &src).unwrap(), None);
+        assert_eq!(create_missing_target("tcp:127.0.0.1:1", &src).unwrap(), None);
     }
 }

@@ -43,6 +43,12 @@ fn connect(a: &TargetArgs) -> Result<(Arc<LocalFs>, Arc<dyn mirrorfs::rpc::Rpc>)
 }
 
 fn sync(a: SyncArgs) -> Result<ExitCode, String> {
+    let src = cli::check_source(&a.target.src)?;
+    if let Some(dir) = cli::create_missing_target(&a.target.target, &src)? {
+        if !a.target.quiet {
+            eprintln!("created directory {}", dir.display());
+        }
+    }
     let (fs, client) = connect(&a.target)?;
     let opts = SyncOptions {
         checksum: a.checksum,

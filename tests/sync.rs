@@ -235,6 +235,31 @@ fn deletes_what_the_source_lacks_but_refuses_to_empty_from_an_empty_source() {
 }
 
 #[test]
+fn a_missing_target_directory_is_made_like_rsync_does() {
+    let (d, src, _dst) = dirs();
+    rich_tree(&src);
+    let new = d.path().join("new");
+    let out = sync(&src, s(&new), &[]);
+    assert!(out.contains("created directory"), "{out}");
+    assert_same_tree(&src, &new);
+    // Only the last component: a missing parent is an error, and nothing is made.
+    let deep = d.path().join("no/such");
+    let out = mirrorfs(&[
+        OsStr::new("sync"),
+        src.as_os_str(),
+        OsStr::new("--target"),
+        deep.as_os_str(),
+    ]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("No such file"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(!d.path().join("no").exists());
+}
+
+#[test]
 fn sync_into_itself_is_refused() {
     let (_d, src, _dst) = dirs();
     fs::create_dir(src.join("inner")).unwrap();
