@@ -126,18 +126,22 @@ done
 rm -rf "$WORK/docs" "$WORK/large"
 has big || { echo; printf '%-44s %10s %10s %8s\n' "case" "mirrorfs" "rsync" "ratio"; printf '%s\n' "${results[@]}"; rm -rf "$WORK"; exit 0; }
 
-# One 1 GiB file, 1 MiB changed in its middle.
-mkdir -p "$WORK/one" "$WORK/t-mirror"
+# One 1 GiB file, 1 MiB changed in its middle, against rsync's delta mode (--no-whole-file; by
+# default rsync sends whole files between local directories).
+mkdir -p "$WORK/one" "$WORK/t-mirror" "$WORK/t-rsync"
 head -c $((1 << 30)) /dev/urandom > "$WORK/one/big"
 $M sync "$WORK/one" --target "$WORK/t-mirror" -q
-head -c $((1 << 20)) /dev/urandom | dd of="$WORK/one/big" bs=1M seek=512 conv=notrunc status=none
-t0=$(now)
-out=$($M sync "$WORK/one" --target "$WORK/t-mirror" 2>&1)
-t=$(elapsed "$t0")
-wb=$(echo "$out" | sed -n 's/.* \([0-9]*\) bytes on the wire.*/\1/p')
-row "1 GiB file, 1 MiB changed (bytes sent)" "$wb" "$((1 << 30))" "$(ratio "$wb" $((1 << 30)))"
-echo "  (that sync took $(printf %.2f "$t") s; the ratio column is bytes sent / file size)"
-$M verify "$WORK/one" --target "$WORK/t-mirror" -q && echo "  verify: target equals source"
+rsync -a "$WORK/one/" "$WORK/t-rsync/"
+sync
+change() { if [ "$1" = mirror ]; then head -c $((1 << 20)) /dev/urandom | dd of="$WORK/one/big" bs=1M seek=512 conv=notrunc status=none; fi; }
+time_pair "1 GiB file, 1 MiB changed" change \
+  "$M sync $WORK/one --target $WORK/t-mirror -q" "rsync -a --no-whole-file $WORK/one/ $WORK/t-rsync/"
+change mirror
+wb=$($M sync "$WORK/one" --target "$WORK/t-mirror" 2>&1 | sed -n 's/.* \([0-9]*\) bytes on the wire.*/\1/p')
+rb=$(rsync -a --no-whole-file --stats "$WORK/one/" "$WORK/t-rsync/" | sed -n 's/^Total bytes sent: //p' | tr -d ,)
+row "1 GiB file, 1 MiB changed (bytes sent)" "$wb" "$rb" "$(ratio "$wb" "$rb")"
+row "  (mirrorfs bytes / file size)" "$wb" "$((1 << 30))" "$(awk -v a="$wb" 'BEGIN { printf "%.4f", a / 1073741824 }')"
+$M verify "$WORK/one" --target "$WORK/t-mirror" -q && echo "  verify: the 1 GiB target equals its source"
 rm -rf "$WORK"
 
 echo
