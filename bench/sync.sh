@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Benchmark: `mirrorfs sync` against `rsync -a` on the same trees, side by side in one run, and
 # the ratios between them. Absolute times on a shared machine say little; the ratios are the
-# result. Each timing is the median of ROUNDS runs, mirrorfs and rsync alternating.
+# result. Each timing is the median of ROUNDS runs (default 4), mirrorfs and rsync alternating,
+# each going first in every other round.
 #
 #   bench/sync.sh                 # Rust docs tree + large-file tree + 1 GiB delta case
 #   ROUNDS=5 WORK=/var/tmp/b bench/sync.sh
@@ -13,7 +14,7 @@
 # direction by DELAY_MS: `mirrorfs serve` against an rsync daemon, each behind its own relay.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-ROUNDS=${ROUNDS:-3}
+ROUNDS=${ROUNDS:-4}
 TREES=${TREES:-docs large}
 CASES=${CASES:-copy rerun append remote big}
 DELAY_MS=${DELAY_MS:-5}
@@ -39,17 +40,31 @@ sync
 
 now() { date +%s.%N; }
 elapsed() { awk -v a="$1" -v b="$(now)" 'BEGIN { printf "%.6f", b - a }'; }
-median() { sort -g | awk '{a[NR]=$1} END {print a[int((NR+1)/2)]}'; }
+median() { sort -g | awk '{a[NR]=$1} END {print (NR % 2) ? a[(NR+1)/2] : (a[NR/2] + a[NR/2+1]) / 2}'; }
 ratio() { awk -v a="$1" -v b="$2" 'BEGIN { if (b > 0) printf "%.2f", a / b; else print "n/a" }'; }
 results=()
 row() { results+=("$(printf '%-44s %10s %10s %8s' "$1" "$2" "$3" "$4")"); }
 
-# time_pair NAME PREP MIRRORFS_CMD RSYNC_CMD: PREP runs before each timed command (untimed).
+# time_pair NAME PREP MIRRORFS_CMD RSYNC_CMD: PREP runs before each timed command (untimed), as
+# `PREP TOOL POSITION`; a PREP that changes the source does so for POSITION 1, so both tools see
+# the same change. The tool that goes first alternates from round to round: the first run after
+# a change to the disk (files freed, cache filled) can pay for it, and it must not always be the
+# same tool.
 time_pair() {
-  local name=$1 prep=$2 mcmd=$3 rcmd=$4 mt=() rt=() t0
+  local name=$1 prep=$2 mcmd=$3 rcmd=$4 mt=() rt=() t0 round=0 order
   for _ in $(seq "$ROUNDS"); do
-    eval "$prep mirror"; t0=$(now); eval "$mcmd" >/dev/null 2>&1; mt+=("$(elapsed "$t0")")
-    eval "$prep rsync"; t0=$(now); eval "$rcmd" >/dev/null 2>&1; rt+=("$(elapsed "$t0")")
+    round=$((round + 1))
+    if [ $((round % 2)) = 1 ]; then order="mirror rsync"; else order="rsync mirror"; fi
+    local pos=0
+    for tool in $order; do
+      pos=$((pos + 1))
+      eval "$prep $tool $pos"
+      if [ "$tool" = mirror ]; then
+        t0=$(now); eval "$mcmd" >/dev/null 2>&1; mt+=("$(elapsed "$t0")")
+      else
+        t0=$(now); eval "$rcmd" >/dev/null 2>&1; rt+=("$(elapsed "$t0")")
+      fi
+    done
   done
   local m r
   echo "$name: mirrorfs ${mt[*]}; rsync ${rt[*]}" >&2
@@ -58,7 +73,12 @@ time_pair() {
   row "$name (time, s)" "$(printf %.3f "$m")" "$(printf %.3f "$r")" "$(ratio "$m" "$r")"
 }
 
-fresh() { rm -rf "$WORK/t-$1"; mkdir "$WORK/t-$1"; sync; }
+# An initial copy starts from an empty target. The last copy is moved aside, not deleted: ext4
+# skips inodes freed in the last minute when it allocates (recently_deleted), and deleting 50,000
+# files just before a timed copy made that search dominate both tools' time, unevenly (up to 30 s
+# of system time for a 4 s copy). The copies moved aside are deleted after the timed cases.
+aside() { mkdir -p "$WORK/aside"; mv "$1" "$(mktemp -d "$WORK/aside/XXXXXX")/"; }
+fresh() { [ -e "$WORK/t-$1" ] && aside "$WORK/t-$1"; mkdir "$WORK/t-$1"; sync; }
 noop() { :; }
 for tree in $TREES; do
   S=$WORK/$tree
@@ -74,7 +94,7 @@ for tree in $TREES; do
   if [ "$tree" = docs ] && has append; then
     # Append to 1% of the files, then both catch up; bytes from each tool's own count.
     mapfile -t files < <(find "$S" -type f | awk 'NR % 100 == 0')
-    append() { if [ "$1" = mirror ]; then for f in "${files[@]}"; do echo "appended $RANDOM" >> "$f"; done; fi; }
+    append() { if [ "$2" = 1 ]; then for f in "${files[@]}"; do echo "appended $RANDOM" >> "$f"; done; fi; }
     time_pair "docs: after appending to 1% of files" append \
       "$M sync $S --target $WORK/t-mirror -q" "rsync -a $S/ $WORK/t-rsync/"
     for f in "${files[@]}"; do echo "appended again" >> "$f"; done
@@ -88,7 +108,7 @@ for tree in $TREES; do
   fi
   if [ "$tree" = docs ] && has remote; then
     # The same tree to a server on the other end of a link with latency.
-    mkdir -p "$WORK/r-mirror" "$WORK/r-rsync"
+    mkdir -p "$WORK/r-mirror" "$WORK/r-rsync" "$WORK/aside"
     cat > "$WORK/rsyncd.conf" <<CONF
 pid file = $WORK/rsyncd.pid
 use chroot = false
@@ -105,12 +125,15 @@ CONF
     sleep 1
     RM="$M sync $S --target tcp:127.0.0.1:17612 -q"
     RR="rsync -a $S/ rsync://127.0.0.1:17614/t/"
-    empty() { find "$WORK/r-$1" -mindepth 1 -delete; sync; }
+    empty() {
+      local a; a=$(mktemp -d "$WORK/aside/XXXXXX")
+      find "$WORK/r-$1" -mindepth 1 -maxdepth 1 -exec mv -t "$a" {} +; sync
+    }
     l="docs over TCP, ${DELAY_MS} ms each way"
     time_pair "$l: initial copy" empty "$RM" "$RR"
     time_pair "$l: re-run" noop "$RM" "$RR"
     mapfile -t files < <(find "$S" -type f | awk 'NR % 100 == 0')
-    append() { if [ "$1" = mirror ]; then for f in "${files[@]}"; do echo "appended $RANDOM" >> "$f"; done; fi; }
+    append() { if [ "$2" = 1 ]; then for f in "${files[@]}"; do echo "appended $RANDOM" >> "$f"; done; fi; }
     time_pair "$l: 1% appended" append "$RM" "$RR"
     for f in "${files[@]}"; do echo "appended again" >> "$f"; done
     mb=$($M sync "$S" --target tcp:127.0.0.1:17612 2>&1 | sed -n 's/.* \([0-9]*\) bytes on the wire.*/\1/p')
@@ -121,7 +144,7 @@ CONF
     pids=()
     rm -rf "$WORK/r-mirror" "$WORK/r-rsync"
   fi
-  rm -rf "$WORK/t-mirror" "$WORK/t-rsync"
+  rm -rf "$WORK/t-mirror" "$WORK/t-rsync" "$WORK/aside"
 done
 rm -rf "$WORK/docs" "$WORK/large"
 has big || { echo; printf '%-44s %10s %10s %8s\n' "case" "mirrorfs" "rsync" "ratio"; printf '%s\n' "${results[@]}"; rm -rf "$WORK"; exit 0; }
@@ -133,10 +156,10 @@ head -c $((1 << 30)) /dev/urandom > "$WORK/one/big"
 $M sync "$WORK/one" --target "$WORK/t-mirror" -q
 rsync -a "$WORK/one/" "$WORK/t-rsync/"
 sync
-change() { if [ "$1" = mirror ]; then head -c $((1 << 20)) /dev/urandom | dd of="$WORK/one/big" bs=1M seek=512 conv=notrunc status=none; fi; }
+change() { if [ "$2" = 1 ]; then head -c $((1 << 20)) /dev/urandom | dd of="$WORK/one/big" bs=1M seek=512 conv=notrunc status=none; fi; }
 time_pair "1 GiB file, 1 MiB changed" change \
   "$M sync $WORK/one --target $WORK/t-mirror -q" "rsync -a --no-whole-file $WORK/one/ $WORK/t-rsync/"
-change mirror
+change mirror 1
 wb=$($M sync "$WORK/one" --target "$WORK/t-mirror" 2>&1 | sed -n 's/.* \([0-9]*\) bytes on the wire.*/\1/p')
 rb=$(rsync -a --no-whole-file --stats "$WORK/one/" "$WORK/t-rsync/" | sed -n 's/^Total bytes sent: //p' | tr -d ,)
 row "1 GiB file, 1 MiB changed (bytes sent)" "$wb" "$rb" "$(ratio "$wb" "$rb")"
