@@ -146,6 +146,15 @@ impl Meta {
 /// One extended attribute: name and value.
 pub type Xattr = (Vec<u8>, Vec<u8>);
 
+/// A regular file read whole: its data segments (holes left out) and its stat before and after
+/// the reading, which tell whether it changed meanwhile.
+#[derive(Debug, Clone)]
+pub struct FileData {
+    pub before: Meta,
+    pub chunks: Vec<(u64, Vec<u8>)>,
+    pub after: Meta,
+}
+
 /// One directory entry with what the scanner needs of it, read with the directory open.
 #[derive(Debug, Clone)]
 pub struct DirEntry {
@@ -231,6 +240,28 @@ pub trait FileSystem: Send + Sync {
     /// The (offset, length) ranges that hold data; holes are left out. `size` is the file size.
     fn data_segments(&self, _p: &RelPath, size: u64) -> FsResult<Vec<(u64, u64)>> {
         Ok(if size == 0 { Vec::new() } else { vec![(0, size)] })
+    }
+    /// Reads the regular file `p` whole, in pieces of at most `max_chunk` bytes.
+    fn read_data(&self, p: &RelPath, max_chunk: usize) -> FsResult<FileData> {
+        let before = self.stat(p)?;
+        if before.kind != Kind::File {
+            return Err(FsError::new(libc::EINVAL, "read", p));
+        }
+        let mut chunks = Vec::new();
+        for (off, len) in self.data_segments(p, before.size)? {
+            let mut o = off;
+            while o < off + len {
+                let data = self.read_at(p, o, ((off + len - o) as usize).min(max_chunk))?;
+                if data.is_empty() {
+                    break;
+                }
+                let n = data.len() as u64;
+                chunks.push((o, data));
+                o += n;
+            }
+        }
+        let after = self.stat(p)?;
+        Ok(FileData { before, chunks, after })
     }
     /// The whole content, for use as an rsync basis.
     fn map_file(&self, p: &RelPath) -> FsResult<FileBytes>;

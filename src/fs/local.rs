@@ -5,7 +5,7 @@
 //! following it. Content is read and written through fds opened `O_NONBLOCK`, so a fifo at a path
 //! never blocks the caller.
 
-use super::{Attrs, DirEntry, FileBytes, FileSystem, FsError, FsResult, Kind, Meta, SetTime, Xattr};
+use super::{Attrs, DirEntry, FileBytes, FileData, FileSystem, FsError, FsResult, Kind, Meta, SetTime, Xattr};
 use crate::path::RelPath;
 use crate::sys;
 use std::ffi::CString;
@@ -130,6 +130,24 @@ impl LocalFs {
     }
 }
 
+/// The (offset, length) ranges of `fd` that hold data, up to `size`.
+fn segments(fd: BorrowedFd<'_>, size: u64) -> io::Result<Vec<(u64, u64)>> {
+    let mut out = Vec::new();
+    let mut off = 0u64;
+    while off < size {
+        let Some(start) = sys::seek_data_hole(fd, off, true)? else {
+            break;
+        };
+        if start >= size {
+            break;
+        }
+        let end = sys::seek_data_hole(fd, start, false)?.unwrap_or(size).min(size);
+        out.push((start, end - start));
+        off = end;
+    }
+    Ok(out)
+}
+
 fn read_xattrs(dir: BorrowedFd<'_>, name: &[u8]) -> io::Result<Vec<Xattr>> {
     let mut out = Vec::new();
     for attr in sys::llistxattr(dir, name)? {
@@ -193,23 +211,39 @@ impl FileSystem for LocalFs {
 
     fn data_segments(&self, p: &RelPath, size: u64) -> FsResult<Vec<(u64, u64)>> {
         let fd = self.open(p, RD, "seek")?;
-        let mut out = Vec::new();
-        let mut off = 0u64;
-        while off < size {
-            let Some(start) = sys::seek_data_hole(fd.as_fd(), off, true).map_err(|e| FsError::io(e, "seek", p))? else {
-                break;
-            };
-            if start >= size {
-                break;
-            }
-            let end = sys::seek_data_hole(fd.as_fd(), start, false)
-                .map_err(|e| FsError::io(e, "seek", p))?
-                .unwrap_or(size)
-                .min(size);
-            out.push((start, end - start));
-            off = end;
+        segments(fd.as_fd(), size).map_err(|e| FsError::io(e, "seek", p))
+    }
+
+    /// One open for the whole file: both stats are of the file that was read, and a file that
+    /// is not sparse is read without looking for holes.
+    fn read_data(&self, p: &RelPath, max_chunk: usize) -> FsResult<FileData> {
+        let err = |e| FsError::io(e, "read", p);
+        let fd = self.open(p, RD, "read")?;
+        let before = Meta::from_stat(&sys::fstat(fd.as_fd()).map_err(err)?);
+        if before.kind != Kind::File {
+            return Err(FsError::new(libc::EINVAL, "read", p));
         }
-        Ok(out)
+        let segs = match before.size {
+            0 => Vec::new(),
+            size if before.is_sparse() => segments(fd.as_fd(), size).map_err(err)?,
+            size => vec![(0, size)],
+        };
+        let mut chunks = Vec::new();
+        for (off, len) in segs {
+            let mut o = off;
+            while o < off + len {
+                let mut buf = vec![0u8; ((off + len - o) as usize).min(max_chunk)];
+                let n = sys::pread(fd.as_fd(), &mut buf, o).map_err(err)?;
+                if n == 0 {
+                    break;
+                }
+                buf.truncate(n);
+                chunks.push((o, buf));
+                o += n as u64;
+            }
+        }
+        let after = Meta::from_stat(&sys::fstat(fd.as_fd()).map_err(err)?);
+        Ok(FileData { before, chunks, after })
     }
 
     fn map_file(&self, p: &RelPath) -> FsResult<FileBytes> {

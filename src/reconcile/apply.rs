@@ -327,27 +327,9 @@ impl Exec<'_> {
         let full = self.root.join_rel(path);
         let mut last_err = String::new();
         for _ in 0..READ_TRIES {
-            let r = (|| {
-                let before = self.fs.stat(&full)?;
-                let segs = self.fs.data_segments(&full, before.size)?;
-                let mut chunks = Vec::new();
-                for (off, len) in segs {
-                    let mut o = off;
-                    while o < off + len {
-                        let n = ((off + len - o) as usize).min(max_chunk);
-                        let data = self.fs.read_at(&full, o, n)?;
-                        if data.is_empty() {
-                            break;
-                        }
-                        o += data.len() as u64;
-                        chunks.push((o - data.len() as u64, data));
-                    }
-                }
-                let after = self.fs.stat(&full)?;
-                Ok::<_, crate::fs::FsError>((before, after, chunks))
-            })();
+            let r = self.fs.read_data(&full, max_chunk);
             match r {
-                Ok((before, after, chunks)) if same_version(&before, &after) => return Some((after, chunks)),
+                Ok(d) if same_version(&d.before, &d.after) => return Some((d.after, d.chunks)),
                 Ok(_) => last_err = "changed while being read".into(),
                 Err(e) => {
                     self.problem(format!("read {path}: {e}"));
