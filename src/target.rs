@@ -300,10 +300,10 @@ impl ReplicatorTarget {
                 let dst = self.full(&path);
                 let tmp = tmp_name_for(&dst)?;
                 fs.link(&self.full(&existing), &tmp)?;
-                if let Err(e) = fs.rename(&tmp, &dst, 0) {
-                    let _ = fs.unlink(&tmp);
-                    return Err(e);
-                }
+                let r = fs.rename(&tmp, &dst, 0);
+                // A rename onto another link of the same inode does nothing and leaves `tmp`.
+                let _ = fs.unlink(&tmp);
+                r?
             }
             Request::RemoveTree { path } => {
                 if path.is_root() {

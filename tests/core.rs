@@ -532,3 +532,34 @@ fn memfs_refused_delta_is_sent_whole() {
     assert!(r.problems.is_empty(), "{:?}", r.problems);
     mem_equal(&src, &dst);
 }
+
+/// The same refusal for the first path of a hard-link group: the file is resent before the other
+/// paths are linked to it, so the group ends up one new inode, with no staging file left.
+#[test]
+fn memfs_refused_delta_of_a_link_group_leader() {
+    let src = Arc::new(MemFs::new());
+    let data: Vec<u8> = (0..1_000_000u32).map(|i| (i.wrapping_mul(2654435761) >> 11) as u8).collect();
+    src.mkdir(&p("d"), 0o755).unwrap();
+    src.create(&p("d/a"), 0o644, true).unwrap();
+    src.write_at(&p("d/a"), 0, &data).unwrap();
+    src.link(&p("d/a"), &p("d/b")).unwrap();
+    let dst = Arc::new(MemFs::new());
+    replicate(&src, &dst);
+    src.write_at(&p("d/a"), 500_000, b"a small change").unwrap();
+
+    let target = Mutex::new(ReplicatorTarget::new(dst.clone(), RelPath::root()));
+    let spoil = dst.clone();
+    let rpc = move |req: Request| -> Response {
+        let signature = matches!(req, Request::Signature { .. });
+        let r = target.lock().handle_request(req);
+        if signature {
+            spoil.write_at(&p("d/a"), 100, b"spoilt").unwrap();
+        }
+        r
+    };
+    let s = ReplicatorSource::new(src.clone(), RelPath::root(), rpc).unwrap();
+    let r = s.last_report();
+    assert_eq!(r.delta_files, 0, "{r:?}");
+    assert!(r.problems.is_empty(), "{:?}", r.problems);
+    mem_equal(&src, &dst);
+}

@@ -9,7 +9,7 @@
 
 use super::plan::{Op, Plan};
 use super::scan::{Entry, Snapshot};
-use crate::fs::{Attrs, FileSystem, Meta};
+use crate::fs::{Attrs, FileSystem, Kind, Meta};
 use crate::path::RelPath;
 use crate::progress::Progress;
 use crate::protocol::{LocalFile, Reply, Request, DATA_CHUNK, LOCAL_COPY};
@@ -58,8 +58,10 @@ struct Exec<'a> {
     opts: &'a ApplyOptions,
     progress: &'a Progress,
     inflight: VecDeque<(Pending, RelPath, &'static str, OnError)>,
-    /// Files whose delta the target refused: sent whole once the plan is through.
+    /// Files whose delta the target refused: sent whole by `finish_deltas`.
     resend: Vec<RelPath>,
+    /// Files whose delta commit was sent and not yet answered for by `finish_deltas`.
+    delta_commits: std::collections::HashSet<RelPath>,
     report: Report,
     next_stage: u64,
     /// The target shares this process and takes `StageCopy`.
@@ -109,6 +111,7 @@ pub fn execute(
         progress,
         inflight: VecDeque::new(),
         resend: Vec::new(),
+        delta_commits: Default::default(),
         report: Report::default(),
         next_stage: 1,
         local_copy,
@@ -141,13 +144,15 @@ pub fn execute(
         }
     }
     ex.settle(0)?;
+    // Refusals of the last commits (a plan without directory metadata, as a partial one may
+    // be): their directories' mtimes are set again after the resend's rename.
     while !ex.resend.is_empty() {
         let mut parents = std::collections::BTreeSet::new();
         for path in std::mem::take(&mut ex.resend) {
             ex.send_whole(&path)?;
             parents.extend(path.parent());
         }
-        // The new file's rename changed its directory's mtime after the plan had set it.
+        ex.delta_commits.clear();
         for dir in parents.iter().rev().filter(|d| src.get(d).is_some()) {
             ex.run(&Op::Attrs(dir.clone()))?;
         }
@@ -250,6 +255,11 @@ impl Exec<'_> {
                 },
             ),
             Op::Attrs(p) => {
+                // Directory metadata comes last (it may make a directory read-only, and its
+                // mtime must follow every change inside): refused deltas are resent before it.
+                if self.entry(p).meta.kind == Kind::Dir && !self.delta_commits.is_empty() {
+                    self.finish_deltas()?;
+                }
                 let e = self.entry(p);
                 let req = Request::ApplyAttrs {
                     path: p.clone(),
@@ -278,13 +288,19 @@ impl Exec<'_> {
                 };
                 self.send(p, req)
             }
-            Op::Link { path, leader } => self.send(
-                path,
-                Request::LinkReplace {
-                    existing: leader.clone(),
-                    path: path.clone(),
-                },
-            ),
+            Op::Link { path, leader } => {
+                // The leader must be in its final state before others are linked to it.
+                if self.delta_commits.contains(leader) {
+                    self.finish_deltas()?;
+                }
+                self.send(
+                    path,
+                    Request::LinkReplace {
+                        existing: leader.clone(),
+                        path: path.clone(),
+                    },
+                )
+            }
             Op::Check(path) => {
                 let pending = self.rpc.submit(Request::Hash { path: path.clone() });
                 self.rpc.flush();
@@ -465,6 +481,16 @@ impl Exec<'_> {
         Ok(())
     }
 
+    /// Waits for the delta commits in flight and sends whole the files whose delta was refused.
+    fn finish_deltas(&mut self) -> Result<(), RpcError> {
+        self.settle(0)?;
+        self.delta_commits.clear();
+        for path in std::mem::take(&mut self.resend) {
+            self.send_whole(&path)?;
+        }
+        Ok(())
+    }
+
     /// The target's signature of `path`, asked for now unless it was asked for ahead; and
     /// the signatures of the next few delta files asked for ahead.
     fn signature(&mut self, path: &RelPath, size: u64) -> Pending {
@@ -477,9 +503,9 @@ impl Exec<'_> {
             Some((p, _)) if p == path => self.signatures.pop_front().map(|(_, pending)| pending),
             _ => None,
         };
-        // Skip the queue up to and past this file, then ask ahead.
-        if let Some(i) = self.delta_queue[self.next_signature..].iter().position(|(q, _)| q == path) {
-            self.next_signature += i + 1;
+        // Skip the queue (sorted like the plan) up to and past this file, then ask ahead.
+        while self.delta_queue.get(self.next_signature).is_some_and(|(q, _)| q <= path) {
+            self.next_signature += 1;
         }
         let mine = mine.unwrap_or_else(|| {
             self.rpc.submit(Request::Signature {
@@ -568,6 +594,7 @@ impl Exec<'_> {
         };
         self.report.delta_files += 1;
         self.count_file(m0.size);
+        self.delta_commits.insert(path.clone());
         self.send_as(path, commit, OnError::Resend(m0.size))?;
         Ok(Ok(()))
     }
