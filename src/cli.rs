@@ -185,7 +185,11 @@ pub fn create_missing_target(target: &str, src: &Path) -> Result<Option<PathBuf>
     let (Some(parent), Some(name)) = (dir.parent(), dir.file_name()) else {
         return Ok(None);
     };
-    let parent = if parent.as_os_str().is_empty() { Path::new(".") } else { parent };
+    let parent = if parent.as_os_str().is_empty() {
+        Path::new(".")
+    } else {
+        parent
+    };
     let parent = std::fs::canonicalize(parent).map_err(|e| format!("target {}: {e}", dir.display()))?;
     check_nesting(&parent.join(name), src)?;
     std::fs::create_dir(&dir).map_err(|e| format!("creating target {}: {e}", dir.display()))?;
@@ -248,7 +252,10 @@ mod tests {
         assert!(create_missing_target(deep.to_str().unwrap(), &src).is_err());
         assert!(!d.path().join("no").exists());
         let made = d.path().join("made");
-        assert_eq!(create_missing_target(made.to_str().unwrap(), &src).unwrap(), Some(made.clone()));
+        assert_eq!(
+            create_missing_target(made.to_str().unwrap(), &src).unwrap(),
+            Some(made.clone())
+        );
         assert!(made.is_dir());
         assert_eq!(create_missing_target(made.to_str().unwrap(), &src).unwrap(), None);
         assert_eq!(create_missing_target("tcp:127.0.0.1:1", &src).unwrap(), None);

@@ -356,9 +356,7 @@ pub fn encode<T: Serialize>(value: &T) -> Result<Vec<u8>, FrameError> {
 /// `StageWrite` of its bytes that a connection would carry instead.
 pub fn request_frame_len(id: u64, req: &Request) -> u64 {
     match req {
-        Request::StageCopy {
-            stage, offset, len, ..
-        } => {
+        Request::StageCopy { stage, offset, len, .. } => {
             let head = Request::StageWrite {
                 stage: *stage,
                 offset: *offset,

@@ -452,7 +452,10 @@ fn stage_copy_copies_extents_and_never_travels() {
     drop(f);
 
     let src_fs = LocalFs::new(&src).unwrap();
-    let file = src_fs.open_file(&p("big")).unwrap().expect("a local file system opens files");
+    let file = src_fs
+        .open_file(&p("big"))
+        .unwrap()
+        .expect("a local file system opens files");
     let from = protocol::LocalFile(Arc::new(file));
     let mut target = ReplicatorTarget::new(Arc::new(LocalFs::new(&dst).unwrap()), RelPath::root());
     let mut ask = |req| target.handle_request(req).unwrap();
@@ -504,17 +507,27 @@ fn stage_copy_copies_extents_and_never_travels() {
 #[test]
 fn memfs_refused_delta_is_sent_whole() {
     let src = Arc::new(MemFs::new());
-    let data: Vec<u8> = (0..1_000_000u32).map(|i| (i.wrapping_mul(2654435761) >> 11) as u8).collect();
+    let data: Vec<u8> = (0..1_000_000u32)
+        .map(|i| (i.wrapping_mul(2654435761) >> 11) as u8)
+        .collect();
     src.mkdir(&p("d"), 0o755).unwrap();
     src.create(&p("d/big"), 0o644, true).unwrap();
     src.write_at(&p("d/big"), 0, &data).unwrap();
-    src.set_times(&p("d"), SetTime::Omit, SetTime::At(mirrorfs::fs::Time::new(1_000_000, 5)))
-        .unwrap();
+    src.set_times(
+        &p("d"),
+        SetTime::Omit,
+        SetTime::At(mirrorfs::fs::Time::new(1_000_000, 5)),
+    )
+    .unwrap();
     let dst = Arc::new(MemFs::new());
     replicate(&src, &dst);
     src.write_at(&p("d/big"), 500_000, b"a small change").unwrap();
-    src.set_times(&p("d"), SetTime::Omit, SetTime::At(mirrorfs::fs::Time::new(1_000_000, 5)))
-        .unwrap();
+    src.set_times(
+        &p("d"),
+        SetTime::Omit,
+        SetTime::At(mirrorfs::fs::Time::new(1_000_000, 5)),
+    )
+    .unwrap();
 
     let target = Mutex::new(ReplicatorTarget::new(dst.clone(), RelPath::root()));
     let spoil = dst.clone();
@@ -538,7 +551,9 @@ fn memfs_refused_delta_is_sent_whole() {
 #[test]
 fn memfs_refused_delta_of_a_link_group_leader() {
     let src = Arc::new(MemFs::new());
-    let data: Vec<u8> = (0..1_000_000u32).map(|i| (i.wrapping_mul(2654435761) >> 11) as u8).collect();
+    let data: Vec<u8> = (0..1_000_000u32)
+        .map(|i| (i.wrapping_mul(2654435761) >> 11) as u8)
+        .collect();
     src.mkdir(&p("d"), 0o755).unwrap();
     src.create(&p("d/a"), 0o644, true).unwrap();
     src.write_at(&p("d/a"), 0, &data).unwrap();

@@ -414,7 +414,10 @@ fn serve_over_unix_and_tcp_with_token() {
         }
         sync(&src, &sock_arg, &["-q"]);
         for i in 0..100 {
-            let mut f = fs::OpenOptions::new().append(true).open(src.join(format!("many/{i}"))).unwrap();
+            let mut f = fs::OpenOptions::new()
+                .append(true)
+                .open(src.join(format!("many/{i}")))
+                .unwrap();
             std::io::Write::write_all(&mut f, format!("appended {i}\n").as_bytes()).unwrap();
         }
         let out = sync(&src, &sock_arg, &[]);

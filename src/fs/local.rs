@@ -421,10 +421,22 @@ impl FileSystem for LocalFs {
         let d = self.open_file_wr(p, "copy_file_range")?;
         let mut done = 0u64;
         while done < len {
-            match sys::copy_file_range(from.as_fd(), offset + done, d.as_fd(), offset + done, (len - done) as usize) {
+            match sys::copy_file_range(
+                from.as_fd(),
+                offset + done,
+                d.as_fd(),
+                offset + done,
+                (len - done) as usize,
+            ) {
                 Ok(0) => return Ok(()),
                 Ok(n) => done += n as u64,
-                Err(e) if done == 0 && matches!(e.raw_os_error(), Some(libc::EXDEV | libc::EINVAL | libc::ENOSYS | libc::EOPNOTSUPP)) => {
+                Err(e)
+                    if done == 0
+                        && matches!(
+                            e.raw_os_error(),
+                            Some(libc::EXDEV | libc::EINVAL | libc::ENOSYS | libc::EOPNOTSUPP)
+                        ) =>
+                {
                     log::debug!("{p}: copy_file_range refused ({e}); copying through a buffer");
                     return crate::fs::copy_through_buffer(self, p, offset, from, len);
                 }

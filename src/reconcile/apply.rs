@@ -504,7 +504,11 @@ impl Exec<'_> {
             _ => None,
         };
         // Skip the queue (sorted like the plan) up to and past this file, then ask ahead.
-        while self.delta_queue.get(self.next_signature).is_some_and(|(q, _)| q <= path) {
+        while self
+            .delta_queue
+            .get(self.next_signature)
+            .is_some_and(|(q, _)| q <= path)
+        {
             self.next_signature += 1;
         }
         let mine = mine.unwrap_or_else(|| {

@@ -360,7 +360,11 @@ mod tests {
     #[test]
     fn counterparts_pair_equal_paths() {
         let cases: &[(&[&str], &[&str], &[bool])] = &[
-            (&["", "a", "a/x", "b"], &["", "a/x", "b", "c"], &[true, false, true, true]),
+            (
+                &["", "a", "a/x", "b"],
+                &["", "a/x", "b", "c"],
+                &[true, false, true, true],
+            ),
             (&["", "a"], &[""], &[true, false]),
             (&[""], &["", "a", "b"], &[true]),
             (&["", "z"], &["", "a", "b", "z"], &[true, true]),
