@@ -501,55 +501,8 @@ fn stage_copy_copies_extents_and_never_travels() {
     assert!(protocol::request_frame_len(1, &req) > 1 << 20);
 }
 
-/// A delta the target refuses (its basis changed after it gave the signature, so the rebuilt
-/// file fails the source's hash) is sent whole after the plan, and the directory's mtime, which
-/// that second rename changed, is set again.
-#[test]
-fn memfs_refused_delta_is_sent_whole() {
-    let src = Arc::new(MemFs::new());
-    let data: Vec<u8> = (0..1_000_000u32)
-        .map(|i| (i.wrapping_mul(2654435761) >> 11) as u8)
-        .collect();
-    src.mkdir(&p("d"), 0o755).unwrap();
-    src.create(&p("d/big"), 0o644, true).unwrap();
-    src.write_at(&p("d/big"), 0, &data).unwrap();
-    src.set_times(
-        &p("d"),
-        SetTime::Omit,
-        SetTime::At(mirrorfs::fs::Time::new(1_000_000, 5)),
-    )
-    .unwrap();
-    let dst = Arc::new(MemFs::new());
-    replicate(&src, &dst);
-    src.write_at(&p("d/big"), 500_000, b"a small change").unwrap();
-    src.set_times(
-        &p("d"),
-        SetTime::Omit,
-        SetTime::At(mirrorfs::fs::Time::new(1_000_000, 5)),
-    )
-    .unwrap();
-
-    let target = Mutex::new(ReplicatorTarget::new(dst.clone(), RelPath::root()));
-    let spoil = dst.clone();
-    let rpc = move |req: Request| -> Response {
-        let signature = matches!(req, Request::Signature { .. });
-        let r = target.lock().handle_request(req);
-        if signature {
-            spoil.write_at(&p("d/big"), 100, b"spoilt").unwrap();
-        }
-        r
-    };
-    let s = ReplicatorSource::new(src.clone(), RelPath::root(), rpc).unwrap();
-    let r = s.last_report();
-    assert_eq!((r.delta_files, r.files_sent), (0, 1), "{r:?}");
-    assert!(r.problems.is_empty(), "{:?}", r.problems);
-    mem_equal(&src, &dst);
-}
-
-/// The same refusal for the first path of a hard-link group: the file is resent before the other
-/// paths are linked to it, so the group ends up one new inode, with no staging file left.
-#[test]
-fn memfs_refused_delta_of_a_link_group_leader() {
+/// A source whose `d/a` (1 MB) the target has; then a small change to it in the source.
+fn tree_with_changed_big_file(link: bool) -> (Arc<MemFs>, Arc<MemFs>) {
     let src = Arc::new(MemFs::new());
     let data: Vec<u8> = (0..1_000_000u32)
         .map(|i| (i.wrapping_mul(2654435761) >> 11) as u8)
@@ -557,11 +510,21 @@ fn memfs_refused_delta_of_a_link_group_leader() {
     src.mkdir(&p("d"), 0o755).unwrap();
     src.create(&p("d/a"), 0o644, true).unwrap();
     src.write_at(&p("d/a"), 0, &data).unwrap();
-    src.link(&p("d/a"), &p("d/b")).unwrap();
+    if link {
+        src.link(&p("d/a"), &p("d/b")).unwrap();
+    }
     let dst = Arc::new(MemFs::new());
     replicate(&src, &dst);
     src.write_at(&p("d/a"), 500_000, b"a small change").unwrap();
+    // Keep the directory's mtime, so only the target's own renames would change it.
+    let old = mirrorfs::fs::Time::new(1_000_000, 5);
+    src.set_times(&p("d"), SetTime::Omit, SetTime::At(old)).unwrap();
+    (src, dst)
+}
 
+/// Reconciles with a target whose basis of `d/a` changes right after it gives the signature,
+/// so the rebuilt file fails the source's hash and the target refuses the delta.
+fn replicate_refusing_the_delta(src: &Arc<MemFs>, dst: &Arc<MemFs>) -> mirrorfs::reconcile::Report {
     let target = Mutex::new(ReplicatorTarget::new(dst.clone(), RelPath::root()));
     let spoil = dst.clone();
     let rpc = move |req: Request| -> Response {
@@ -573,7 +536,26 @@ fn memfs_refused_delta_of_a_link_group_leader() {
         r
     };
     let s = ReplicatorSource::new(src.clone(), RelPath::root(), rpc).unwrap();
-    let r = s.last_report();
+    s.last_report().clone()
+}
+
+/// A refused delta is sent whole, and the directory's mtime, which that second rename changed,
+/// is set again.
+#[test]
+fn memfs_refused_delta_is_sent_whole() {
+    let (src, dst) = tree_with_changed_big_file(false);
+    let r = replicate_refusing_the_delta(&src, &dst);
+    assert_eq!((r.delta_files, r.files_sent), (0, 1), "{r:?}");
+    assert!(r.problems.is_empty(), "{:?}", r.problems);
+    mem_equal(&src, &dst);
+}
+
+/// The same refusal for the first path of a hard-link group: the file is resent before the other
+/// paths are linked to it, so the group ends up one new inode, with no staging file left.
+#[test]
+fn memfs_refused_delta_of_a_link_group_leader() {
+    let (src, dst) = tree_with_changed_big_file(true);
+    let r = replicate_refusing_the_delta(&src, &dst);
     assert_eq!(r.delta_files, 0, "{r:?}");
     assert!(r.problems.is_empty(), "{:?}", r.problems);
     mem_equal(&src, &dst);

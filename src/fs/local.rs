@@ -102,14 +102,19 @@ impl LocalFs {
         sys::open_beneath(self.root.as_fd(), p.as_bytes(), flags).map_err(|e| FsError::io(e, op, p))
     }
 
-    /// Opens a regular file for writing; anything else is refused.
-    fn open_file_wr(&self, p: &RelPath, op: &str) -> FsResult<OwnedFd> {
-        let fd = self.open(p, WR, op)?;
-        let st = sys::fstatat(fd.as_fd(), c"", false).map_err(|e| FsError::io(e, op, p))?;
-        if Kind::from_mode(st.st_mode) != Kind::File {
+    /// Opens a regular file with `flags`, and its stat; anything else is refused.
+    fn open_regular(&self, p: &RelPath, flags: i32, op: &str) -> FsResult<(OwnedFd, Meta)> {
+        let fd = self.open(p, flags, op)?;
+        let meta = Meta::from_stat(&sys::fstat(fd.as_fd()).map_err(|e| FsError::io(e, op, p))?);
+        if meta.kind != Kind::File {
             return Err(FsError::new(libc::EINVAL, op, p));
         }
-        Ok(fd)
+        Ok((fd, meta))
+    }
+
+    /// Opens a regular file for writing; anything else is refused.
+    fn open_file_wr(&self, p: &RelPath, op: &str) -> FsResult<OwnedFd> {
+        Ok(self.open_regular(p, WR, op)?.0)
     }
 
     fn entry(dir: BorrowedFd<'_>, name: &[u8], xattrs: bool) -> io::Result<DirEntry> {
@@ -128,6 +133,18 @@ impl LocalFs {
             xattrs,
         })
     }
+}
+
+/// `copy_file_range` until `len` bytes are copied or `s` ends.
+fn kernel_copy(s: BorrowedFd<'_>, src_off: u64, d: BorrowedFd<'_>, dst_off: u64, len: u64) -> io::Result<()> {
+    let mut done = 0u64;
+    while done < len {
+        match sys::copy_file_range(s, src_off + done, d, dst_off + done, (len - done) as usize)? {
+            0 => break,
+            n => done += n as u64,
+        }
+    }
+    Ok(())
 }
 
 /// The (offset, length) ranges of `fd` that hold data, up to `size`.
@@ -218,11 +235,7 @@ impl FileSystem for LocalFs {
     /// is not sparse is read without looking for holes.
     fn read_data(&self, p: &RelPath, max_chunk: usize) -> FsResult<FileData> {
         let err = |e| FsError::io(e, "read", p);
-        let fd = self.open(p, RD, "read")?;
-        let before = Meta::from_stat(&sys::fstat(fd.as_fd()).map_err(err)?);
-        if before.kind != Kind::File {
-            return Err(FsError::new(libc::EINVAL, "read", p));
-        }
+        let (fd, before) = self.open_regular(p, RD, "read")?;
         let segs = match before.size {
             0 => Vec::new(),
             size if before.is_sparse() => segments(fd.as_fd(), size).map_err(err)?,
@@ -387,31 +400,11 @@ impl FileSystem for LocalFs {
     fn copy_range(&self, src: &RelPath, src_off: u64, dst: &RelPath, dst_off: u64, len: u64) -> FsResult<()> {
         let s = self.open(src, RD, "copy_file_range")?;
         let d = self.open_file_wr(dst, "copy_file_range")?;
-        let mut done = 0u64;
-        while done < len {
-            let n = sys::copy_file_range(
-                s.as_fd(),
-                src_off + done,
-                d.as_fd(),
-                dst_off + done,
-                (len - done) as usize,
-            )
-            .map_err(|e| FsError::io(e, "copy_file_range", dst))?;
-            if n == 0 {
-                break;
-            }
-            done += n as u64;
-        }
-        Ok(())
+        kernel_copy(s.as_fd(), src_off, d.as_fd(), dst_off, len).map_err(|e| FsError::io(e, "copy_file_range", dst))
     }
 
     fn open_file(&self, p: &RelPath) -> FsResult<Option<std::fs::File>> {
-        let fd = self.open(p, RD, "open")?;
-        let st = sys::fstat(fd.as_fd()).map_err(|e| FsError::io(e, "open", p))?;
-        if Kind::from_mode(st.st_mode) != Kind::File {
-            return Err(FsError::new(libc::EINVAL, "open", p));
-        }
-        Ok(Some(std::fs::File::from(fd)))
+        Ok(Some(std::fs::File::from(self.open_regular(p, RD, "open")?.0)))
     }
 
     /// In the kernel (`copy_file_range`): no copy through this process, and a reflink where the
@@ -419,31 +412,19 @@ impl FileSystem for LocalFs {
     /// (across file systems on old kernels, or file systems without it).
     fn copy_in(&self, p: &RelPath, offset: u64, from: &std::fs::File, len: u64) -> FsResult<()> {
         let d = self.open_file_wr(p, "copy_file_range")?;
-        let mut done = 0u64;
-        while done < len {
-            match sys::copy_file_range(
-                from.as_fd(),
-                offset + done,
-                d.as_fd(),
-                offset + done,
-                (len - done) as usize,
-            ) {
-                Ok(0) => return Ok(()),
-                Ok(n) => done += n as u64,
-                Err(e)
-                    if done == 0
-                        && matches!(
-                            e.raw_os_error(),
-                            Some(libc::EXDEV | libc::EINVAL | libc::ENOSYS | libc::EOPNOTSUPP)
-                        ) =>
-                {
-                    log::debug!("{p}: copy_file_range refused ({e}); copying through a buffer");
-                    return crate::fs::copy_through_buffer(self, p, offset, from, len);
-                }
-                Err(e) => return Err(FsError::io(e, "copy_file_range", p)),
+        match kernel_copy(from.as_fd(), offset, d.as_fd(), offset, len) {
+            Ok(()) => Ok(()),
+            Err(e)
+                if matches!(
+                    e.raw_os_error(),
+                    Some(libc::EXDEV | libc::EINVAL | libc::ENOSYS | libc::EOPNOTSUPP)
+                ) =>
+            {
+                log::debug!("{p}: copy_file_range refused ({e}); copying through a buffer");
+                crate::fs::copy_through_buffer(self, p, offset, from, len)
             }
+            Err(e) => Err(FsError::io(e, "copy_file_range", p)),
         }
-        Ok(())
     }
 
     /// One resolution of the parent and one fd for the whole job: create, write, size, owner,

@@ -143,21 +143,10 @@ pub fn execute(
             return Err(e);
         }
     }
+    // Every transfer is followed by its directory's metadata, before which refused deltas are
+    // resent; this is for plans that set none.
+    ex.finish_deltas()?;
     ex.settle(0)?;
-    // Refusals of the last commits (a plan without directory metadata, as a partial one may
-    // be): their directories' mtimes are set again after the resend's rename.
-    while !ex.resend.is_empty() {
-        let mut parents = std::collections::BTreeSet::new();
-        for path in std::mem::take(&mut ex.resend) {
-            ex.send_whole(&path)?;
-            parents.extend(path.parent());
-        }
-        ex.delta_commits.clear();
-        for dir in parents.iter().rev().filter(|d| src.get(d).is_some()) {
-            ex.run(&Op::Attrs(dir.clone()))?;
-        }
-        ex.settle(0)?;
-    }
     ex.report.wire_bytes = rpc.bytes_sent() - start_bytes;
     Ok(ex.report)
 }
@@ -417,14 +406,15 @@ impl Exec<'_> {
             )?;
             // An in-process target copies in the kernel; the copies must be done before the
             // second stat can tell whether they saw one version of the file.
-            let local = match self.local_copy {
-                true => self.fs.open_file(&full).ok().flatten(),
-                false => None,
+            let local = if self.local_copy {
+                self.fs.open_file(&full).ok().flatten()
+            } else {
+                None
             };
-            let copied = local.is_some();
+            let mut failed = None;
             if let Some(file) = local {
                 let from = LocalFile(Arc::new(file));
-                for &(offset, len) in &segs {
+                for (offset, len) in segs {
                     let req = Request::StageCopy {
                         stage,
                         offset,
@@ -434,25 +424,8 @@ impl Exec<'_> {
                     self.send(path, req)?;
                 }
                 self.settle(0)?;
-            }
-            let mut failed = None;
-            'segs: for (off, len) in segs.into_iter().filter(|_| !copied) {
-                let mut o = off;
-                while o < off + len {
-                    let n = ((off + len - o) as usize).min(DATA_CHUNK);
-                    match self.fs.read_at(&full, o, n) {
-                        Ok(data) if data.is_empty() => break,
-                        Ok(data) => {
-                            let l = data.len() as u64;
-                            self.send(path, Request::StageWrite { stage, offset: o, data })?;
-                            o += l;
-                        }
-                        Err(e) => {
-                            failed = Some(e.to_string());
-                            break 'segs;
-                        }
-                    }
-                }
+            } else {
+                failed = self.stage_writes(path, &full, stage, segs)?;
             }
             let stable = self.fs.stat(&full).map(|m1| same_version(&m0, &m1)).unwrap_or(false);
             if failed.is_some() || !stable {
@@ -479,6 +452,33 @@ impl Exec<'_> {
             "read {path}: changed while being read ({READ_TRIES} tries); left for the next reconcile"
         ));
         Ok(())
+    }
+
+    /// Reads the data segments of `full` and sends them to `stage` piece by piece; the read
+    /// error that stopped it, if any.
+    fn stage_writes(
+        &mut self,
+        path: &RelPath,
+        full: &RelPath,
+        stage: u64,
+        segs: Vec<(u64, u64)>,
+    ) -> Result<Option<String>, RpcError> {
+        for (off, len) in segs {
+            let mut o = off;
+            while o < off + len {
+                let n = ((off + len - o) as usize).min(DATA_CHUNK);
+                match self.fs.read_at(full, o, n) {
+                    Ok(data) if data.is_empty() => break,
+                    Ok(data) => {
+                        let l = data.len() as u64;
+                        self.send(path, Request::StageWrite { stage, offset: o, data })?;
+                        o += l;
+                    }
+                    Err(e) => return Ok(Some(e.to_string())),
+                }
+            }
+        }
+        Ok(None)
     }
 
     /// Waits for the delta commits in flight and sends whole the files whose delta was refused.

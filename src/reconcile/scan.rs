@@ -58,14 +58,6 @@ impl Entries {
         self.find(p).is_ok()
     }
 
-    /// Adds `e`, replacing the entry with its path if there is one.
-    pub fn insert(&mut self, e: Entry) {
-        match self.find(&e.path) {
-            Ok(i) => self.0[i] = e,
-            Err(i) => self.0.insert(i, e),
-        }
-    }
-
     pub fn len(&self) -> usize {
         self.0.len()
     }
@@ -350,11 +342,6 @@ mod tests {
         assert_eq!(es.get(&RelPath::new("a/x").unwrap()).unwrap().meta.size, 2);
         assert!(es.contains_key(&RelPath::new("a.b").unwrap()));
         assert!(!es.contains_key(&RelPath::new("a/y").unwrap()));
-        let mut es = es;
-        es.insert(e("a/w", 4));
-        es.insert(e("a", 5));
-        assert_eq!(paths(&es), [".", "a", "a/w", "a/x", "a.b"]);
-        assert_eq!(es[&RelPath::new("a").unwrap()].meta.size, 5);
     }
 
     #[test]
