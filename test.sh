@@ -33,7 +33,9 @@ command -v fsx >/dev/null || cargo install --locked fsx@0.3.2
 # pjdfstest switches to these users.
 id nobody >/dev/null 2>&1 || useradd -r -U nobody
 getent group nogroup >/dev/null || groupadd -r nogroup
-id tests >/dev/null 2>&1 || echo 'tests:x:::pjdfstest user:/:/usr/sbin/nologin' | newusers
+# pjdfstest needs the user `tests` and the group `tests`; a machine may have one without the other.
+getent group tests >/dev/null || groupadd tests
+id tests >/dev/null 2>&1 || useradd -g tests -d / -s /usr/sbin/nologin -c 'pjdfstest user' tests
 
 cargo build --release --workspace --locked
 # mount -t mirrorfs and /etc/fstab find the helper here.
@@ -43,7 +45,8 @@ log=$(mktemp)
 skips=$(mktemp)
 trap 'rm -f "$log" "$skips"' EXIT
 set +e
-MIRRORFS_SKIP_LOG="$skips" cargo test --release --workspace --locked -- --test-threads=2 2>&1 | tee "$log"
+# --no-fail-fast: every test binary runs even after a failure, so the closing line counts them all.
+MIRRORFS_SKIP_LOG="$skips" cargo test --release --workspace --locked --no-fail-fast -- --test-threads=2 2>&1 | tee "$log"
 status=${PIPESTATUS[0]}
 set -e
 if [ -s "$skips" ]; then

@@ -33,6 +33,18 @@ pub enum Command {
     /// Reconcile, then watch SRC (inotify, no FUSE needed) and keep the target mirrored until
     /// SIGINT or SIGTERM.
     Watch(WatchArgs),
+    /// Show every running mirror of this user (mounts and watches), or the one at PATH. Exit
+    /// 0 when every one listed is connected, 1 otherwise, 2 on an error, 3 when none runs.
+    Status(StatusArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct StatusArgs {
+    /// A mountpoint or source directory: show only the mirror of it.
+    pub path: Option<PathBuf>,
+    /// One JSON object with a `mounts` array.
+    #[arg(long)]
+    pub json: bool,
 }
 
 #[derive(Args, Debug)]
@@ -65,9 +77,15 @@ pub struct MountArgs {
     /// Stay in the foreground (for systemd and tests) instead of leaving a daemon.
     #[arg(long, short)]
     pub foreground: bool,
-    /// Seconds to wait for the target's answer before giving up on it.
+    /// Seconds without progress from the target before it counts as lost (at start: before
+    /// giving up).
     #[arg(long, default_value_t = 30.0, value_parser = positive_secs)]
     pub timeout: f64,
+    /// What mutating syscalls meet while the target is away: continue (succeed at the source,
+    /// caught up later), block (wait until the target is back and caught up), fail (EIO, the
+    /// source left unchanged).
+    #[arg(long, default_value = "continue", value_parser = clap::value_parser!(crate::source::Policy))]
+    pub on_disconnect: crate::source::Policy,
     /// Where the daemon writes its log (default: a file under the temp directory).
     #[arg(long)]
     pub log_file: Option<PathBuf>,
@@ -115,6 +133,9 @@ pub struct TargetArgs {
     /// File holding the shared token for a tcp target.
     #[arg(long)]
     pub token_file: Option<PathBuf>,
+    /// Seconds without progress from the target before giving up on it.
+    #[arg(long, default_value_t = 30.0, value_parser = positive_secs)]
+    pub timeout: f64,
     /// No progress bar and no summary.
     #[arg(long, short)]
     pub quiet: bool,

@@ -288,6 +288,28 @@ pub trait FileSystem: Send + Sync {
     fn remove_xattr(&self, p: &RelPath, name: &[u8]) -> FsResult<()>;
     fn fsync(&self, p: &RelPath, datasync: bool) -> FsResult<()>;
 
+    /// Starts a session on the root and fences the older ones (see `session`). By default the
+    /// file system keeps no record: the claim says so, and nothing is fenced.
+    fn claim_session(&self, _known: Option<[u8; 16]>) -> FsResult<crate::session::Claim> {
+        let root = RelPath::root();
+        let m = self.stat(&root)?;
+        Ok(crate::session::Claim {
+            generation: None,
+            prev_epoch: 0,
+            epoch: 0,
+            dev: m.dev,
+            ino: m.ino,
+            empty: self.read_dir(&root, false)?.is_empty(),
+            vacant: false,
+        })
+    }
+
+    /// Held while a request of the session with `epoch` applies; fails once a newer session
+    /// has claimed the root. `None` where there is nothing to fence.
+    fn fence(&self, _epoch: u64) -> FsResult<Option<crate::session::Fence<'_>>> {
+        Ok(None)
+    }
+
     /// A regular file of this file system opened for reading, to hand to an in-process target
     /// (`Request::StageCopy`); `None` where there is no kernel file behind it.
     fn open_file(&self, _p: &RelPath) -> FsResult<Option<std::fs::File>> {

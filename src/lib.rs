@@ -5,6 +5,7 @@
 //! mount's `Replicator`), the FUSE mount (`fuse`), the mount daemon's start (`daemon`) and watch mode (`watch`).
 
 pub mod cli;
+pub mod control;
 pub mod daemon;
 pub mod fs;
 pub mod fuse;
@@ -13,6 +14,7 @@ pub mod progress;
 pub mod protocol;
 pub mod reconcile;
 pub mod rpc;
+pub mod session;
 pub mod source;
 pub mod sys;
 pub mod target;

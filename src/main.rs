@@ -3,9 +3,12 @@
 //! 23 sync finished with per-path problems, as rsync's "partial transfer").
 
 use clap::Parser;
-use mirrorfs::cli::{self, Cli, Command, MountArgs, ServeArgs, SyncArgs, TargetArgs, UmountArgs, WatchArgs};
+use mirrorfs::cli::{
+    self, Cli, Command, MountArgs, ServeArgs, StatusArgs, SyncArgs, TargetArgs, UmountArgs, WatchArgs,
+};
 use mirrorfs::transport::{self, server::Listen};
 use mirrorfs::{LocalFs, RelPath, ReplicatorSource, SyncOptions};
+
 use std::process::ExitCode;
 use std::sync::Arc;
 
@@ -23,6 +26,7 @@ fn main() -> ExitCode {
         Command::Mount(a) => mount(a),
         Command::Umount(a) => umount(a),
         Command::Watch(a) => watch(a),
+        Command::Status(a) => status(a),
     };
     match r {
         Ok(code) => code,
@@ -37,7 +41,8 @@ fn connect(a: &TargetArgs) -> Result<(Arc<LocalFs>, Arc<dyn mirrorfs::rpc::Rpc>)
     let src = cli::check_source(&a.src)?;
     let ep = cli::check_target(&a.target, &src)?;
     let fs = Arc::new(LocalFs::new(&src).map_err(|e| format!("source: {e}"))?);
-    let client = transport::open_target(&ep, a.token_file.as_deref(), None, transport::LocalMode::Threaded)
+    let limit = Some(std::time::Duration::from_secs_f64(a.timeout));
+    let client = transport::open_target(&ep, a.token_file.as_deref(), limit, transport::LocalMode::Threaded)
         .map_err(|e| format!("target {ep}: {e}"))?;
     Ok((fs, client))
 }
@@ -129,9 +134,6 @@ fn serve(a: ServeArgs) -> Result<ExitCode, String> {
 
 fn mount(a: MountArgs) -> Result<ExitCode, String> {
     use mirrorfs::daemon;
-    use mirrorfs::fuse::{self, MountConfig};
-    use mirrorfs::rpc::Rpc;
-    use mirrorfs::source::{Link, Replicator};
     let mountpoint = a.mountpoint.clone().unwrap_or_else(|| a.src.clone());
     let daemon_log = std::env::var_os(daemon::DAEMON_ENV).map(std::path::PathBuf::from);
     if !a.foreground && daemon_log.is_none() {
@@ -145,74 +147,30 @@ fn mount(a: MountArgs) -> Result<ExitCode, String> {
         );
         return Ok(ExitCode::SUCCESS);
     }
-    fuse::prepare_mountpoint(&mountpoint).map_err(|e| e.to_string())?;
-    let src = cli::check_source(&a.src)?;
-    let mountpoint =
-        std::fs::canonicalize(&mountpoint).map_err(|e| format!("mountpoint {}: {e}", mountpoint.display()))?;
-    let ep = cli::check_target(&a.target, &src)?;
-    if mountpoint != src && mountpoint.starts_with(&src) {
-        return Err(format!(
-            "mountpoint {} lies inside the source {}; the mount would serve itself",
-            mountpoint.display(),
-            src.display()
-        ));
-    }
-    if mountpoint != src {
-        if let mirrorfs::transport::Endpoint::Local(t) = &ep {
-            if std::fs::canonicalize(t)
-                .map(|t| t.starts_with(&mountpoint))
-                .unwrap_or(false)
-            {
-                return Err(format!(
-                    "target {} lies inside the mountpoint {}",
-                    t.display(),
-                    mountpoint.display()
-                ));
-            }
-        }
-    }
+    let (src, mountpoint, ep) = check_mount(&a, &mountpoint)?;
     // Everything on the source is opened before the mount covers it.
-    let (root, root_st) = fuse::open_root(&src).map_err(|e| format!("source {}: {e}", src.display()))?;
-    let fs = Arc::new(LocalFs::new(&src).map_err(|e| format!("source: {e}"))?);
-    // The watcher reaches the source through an fd opened now, under whatever is mounted later.
-    let watch = if a.no_watch {
-        None
-    } else {
-        let (fd, _) = fuse::open_root(&src).map_err(|e| format!("source {}: {e}", src.display()))?;
-        // "/." : the watch's walk starts at a directory, not at the magic link (symlinks are
-        // not followed).
-        let top = std::path::PathBuf::from(format!("/proc/self/fd/{}/.", std::os::fd::AsRawFd::as_raw_fd(&fd)));
-        match mirrorfs::watch::Watch::start(&top, &src) {
-            Ok(w) => Some((fd, w)),
-            Err(e) => {
-                log::error!("{e}; changes made behind the mount's back reach the target at the next mount only");
-                None
-            }
-        }
-    };
-    let limit = std::time::Duration::from_secs_f64(a.timeout);
-    let rpc: Arc<dyn Rpc> =
-        transport::open_target(&ep, a.token_file.as_deref(), Some(limit), transport::LocalMode::Inline)
-            .map_err(|e| format!("target {ep}: {e}"))?;
-    let opts = SyncOptions {
-        checksum: false,
-        allow_mass_delete: a.allow_mass_delete,
-        progress: !a.quiet,
-    };
-    let source = ReplicatorSource::with_options(fs, RelPath::root(), rpc, opts).map_err(|e| e.to_string())?;
-    let r = source.last_report().clone();
-    for p in &r.problems {
-        log::warn!("startup walk: {p}");
-    }
-    log::info!("startup walk: {} operations, {} files sent", r.ops, r.files_sent);
-    let rep = Arc::new(Replicator::new(source));
-    let cfg = MountConfig {
+    let (root, root_st) = mirrorfs::fuse::open_root(&src).map_err(|e| format!("source {}: {e}", src.display()))?;
+    let watch = (!a.no_watch).then(|| start_mount_watch(&src)).flatten();
+    let rep = replicator(
+        &src,
+        ep.clone(),
+        a.token_file.as_deref(),
+        a.timeout,
+        a.on_disconnect,
+        transport::LocalMode::Inline,
+        SyncOptions {
+            checksum: false,
+            allow_mass_delete: a.allow_mass_delete,
+            progress: !a.quiet,
+        },
+    )?;
+    let cfg = mirrorfs::fuse::MountConfig {
         mountpoint: mountpoint.clone(),
         fsname: src.display().to_string(),
         threads: a.threads as usize,
         passthrough: !a.no_passthrough,
     };
-    let mounted = fuse::mount(root, &root_st, rep.clone(), &cfg).map_err(|e| e.to_string())?;
+    let mounted = mirrorfs::fuse::mount(root, &root_st, rep.clone(), &cfg).map_err(|e| e.to_string())?;
     watch_signals(mountpoint.clone())?;
     let _ = std::env::set_current_dir("/");
     log::info!(
@@ -229,6 +187,8 @@ fn mount(a: MountArgs) -> Result<ExitCode, String> {
             mountpoint.display()
         ),
     }
+    let recovery = spawn_recovery(&rep)?;
+    let _control = answer_status(&rep, "mount", &src, Some(&mountpoint));
     let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let watcher = watch.map(|(fd, w)| {
         let (rep, stop) = (rep.clone(), stop.clone());
@@ -253,27 +213,160 @@ fn mount(a: MountArgs) -> Result<ExitCode, String> {
         Some(Err(e)) => log::error!("could not start the watcher thread: {e}"),
         None => {}
     }
-    let c = rep.counters();
-    let link = rep.link();
-    let dirty = rep.dirty().len();
-    drop(rep);
     if let Err(e) = served {
         log::error!("FUSE session ended with an error: {e}");
     }
-    log::info!(
-        "unmounted {}: {} requests acknowledged, {} repairs, {} not forwarded",
-        mountpoint.display(),
-        c.forwarded,
-        c.repairs,
-        c.unforwarded
-    );
-    if link == Link::Lost {
-        log::error!(
-            "the target was lost while mounted; {dirty} paths changed since; the next mount or sync repairs them"
-        );
-        return Ok(ExitCode::from(23));
+    Ok(conclude(&rep, recovery, &format!("unmounted {}", mountpoint.display())))
+}
+
+/// The mount's arguments, checked: the source, the mountpoint (canonical) and the target.
+fn check_mount(
+    a: &MountArgs,
+    mountpoint: &std::path::Path,
+) -> Result<(std::path::PathBuf, std::path::PathBuf, transport::Endpoint), String> {
+    mirrorfs::fuse::prepare_mountpoint(mountpoint).map_err(|e| e.to_string())?;
+    let src = cli::check_source(&a.src)?;
+    let mountpoint =
+        std::fs::canonicalize(mountpoint).map_err(|e| format!("mountpoint {}: {e}", mountpoint.display()))?;
+    let ep = cli::check_target(&a.target, &src)?;
+    if mountpoint != src && mountpoint.starts_with(&src) {
+        return Err(format!(
+            "mountpoint {} lies inside the source {}; the mount would serve itself",
+            mountpoint.display(),
+            src.display()
+        ));
     }
-    Ok(ExitCode::SUCCESS)
+    if mountpoint != src {
+        if let transport::Endpoint::Local(t) = &ep {
+            if std::fs::canonicalize(t)
+                .map(|t| t.starts_with(&mountpoint))
+                .unwrap_or(false)
+            {
+                return Err(format!(
+                    "target {} lies inside the mountpoint {}",
+                    t.display(),
+                    mountpoint.display()
+                ));
+            }
+        }
+    }
+    Ok((src, mountpoint, ep))
+}
+
+/// The watcher under the mount reaches the source through an fd opened now, under whatever is
+/// mounted later. A watch that cannot start is logged, and the mount goes on without it.
+fn start_mount_watch(src: &std::path::Path) -> Option<(std::os::fd::OwnedFd, mirrorfs::watch::Watch)> {
+    let fd = match mirrorfs::fuse::open_root(src) {
+        Ok((fd, _)) => fd,
+        Err(e) => {
+            log::error!("source {}: {e}; no watcher", src.display());
+            return None;
+        }
+    };
+    // "/." : the watch's walk starts at a directory, not at the magic link (symlinks are not
+    // followed).
+    let top = std::path::PathBuf::from(format!("/proc/self/fd/{}/.", std::os::fd::AsRawFd::as_raw_fd(&fd)));
+    match mirrorfs::watch::Watch::start(&top, src) {
+        Ok(w) => Some((fd, w)),
+        Err(e) => {
+            log::error!("{e}; changes made behind the mount's back reach the target at the next mount only");
+            None
+        }
+    }
+}
+
+/// Opens the target's link (its first session) and runs the startup walk through it. Both are
+/// bounded by `--timeout`; failing here is final and leaves nothing behind.
+fn replicator(
+    src: &std::path::Path,
+    ep: transport::Endpoint,
+    token_file: Option<&std::path::Path>,
+    timeout: f64,
+    policy: mirrorfs::source::Policy,
+    local: transport::LocalMode,
+    opts: SyncOptions,
+) -> Result<Arc<mirrorfs::source::Replicator>, String> {
+    use mirrorfs::source::{Link, Replicator, Source};
+    let shown = ep.to_string();
+    let limit = std::time::Duration::from_secs_f64(timeout);
+    let connector =
+        transport::Connector::new(ep, token_file, Some(limit), local).map_err(|e| format!("target {shown}: {e}"))?;
+    let link = Link::open(connector, policy).map_err(|e| format!("target {shown}: {e}"))?;
+    let fs = Arc::new(LocalFs::new(src).map_err(|e| format!("source: {e}"))?);
+    let rep = Arc::new(Replicator::new(Source::new(fs, RelPath::root(), opts), link));
+    let r = rep
+        .startup_walk()
+        .map_err(|e| format!("startup walk to {shown}: {e}"))?;
+    for p in &r.problems {
+        log::warn!("startup walk: {p}");
+    }
+    log::info!("startup walk: {} operations, {} files sent", r.ops, r.files_sent);
+    if !r.problems.is_empty() {
+        // What the walk could not copy is behind: the recovery retries it.
+        rep.link().mark_scope(mirrorfs::reconcile::Scope::full());
+        rep.link()
+            .fell_behind(&format!("startup walk: {} paths not copied", r.problems.len()));
+    }
+    Ok(rep)
+}
+
+/// Answers `mirrorfs status` for this mirror until the returned guard is dropped. A control
+/// socket that cannot be made is logged; the mirror runs without it.
+fn answer_status(
+    rep: &Arc<mirrorfs::source::Replicator>,
+    kind: &'static str,
+    src: &std::path::Path,
+    mountpoint: Option<&std::path::Path>,
+) -> Option<mirrorfs::control::Control> {
+    let (rep, src, mnt) = (rep.clone(), src.to_path_buf(), mountpoint.map(|m| m.to_path_buf()));
+    match mirrorfs::control::serve(move || {
+        mirrorfs::control::MirrorStatus::from_link(kind, &src, mnt.as_deref(), rep.link().status())
+    }) {
+        Ok(c) => Some(c),
+        Err(e) => {
+            log::error!("{e}; `mirrorfs status` will not list this mirror");
+            None
+        }
+    }
+}
+
+/// The recovery thread of a replicator: reconnects and catches up for as long as it runs.
+fn spawn_recovery(rep: &Arc<mirrorfs::source::Replicator>) -> Result<std::thread::JoinHandle<()>, String> {
+    let rep = rep.clone();
+    std::thread::Builder::new()
+        .name("recovery".into())
+        .spawn(move || rep.run_recovery())
+        .map_err(|e| format!("recovery thread: {e}"))
+}
+
+/// The end of a mount or watch: stops the recovery, tries a last catch-up, and says whether the
+/// target is in sync. Exit 0 only when it is; 23 when paths are still behind.
+fn conclude(rep: &mirrorfs::source::Replicator, recovery: std::thread::JoinHandle<()>, what: &str) -> ExitCode {
+    rep.stop();
+    if recovery.join().is_err() {
+        log::error!("the recovery thread panicked");
+    }
+    let behind = rep.finish_up();
+    let st = rep.link().status();
+    rep.link().close();
+    log::info!(
+        "{what}: {} operations acknowledged ({} content bytes), {} repairs, {} reconnects",
+        st.forwarded_ops,
+        st.forwarded_bytes,
+        st.repairs,
+        st.reconnects
+    );
+    if behind > 0 {
+        let msg = format!(
+            "the target {} is behind: {behind} changed paths (or regions) not caught up{}; the next mount or sync finishes the job",
+            st.target,
+            st.last_error.map(|e| format!(" (last error: {e})")).unwrap_or_default()
+        );
+        log::error!("{msg}");
+        eprintln!("mirrorfs: {msg}");
+        return ExitCode::from(23);
+    }
+    ExitCode::SUCCESS
 }
 
 /// SIGTERM and SIGINT unmount (lazily when busy), which ends the session; SIGHUP is ignored.
@@ -324,27 +417,36 @@ fn umount(a: UmountArgs) -> Result<ExitCode, String> {
 fn watch(a: WatchArgs) -> Result<ExitCode, String> {
     use mirrorfs::watch::{Watch, WatchOptions};
     let src = cli::check_source(&a.target.src)?;
-    let (fs, client) = connect(&a.target)?;
+    let ep = cli::check_target(&a.target.target, &src)?;
     let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
     for sig in [signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT] {
         signal_hook::flag::register(sig, stop.clone()).map_err(|e| format!("signals: {e}"))?;
     }
     // Watching starts before the startup walk, so nothing changed during it is missed.
     let w = Watch::start(&src, &src).map_err(|e| e.to_string())?;
-    let opts = SyncOptions {
-        checksum: false,
-        allow_mass_delete: a.allow_mass_delete,
-        progress: !a.target.quiet,
-    };
-    let source = ReplicatorSource::with_options(fs, RelPath::root(), client, opts).map_err(|e| e.to_string())?;
+    let rep = replicator(
+        &src,
+        ep,
+        a.target.token_file.as_deref(),
+        a.target.timeout,
+        mirrorfs::source::Policy::Continue,
+        transport::LocalMode::Threaded,
+        SyncOptions {
+            checksum: false,
+            allow_mass_delete: a.allow_mass_delete,
+            progress: !a.target.quiet,
+        },
+    )?;
     mirrorfs::sys::release_free_memory();
+    let recovery = spawn_recovery(&rep)?;
+    let _control = answer_status(&rep, "watch", &src, None);
     let wopts = WatchOptions {
         debounce: std::time::Duration::from_millis(a.debounce_ms),
         rescan_every: std::time::Duration::from_secs_f64(a.rescan_secs),
         ..WatchOptions::default()
     };
     log::info!("watching {}", src.display());
-    let stats = w.run(&source, &wopts, &stop);
+    let stats = w.run(rep.as_ref(), &wopts, &stop);
     log::info!(
         "stopped watching {}: {} events, {} partial reconciles, {} full rescans, {} renames forwarded",
         src.display(),
@@ -353,9 +455,54 @@ fn watch(a: WatchArgs) -> Result<ExitCode, String> {
         stats.rescans,
         stats.renames
     );
-    if stats.lost {
-        eprintln!("mirrorfs: the target was lost; the next watch or sync reconciles it");
-        return Ok(ExitCode::from(23));
+    Ok(conclude(&rep, recovery, &format!("stopped watching {}", src.display())))
+}
+
+fn status(a: StatusArgs) -> Result<ExitCode, String> {
+    use mirrorfs::control;
+    let mut all = control::query_all().map_err(|e| e.to_string())?;
+    if let Some(p) = &a.path {
+        let want = std::fs::canonicalize(p).unwrap_or_else(|_| p.clone());
+        let want = want.display().to_string();
+        all.retain(|m| m.source == want || m.mountpoint.as_deref() == Some(want.as_str()));
     }
-    Ok(ExitCode::SUCCESS)
+    if a.json {
+        println!("{}", serde_json::json!({ "mounts": all }));
+    } else if all.is_empty() {
+        println!(
+            "no mirror is running{}",
+            a.path
+                .as_ref()
+                .map(|p| format!(" at {}", p.display()))
+                .unwrap_or_default()
+        );
+    } else {
+        for m in &all {
+            let at = match &m.mountpoint {
+                Some(mp) if *mp != m.source => format!("{} mounted at {mp}", m.source),
+                Some(_) => format!("{} (mounted)", m.source),
+                None => format!("{} (watched)", m.source),
+            };
+            println!("{at} -> {}  [pid {}]", m.target, m.pid);
+            println!("  state:     {} since {}", m.state, m.since);
+            println!(
+                "  forwarded: {} operations, {} content bytes; waits p50 {:.2} ms, p99 {:.2} ms (last minute)",
+                m.forwarded_ops, m.forwarded_bytes, m.wait_p50_ms, m.wait_p99_ms
+            );
+            println!(
+                "  behind:    {} paths; {} reconnects, {} repairs",
+                m.behind_paths, m.reconnects, m.repairs
+            );
+            if let Some(e) = &m.last_error {
+                println!("  last error: {e}");
+            }
+        }
+    }
+    Ok(if all.is_empty() {
+        ExitCode::from(3)
+    } else if all.iter().all(|m| m.connected()) {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
+    })
 }

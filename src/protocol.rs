@@ -10,7 +10,7 @@ use crate::reconcile::{Entry, Scope};
 use serde::{de::DeserializeOwned, Deserialize, Serialize};
 use std::io::{self, Read, Write};
 
-pub const PROTOCOL_VERSION: u32 = 3;
+pub const PROTOCOL_VERSION: u32 = 4;
 pub const MAGIC: [u8; 8] = *b"MIRRORFS";
 /// Largest frame accepted: generous for a chunk of scan entries or a delta segment.
 pub const MAX_FRAME: usize = 64 << 20;
@@ -214,6 +214,11 @@ pub enum Request {
     RemoveTree {
         path: RelPath,
     },
+    /// Starts a fenced session on the target root (see `session`); answered with `Claimed`.
+    /// `known` is the target's generation as the source last saw it.
+    Claim {
+        known: Option<[u8; 16]>,
+    },
     /// `len` bytes at `offset` of a file open in this process, copied to the same offset of the
     /// stage by the kernel (`copy_file_range`), never through a buffer. Only an in-process
     /// target takes it (it advertises `LOCAL_COPY`): the variant is never encoded nor decoded,
@@ -268,6 +273,7 @@ impl Request {
             Request::ApplyAttrs { .. } => "apply_attrs",
             Request::LinkReplace { .. } => "link_replace",
             Request::RemoveTree { .. } => "remove_tree",
+            Request::Claim { .. } => "claim",
         }
     }
 
@@ -299,12 +305,27 @@ impl Request {
             Request::LinkReplace { existing, path } => vec![existing, path],
             Request::Scan { .. }
             | Request::ScanNext
+            | Request::Claim { .. }
             | Request::StageWrite { .. }
             | Request::StageCopy { .. }
             | Request::StageDelta { .. }
             | Request::StageCommit { .. }
             | Request::StageAbort { .. } => Vec::new(),
         }
+    }
+}
+
+impl Request {
+    /// False for the requests that only read the target (a fenced session may still ask them).
+    pub fn mutates(&self) -> bool {
+        !matches!(
+            self,
+            Request::Scan { .. }
+                | Request::ScanNext
+                | Request::Hash { .. }
+                | Request::Signature { .. }
+                | Request::Claim { .. }
+        )
     }
 }
 
@@ -315,6 +336,7 @@ pub enum Reply {
     Scan { entries: Vec<Entry>, more: bool },
     Signature(#[serde(with = "serde_bytes")] Vec<u8>),
     Hash([u8; 32]),
+    Claimed(crate::session::Claim),
 }
 
 /// Success, or an errno with a message.

@@ -822,3 +822,32 @@ pub fn release_free_memory() {
     // SAFETY: malloc_trim only returns unused heap pages; it touches no live allocation.
     unsafe { libc::malloc_trim(0) };
 }
+
+/// `flock(2)` on `fd` (`LOCK_SH`, `LOCK_EX` or `LOCK_UN`); waits for the lock.
+pub fn flock(fd: BorrowedFd<'_>, op: i32) -> io::Result<()> {
+    loop {
+        // SAFETY: flock takes an fd and an integer; no memory is passed.
+        match check(unsafe { libc::flock(fd.as_raw_fd(), op) }) {
+            Err(e) if e.raw_os_error() == Some(libc::EINTR) => continue,
+            r => return r.map(drop),
+        }
+    }
+}
+
+/// The uid of the process at the other end of a unix socket (`SO_PEERCRED`).
+pub fn peer_uid(fd: BorrowedFd<'_>) -> io::Result<u32> {
+    let mut cred = libc::ucred { pid: 0, uid: 0, gid: 0 };
+    let mut len = std::mem::size_of::<libc::ucred>() as libc::socklen_t;
+    // SAFETY: `cred` and `len` are valid for writes of the sizes given; the kernel fills at most
+    // `len` bytes.
+    check(unsafe {
+        libc::getsockopt(
+            fd.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_PEERCRED,
+            (&mut cred as *mut libc::ucred).cast(),
+            &mut len,
+        )
+    })?;
+    Ok(cred.uid)
+}

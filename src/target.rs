@@ -37,6 +37,11 @@ pub struct ReplicatorTarget {
     root: RelPath,
     stages: HashMap<u64, Stage>,
     scan_rest: Option<std::vec::IntoIter<Entry>>,
+    /// Check every mutating request against the session's fence (a target behind a
+    /// connection, which a newer session may have replaced).
+    fenced: bool,
+    /// The epoch this session claimed, once it has.
+    epoch: Option<u64>,
 }
 
 static TMP_COUNTER: AtomicU64 = AtomicU64::new(0);
@@ -87,7 +92,16 @@ impl ReplicatorTarget {
             root,
             stages: HashMap::new(),
             scan_rest: None,
+            fenced: false,
+            epoch: None,
         }
+    }
+
+    /// A target behind a connection: once this session has claimed the root, each of its
+    /// mutating requests is applied only while no newer session has claimed it.
+    pub fn fenced(mut self) -> ReplicatorTarget {
+        self.fenced = true;
+        self
     }
 
     fn full(&self, p: &RelPath) -> RelPath {
@@ -96,6 +110,11 @@ impl ReplicatorTarget {
 
     /// Applies one request and answers it. Never panics on any input.
     pub fn handle_request(&mut self, req: Request) -> Response {
+        let fs = self.fs.clone();
+        let _fence = match self.epoch {
+            Some(epoch) if self.fenced && req.mutates() => fs.fence(epoch)?,
+            _ => None,
+        };
         let r = self.apply(req);
         if let Err(e) = &r {
             log::debug!("request failed: {e}");
@@ -163,8 +182,23 @@ impl ReplicatorTarget {
                     fs.set_times(&p, atime, mtime)?;
                 }
             }
+            Request::SetXattr { name, .. } | Request::RemoveXattr { name, .. }
+                if crate::session::is_reserved_xattr(&name) =>
+            {
+                return Err(FsError::msg(
+                    libc::EPERM,
+                    "setxattr",
+                    &RelPath::root(),
+                    format!("{} is mirrorfs's own attribute", String::from_utf8_lossy(&name)),
+                ))
+            }
             Request::SetXattr { path, name, value } => fs.set_xattr(&self.full(&path), &name, &value)?,
             Request::RemoveXattr { path, name } => fs.remove_xattr(&self.full(&path), &name)?,
+            Request::Claim { known } => {
+                let c = fs.claim_session(known)?;
+                self.epoch = c.generation.map(|_| c.epoch);
+                return Ok(Reply::Claimed(c));
+            }
             Request::Unlink { path } => fs.unlink(&self.full(&path))?,
             Request::Rmdir { path } => fs.rmdir(&self.full(&path))?,
             Request::Rename { from, to, flags } => fs.rename(&self.full(&from), &self.full(&to), flags)?,

@@ -87,8 +87,6 @@ pub struct WatchStats {
     pub renames: u64,
     /// Files whose content the reconciles sent.
     pub files_sent: u64,
-    /// The watch ended because the target was lost.
-    pub lost: bool,
 }
 
 type Events = Receiver<notify::Result<notify::Event>>;
@@ -216,9 +214,9 @@ impl Watch {
         was
     }
 
-    /// Keeps the target behind `mirror` equal to the watched tree until `stop` is set (or the
-    /// target is lost, which `WatchStats::lost` says). The caller has reconciled once after
-    /// `start`.
+    /// Keeps the target behind `mirror` equal to the watched tree until `stop` is set. A
+    /// reconcile that fails is tried again with the next batch (a `Replicator` keeps what a lost
+    /// target missed for its own catch-up). The caller has reconciled once after `start`.
     pub fn run(mut self, mirror: &dyn Reconciler, opts: &WatchOptions, stop: &AtomicBool) -> WatchStats {
         let mut stats = WatchStats::default();
         let mut last_tick = Instant::now();
@@ -296,11 +294,6 @@ impl Watch {
                             log::warn!("{p}");
                         }
                     }
-                }
-                Err(SyncError::Rpc(e)) => {
-                    log::error!("the target is lost: {e}");
-                    stats.lost = true;
-                    return stats;
                 }
                 Err(e) => {
                     // Kept, so the next batch tries again (a refused mass delete stays refused

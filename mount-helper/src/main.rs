@@ -4,7 +4,7 @@
 //! `mount.mirrorfs SPEC DIR [-sfnv] [-N NS] [-o OPTIONS] [-t TYPE]`, turns the options into a
 //! `mirrorfs mount` command line and runs it (which returns once the mount is live).
 //!
-//! mirrorfs options: `target=` (required), `token_file=`, `timeout=`, `log_file=`, `threads=`,
+//! mirrorfs options: `target=` (required), `token_file=`, `timeout=`, `on_disconnect=`, `log_file=`, `threads=`,
 //! `no_passthrough`, `allow_mass_delete`, `no_watch`. Generic options mount(8) or fstab add (`rw`,
 //! `defaults`, `auto`, `noauto`, `user`, `nofail`, `_netdev`, `x-*`, …) are ignored; anything else
 //! is an error, unless `-s` (sloppy) was given.
@@ -114,6 +114,7 @@ fn mirrorfs_args(c: &Call) -> Result<Vec<String>, String> {
             "target" => target = Some(flag("target")?),
             "token_file" => args.extend(flag("token-file")?),
             "timeout" => args.extend(flag("timeout")?),
+            "on_disconnect" => args.extend(flag("on-disconnect")?),
             "log_file" => args.extend(flag("log-file")?),
             "threads" => args.extend(flag("threads")?),
             "no_passthrough" => args.push("--no-passthrough".into()),
@@ -122,7 +123,7 @@ fn mirrorfs_args(c: &Call) -> Result<Vec<String>, String> {
             "ro" => return Err("mirrorfs mounts are read-write; drop the ro option".into()),
             _ if generic(o) => {}
             _ if c.sloppy => {}
-            _ => return Err(format!("unknown option {o:?} (mirrorfs options: target=, token_file=, timeout=, log_file=, threads=, no_passthrough, allow_mass_delete, no_watch)")),
+            _ => return Err(format!("unknown option {o:?} (mirrorfs options: target=, token_file=, timeout=, on_disconnect=, log_file=, threads=, no_passthrough, allow_mass_delete, no_watch)")),
         }
     }
     let target = target.ok_or("the target option is required: -o target=DIR|unix:PATH|tcp:HOST:PORT")?;

@@ -18,6 +18,8 @@ pub struct LocalFs {
     root_path: PathBuf,
     /// Large aligned writes bypass the page cache (see `write_at`).
     direct: bool,
+    /// The root opened for reading, for the session lock (`flock` needs more than `O_PATH`).
+    lock: std::sync::OnceLock<OwnedFd>,
 }
 
 /// The directory holding an entry: the root itself, or a resolved subdirectory.
@@ -61,6 +63,7 @@ impl LocalFs {
             root: fd,
             root_path: root.to_path_buf(),
             direct: false,
+            lock: std::sync::OnceLock::new(),
         })
     }
 
@@ -72,6 +75,15 @@ impl LocalFs {
     pub fn with_direct_writes(mut self, on: bool) -> LocalFs {
         self.direct = on;
         self
+    }
+
+    fn lock_fd(&self) -> FsResult<BorrowedFd<'_>> {
+        if let Some(fd) = self.lock.get() {
+            return Ok(fd.as_fd());
+        }
+        let fd = sys::reopen(self.root.as_fd(), libc::O_RDONLY | libc::O_DIRECTORY)
+            .map_err(|e| FsError::io(e, "open", &RelPath::root()))?;
+        Ok(self.lock.get_or_init(|| fd).as_fd())
     }
 
     pub fn root_path(&self) -> &Path {
@@ -168,6 +180,9 @@ fn segments(fd: BorrowedFd<'_>, size: u64) -> io::Result<Vec<(u64, u64)>> {
 fn read_xattrs(dir: BorrowedFd<'_>, name: &[u8]) -> io::Result<Vec<Xattr>> {
     let mut out = Vec::new();
     for attr in sys::llistxattr(dir, name)? {
+        if crate::session::is_reserved_xattr(&attr) {
+            continue;
+        }
         match sys::lgetxattr(dir, name, &attr) {
             Ok(v) => out.push((attr, v)),
             Err(e) if e.raw_os_error() == Some(libc::ENODATA) => {}
@@ -395,6 +410,14 @@ impl FileSystem for LocalFs {
     fn fsync(&self, p: &RelPath, datasync: bool) -> FsResult<()> {
         let fd = self.open(p, RD, "fsync")?;
         sys::fsync(fd.as_fd(), datasync).map_err(|e| FsError::io(e, "fsync", p))
+    }
+
+    fn claim_session(&self, known: Option<[u8; 16]>) -> FsResult<crate::session::Claim> {
+        crate::session::claim(self.lock_fd()?, known).map_err(|e| FsError::io(e, "claim", &RelPath::root()))
+    }
+
+    fn fence(&self, epoch: u64) -> FsResult<Option<crate::session::Fence<'_>>> {
+        crate::session::enter(self.lock_fd()?, epoch).map(Some)
     }
 
     fn copy_range(&self, src: &RelPath, src_off: u64, dst: &RelPath, dst_off: u64, len: u64) -> FsResult<()> {

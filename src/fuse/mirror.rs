@@ -14,7 +14,6 @@ use super::inodes::{Inode, Inodes, ROOT};
 use crate::fs::{Kind, SetTime, Time};
 use crate::path::RelPath;
 use crate::protocol::Request;
-use crate::rpc::Rpc;
 use crate::source::{Forward, Replicator};
 use crate::sys::{self, TimeSet};
 use std::ffi::CString;
@@ -23,7 +22,7 @@ use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
-pub type Rep = Replicator<Arc<dyn Rpc>>;
+pub type Rep = Replicator;
 
 /// Who asked, as the kernel tells it.
 #[derive(Debug, Clone, Copy)]
@@ -99,7 +98,7 @@ fn stamp(path: RelPath, st: &libc::stat) -> Request {
 
 impl Mirror {
     pub fn new(inodes: Inodes, rep: Arc<Rep>) -> Mirror {
-        let owners = rep.source().rpc().target_info().is_root;
+        let owners = rep.link().info().is_root;
         Mirror {
             inodes,
             files: Handles::default(),
@@ -383,42 +382,35 @@ impl Mirror {
         let cname = name_c(name)?;
         let pfd = p.fd()?;
         let d = pfd.as_fd();
-        let mut repair = false;
-        let r = self.rep.apply(|| {
-            let made = make(d, &cname)?;
-            // The entry exists now: a failure from here on leaves the target behind, so it is
-            // repaired from the source.
-            let after = || -> io::Result<((u64, libc::stat), Forward)> {
-                let dst = sys::fstat(d)?;
-                self.give(d, &dst, &cname, who)?;
-                let dst = sys::fstat(d)?;
-                let (id, st) = self.enter(parent, d, &cname)?;
-                let fwd = match (self.inodes.path(id), self.inodes.path(parent)) {
-                    (Some(path), Some(dir)) => match first(path.clone(), &st) {
-                        Some(req) => {
-                            let mut reqs = vec![req];
-                            reqs.extend(self.created(&path, &st, dir, &dst));
-                            Forward::of(reqs)
-                        }
-                        None => {
-                            repair = true;
-                            Forward::none()
-                        }
-                    },
-                    _ => Forward::none(),
+        self.rep
+            .apply(|| {
+                let made = make(d, &cname)?;
+                // The entry exists now: a failure from here on leaves the target behind, so it
+                // is resynced from the source, and the caller gets the error.
+                let after = || -> io::Result<((u64, libc::stat), Forward)> {
+                    let dst = sys::fstat(d)?;
+                    self.give(d, &dst, &cname, who)?;
+                    let dst = sys::fstat(d)?;
+                    let (id, st) = self.enter(parent, d, &cname)?;
+                    let fwd = match (self.inodes.path(id), self.inodes.path(parent)) {
+                        (Some(path), Some(dir)) => match first(path.clone(), &st) {
+                            Some(req) => {
+                                let mut reqs = vec![req];
+                                reqs.extend(self.created(&path, &st, dir, &dst));
+                                Forward::of(reqs)
+                            }
+                            None => Forward::resync(),
+                        },
+                        _ => Forward::none(),
+                    };
+                    Ok(((id, st), fwd))
                 };
-                Ok(((id, st), fwd))
-            };
-            let r = after();
-            if r.is_err() {
-                repair = true;
-            }
-            r.map(|((id, st), fwd)| ((id, st, made), fwd))
-        });
-        if repair {
-            self.rep.repair();
-        }
-        r
+                Ok::<_, io::Error>(match after() {
+                    Ok(((id, st), fwd)) => (Ok((id, st, made)), fwd),
+                    Err(e) => (Err(e), Forward::resync()),
+                })
+            })
+            .and_then(|r| r)
     }
 
     pub fn mknod(&self, parent: u64, name: &[u8], mode: u32, rdev: u64, who: Caller) -> io::Result<(u64, libc::stat)> {
@@ -522,8 +514,7 @@ impl Mirror {
         let inode = self.inode(id)?;
         let p = self.inode(newparent)?;
         let cname = name_c(newname)?;
-        let mut repair = false;
-        let r = self.rep.apply(|| {
+        self.rep.apply(|| {
             sys::link_fd(inode.fd()?.as_fd(), p.fd()?.as_fd(), &cname)?;
             let dst = sys::fstat(p.fd()?.as_fd())?;
             let existing = self.inodes.path(id);
@@ -533,30 +524,22 @@ impl Mirror {
                     let path = dir.join(newname).map_err(|_| einval())?;
                     Forward::of(vec![Request::Link { existing, path }, stamp(dir, &dst)])
                 }
-                _ => {
-                    repair = true;
-                    Forward::none()
-                }
+                _ => Forward::resync(),
             };
             Ok::<_, io::Error>(((nid, st), fwd))
-        })?;
-        if repair {
-            self.rep.repair();
-        }
-        Ok(r)
+        })
     }
 
     // ---- Removing and moving ----
 
-    /// A stamp of `path` with the mtime of what `fd` refers to; when that cannot be read (the
-    /// change itself already happened), `repair` is set instead.
-    fn stamp_or_repair(&self, path: RelPath, st: io::Result<libc::stat>, repair: &mut bool) -> Option<Request> {
+    /// Adds to `fwd` a stamp of `path` with the mtime of what `st` describes; when that
+    /// cannot be read (the change itself already happened), `fwd` asks for a resync instead.
+    fn stamp_or_resync(&self, fwd: &mut Forward, path: RelPath, st: io::Result<libc::stat>) {
         match st {
-            Ok(st) => Some(stamp(path, &st)),
+            Ok(st) => fwd.requests.push(stamp(path, &st)),
             Err(e) => {
-                log::warn!("stat after a change of {path}: {e}; repairing instead");
-                *repair = true;
-                None
+                log::warn!("stat after a change of {path}: {e}; resyncing instead");
+                fwd.resync = true;
             }
         }
     }
@@ -565,30 +548,25 @@ impl Mirror {
         let p = self.inode(parent)?;
         let cname = name_c(name)?;
         let pfd = p.fd()?;
-        let mut repair = false;
-        let r = self.rep.apply(|| {
+        self.rep.apply(|| {
             let path = self.inodes.child_path(parent, name);
             self.inodes.bump_epoch();
             sys::unlinkat(pfd.as_fd(), &cname, dir)?;
             self.inodes.removed(parent, name);
             let fwd = match (path, self.inodes.path(parent)) {
                 (Some(path), Some(d)) => {
-                    let mut reqs = vec![if dir {
+                    let mut fwd = Forward::of(vec![if dir {
                         Request::Rmdir { path }
                     } else {
                         Request::Unlink { path }
-                    }];
-                    reqs.extend(self.stamp_or_repair(d, sys::fstat(pfd.as_fd()), &mut repair));
-                    Forward::of(reqs)
+                    }]);
+                    self.stamp_or_resync(&mut fwd, d, sys::fstat(pfd.as_fd()));
+                    fwd
                 }
                 _ => Forward::none(),
             };
             Ok::<_, io::Error>(((), fwd))
-        });
-        if repair {
-            self.rep.repair();
-        }
-        r
+        })
     }
 
     pub fn rename(&self, parent: u64, name: &[u8], newparent: u64, newname: &[u8], flags: u32) -> io::Result<()> {
@@ -597,8 +575,7 @@ impl Mirror {
         let (cname, cnew) = (name_c(name)?, name_c(newname)?);
         let (pfd, npfd) = (p.fd()?, np.fd()?);
         let (d, nd) = (pfd.as_fd(), npfd.as_fd());
-        let mut repair = false;
-        let r = self.rep.apply(|| {
+        self.rep.apply(|| {
             let from = self.inodes.child_path(parent, name);
             let to = self.inodes.child_path(newparent, newname);
             self.inodes.bump_epoch();
@@ -608,38 +585,33 @@ impl Mirror {
             let (Some(from), Some(to)) = (from, to) else {
                 return Ok(((), Forward::none()));
             };
-            let mut reqs = vec![Request::Rename {
+            let mut fwd = Forward::of(vec![Request::Rename {
                 from: from.clone(),
                 to: to.clone(),
                 flags,
-            }];
+            }]);
             // The moved entries' own mtimes (a directory's ".." changed), then their directories'.
-            reqs.extend(self.stamp_or_repair(to.clone(), sys::fstatat(nd, &cnew, false), &mut repair));
+            self.stamp_or_resync(&mut fwd, to.clone(), sys::fstatat(nd, &cnew, false));
             if flags & libc::RENAME_EXCHANGE != 0 {
-                reqs.extend(self.stamp_or_repair(from.clone(), sys::fstatat(d, &cname, false), &mut repair));
+                self.stamp_or_resync(&mut fwd, from.clone(), sys::fstatat(d, &cname, false));
             }
             if let Some(dir) = from.parent() {
-                reqs.extend(self.stamp_or_repair(dir, sys::fstat(d), &mut repair));
+                self.stamp_or_resync(&mut fwd, dir, sys::fstat(d));
             }
             if parent != newparent {
                 if let Some(dir) = to.parent() {
-                    reqs.extend(self.stamp_or_repair(dir, sys::fstat(nd), &mut repair));
+                    self.stamp_or_resync(&mut fwd, dir, sys::fstat(nd));
                 }
             }
-            Ok::<_, io::Error>(((), Forward::of(reqs)))
-        });
-        if repair {
-            self.rep.repair();
-        }
-        r
+            Ok::<_, io::Error>(((), fwd))
+        })
     }
 
     // ---- Changing content ----
 
     pub fn write(&self, fh: u64, offset: u64, data: &[u8]) -> io::Result<usize> {
         let h = self.file(fh)?;
-        let mut repair = false;
-        let n = self.rep.apply(|| {
+        self.rep.apply(|| {
             let mut done = 0;
             while done < data.len() {
                 match sys::pwrite(h.fd.as_fd(), &data[done..], offset + done as u64) {
@@ -658,19 +630,13 @@ impl Mirror {
                     data: data[..done].to_vec(),
                     mtime: Some(mtime_of(&st)),
                 }]),
-                None => {
-                    // Unlinked: nothing on the target may change. A hard link whose other name
-                    // the mount has not seen yet is found by a repair.
-                    repair = st.st_nlink > 0;
-                    Forward::none()
-                }
+                // Unlinked: nothing on the target may change. A hard link whose other name
+                // the mount has not seen yet is found by a resync.
+                None if st.st_nlink > 0 => Forward::resync(),
+                None => Forward::none(),
             };
             Ok::<_, io::Error>((done, fwd))
-        })?;
-        if repair {
-            self.rep.repair();
-        }
-        Ok(n)
+        })
     }
 
     pub fn fallocate(&self, fh: u64, offset: u64, len: u64, mode: i32) -> io::Result<()> {
@@ -745,27 +711,38 @@ impl Mirror {
             Some(fh) => self.files.get(fh),
             None => None,
         };
-        let mut repair = false;
-        let r = self.rep.apply(|| {
+        self.rep
+            .apply(|| {
+                // Steps after the first that succeeded leave the source changed if they fail:
+                // the target is then resynced from it, and the caller gets the error.
+                let mut changed = false;
+                Ok::<_, io::Error>(
+                    match self.setattr_steps(id, &inode, handle.as_deref(), &a, &mut changed) {
+                        Ok((st, fwd)) => (Ok(st), fwd),
+                        Err(e) if changed => (Err(e), Forward::resync()),
+                        Err(e) => return Err(e),
+                    },
+                )
+            })
+            .and_then(|r| r)
+    }
+
+    /// The steps of a setattr on the source, and what repeats them on the target; `changed`
+    /// says whether any step took effect.
+    fn setattr_steps(
+        &self,
+        id: u64,
+        inode: &Inode,
+        handle: Option<&FileHandle>,
+        a: &SetAttrs,
+        changed: &mut bool,
+    ) -> io::Result<(libc::stat, Forward)> {
+        {
             let ifd = inode.fd()?;
             let fd = ifd.as_fd();
-            // Steps after the first that succeeded leave the source changed if they fail: the
-            // target is then repaired from it.
-            let mut changed = false;
-            let mut step = |r: io::Result<()>| -> io::Result<()> {
-                match r {
-                    Ok(()) => {
-                        changed = true;
-                        Ok(())
-                    }
-                    Err(e) => {
-                        repair |= changed;
-                        Err(e)
-                    }
-                }
-            };
+            let mut step = |r: io::Result<()>| -> io::Result<()> { r.map(|()| *changed = true) };
             if let Some(size) = a.size {
-                step(match &handle {
+                step(match handle {
                     Some(h) if h.writable => sys::ftruncate(h.fd.as_fd(), size),
                     _ => sys::reopen(fd, libc::O_WRONLY).and_then(|w| sys::ftruncate(w.as_fd(), size)),
                 })?;
@@ -784,7 +761,7 @@ impl Mirror {
             if a.atime.is_some() || a.mtime.is_some() {
                 step(sys::utimens_fd(fd, ts(a.atime), ts(a.mtime)))?;
             }
-            let st = sys::fstat(fd).inspect_err(|_| repair |= changed)?;
+            let st = sys::fstat(fd)?;
             let Some(path) = self.inodes.path(id) else {
                 return Ok((st, Forward::none()));
             };
@@ -810,12 +787,8 @@ impl Mirror {
                 },
                 mtime: SetTime::At(mtime_of(&st)),
             });
-            Ok::<_, io::Error>((st, Forward::of(reqs)))
-        });
-        if repair {
-            self.rep.repair();
+            Ok((st, Forward::of(reqs)))
         }
-        r
     }
 
     pub fn setxattr(&self, id: u64, name: &[u8], value: &[u8], flags: i32) -> io::Result<()> {

@@ -10,7 +10,6 @@ pub mod inodes;
 pub mod mirror;
 pub mod ops;
 
-use crate::rpc::Rpc;
 use crate::source::Replicator;
 use crate::sys;
 use mirror::Mirror;
@@ -125,7 +124,7 @@ pub struct Mounted {
 pub fn mount(
     root: OwnedFd,
     root_st: &libc::stat,
-    rep: Arc<Replicator<Arc<dyn Rpc>>>,
+    rep: Arc<Replicator>,
     cfg: &MountConfig,
 ) -> Result<Mounted, MountError> {
     if let Err(e) = std::fs::OpenOptions::new().read(true).write(true).open("/dev/fuse") {

@@ -152,10 +152,6 @@ impl fuser::Filesystem for Ops {
         Ok(())
     }
 
-    fn destroy(&mut self) {
-        self.m.replicator().drain();
-    }
-
     fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
         entry(reply, self.m.lookup(parent.0, name.as_bytes()))
     }

@@ -112,6 +112,40 @@ impl Scope {
             .is_some_and(|d| *d >= Depth::Children)
     }
 
+    /// The number of regions (ancestors included).
+    pub fn len(&self) -> usize {
+        self.regions.len()
+    }
+
+    /// Bounds the scope to at most `limit` regions by giving up detail: the deepest regions
+    /// are replaced by their parents' whole subtrees, level by level, down to the whole tree
+    /// at worst. What was covered stays covered.
+    pub fn roll_up(&mut self, limit: usize) {
+        while self.regions.len() > limit.max(1) {
+            let depth = |p: &RelPath| {
+                if p.is_root() {
+                    0
+                } else {
+                    1 + p.as_bytes().iter().filter(|b| **b == b'/').count()
+                }
+            };
+            let deepest = self.regions.keys().map(depth).max().unwrap_or(0);
+            if deepest == 0 {
+                break;
+            }
+            let at: Vec<RelPath> = self.regions.keys().filter(|p| depth(p) == deepest).cloned().collect();
+            for p in at {
+                self.regions.remove(&p);
+                if let Some(parent) = p.parent() {
+                    self.add(parent, Depth::Tree);
+                }
+            }
+        }
+        if self.regions.len() > limit.max(1) {
+            *self = Scope::full();
+        }
+    }
+
     /// The regions as a list, for the wire.
     pub fn to_list(&self) -> Vec<(RelPath, Depth)> {
         self.regions.iter().map(|(p, d)| (p.clone(), *d)).collect()
@@ -163,6 +197,40 @@ mod tests {
             let s = Scope::of(adds.iter().map(|(x, d)| (p(x), *d)));
             let want: Vec<(String, Depth)> = want.iter().map(|(x, d)| (x.to_string(), *d)).collect();
             assert_eq!(list(&s), want, "adding {adds:?}");
+        }
+    }
+
+    #[test]
+    fn rolls_up_into_parents_and_at_worst_the_whole_tree() {
+        use Depth::*;
+        // (regions, limit, expected scope)
+        let table: Vec<(Vec<(&str, Depth)>, usize, Vec<(&str, Depth)>)> = vec![
+            (vec![("a/b", Entry)], 3, vec![("", Entry), ("a", Entry), ("a/b", Entry)]),
+            (
+                vec![("a/b/c", Entry), ("a/b/d", Entry), ("x", Entry)],
+                3,
+                vec![("", Entry), ("a", Tree), ("x", Entry)],
+            ),
+            (
+                vec![("a/b/c", Entry), ("a/b/d", Entry), ("x", Entry)],
+                4,
+                vec![("", Entry), ("a", Entry), ("a/b", Tree), ("x", Entry)],
+            ),
+            (vec![("a/b/c", Entry), ("x/y", Children)], 2, vec![("", Tree)]),
+            (vec![("a", Tree), ("b", Tree), ("c", Tree)], 1, vec![("", Tree)]),
+        ];
+        for (adds, limit, want) in table {
+            let mut s = Scope::of(adds.iter().map(|(x, d)| (p(x), *d)));
+            s.roll_up(limit);
+            let want: Vec<(String, Depth)> = want.iter().map(|(x, d)| (x.to_string(), *d)).collect();
+            assert_eq!(list(&s), want, "rolling up {adds:?} to {limit}");
+            assert!(s.len() <= limit.max(1));
+            for (x, _) in &adds {
+                assert!(
+                    s.under_tree(&p(x)) || s.regions().any(|(r, _)| *r == p(x)),
+                    "{x} is still covered"
+                );
+            }
         }
     }
 

@@ -1,7 +1,9 @@
-//! `ReplicatorSource`: the source side of a replica. Built over a `FileSystem`, a root within it
-//! and an `Rpc` to the target; building one reconciles the target. It owns the reconcile cycle
-//! (target scan asked for first and run while the source is scanned, then plan, then apply),
-//! verification, and forwarding of single requests, on which the mount builds.
+//! The source side of a replica. `Source` is the tree and the options; it owns the reconcile
+//! cycle (target scan asked for first and run while the source is scanned, then plan, then
+//! apply) and verification, each a function of (source, target, scope). `ReplicatorSource`, the
+//! original design's name, binds a `Source` to one target and reconciles when built; `link`
+//! keeps one target across sessions (reconnects, catch-up, changed paths) and `replicator`
+//! forwards the mount's changes through it in the source's order.
 
 use crate::fs::{FileSystem, FsError, Kind};
 use crate::path::RelPath;
@@ -12,8 +14,11 @@ use crate::rpc::{Pending, Rpc, RpcError};
 use crate::watch::Reconciler;
 use std::sync::Arc;
 
+pub mod changed;
+pub mod link;
 pub mod replicator;
-pub use replicator::{Forward, Link, Replicator};
+pub use link::{Link, LinkState, Policy};
+pub use replicator::{Forward, Replicator};
 
 #[derive(Debug, Clone, Copy, Default)]
 pub struct SyncOptions {
@@ -36,58 +41,45 @@ pub enum SyncError {
     Rpc(#[from] RpcError),
 }
 
-pub struct ReplicatorSource<R: Rpc> {
+/// The source side of a mirror, without a target: the tree (`fs` and `root` within it) and the
+/// options. Every reconcile is a function of (source, target, scope), so the same source serves
+/// every session of a target across reconnects.
+pub struct Source {
     fs: Arc<dyn FileSystem>,
     root: RelPath,
-    rpc: R,
     opts: SyncOptions,
-    last: Report,
 }
 
-impl<R: Rpc> ReplicatorSource<R> {
-    /// Mirrors `root` within `fs` to the target behind `rpc`; reconciles the target first.
-    pub fn new(fs: Arc<dyn FileSystem>, root: RelPath, rpc: R) -> Result<Self, SyncError> {
-        Self::with_options(fs, root, rpc, SyncOptions::default())
+impl Source {
+    pub fn new(fs: Arc<dyn FileSystem>, root: RelPath, opts: SyncOptions) -> Source {
+        Source { fs, root, opts }
     }
 
-    pub fn with_options(fs: Arc<dyn FileSystem>, root: RelPath, rpc: R, opts: SyncOptions) -> Result<Self, SyncError> {
-        let mut s = ReplicatorSource {
-            fs,
-            root,
-            rpc,
-            opts,
-            last: Report::default(),
-        };
-        s.last = s.reconcile()?;
-        Ok(s)
+    pub fn options(&self) -> &SyncOptions {
+        &self.opts
     }
 
-    /// What the reconcile done at construction (or the last `reconcile`) did.
-    pub fn last_report(&self) -> &Report {
-        &self.last
-    }
-
-    pub fn rpc(&self) -> &R {
-        &self.rpc
-    }
-
-    fn plan_options(&self, checksum: bool) -> PlanOptions {
+    fn plan_options(&self, rpc: &dyn Rpc, checksum: bool) -> PlanOptions {
         PlanOptions {
             checksum,
-            owners: self.rpc.target_info().is_root,
+            owners: rpc.target_info().is_root,
             allow_mass_delete: self.opts.allow_mass_delete,
             root_unlisted: false,
         }
     }
 
-    /// Makes the target equal to the source, writing only what differs.
-    pub fn reconcile(&self) -> Result<Report, SyncError> {
+    /// Makes the target behind `rpc` equal to the source, writing only what differs.
+    pub fn reconcile(&self, rpc: &dyn Rpc) -> Result<Report, SyncError> {
+        self.reconcile_with_progress(rpc, self.opts.progress)
+    }
+
+    fn reconcile_with_progress(&self, rpc: &dyn Rpc, progress: bool) -> Result<Report, SyncError> {
         let t0 = std::time::Instant::now();
-        let (src, dst) = scan_both(self.fs.as_ref(), &self.root, &self.rpc, self.opts.checksum, None)?;
+        let (src, dst) = scan_both(self.fs.as_ref(), &self.root, rpc, self.opts.checksum, None)?;
         let t1 = std::time::Instant::now();
-        let plan = reconcile::plan(&src, &dst, &self.plan_options(self.opts.checksum))?;
+        let plan = reconcile::plan(&src, &dst, &self.plan_options(rpc, self.opts.checksum))?;
         let t2 = std::time::Instant::now();
-        let r = self.carry_out(&src, &plan, self.opts.progress);
+        let r = self.carry_out(rpc, &src, &plan, progress);
         log::debug!(
             "reconcile: scans {:?} ({} source, {} target entries), plan {:?} ({} ops), apply {:?}",
             t1 - t0,
@@ -100,30 +92,24 @@ impl<R: Rpc> ReplicatorSource<R> {
         r
     }
 
-    /// Makes the target equal to the source within `scope` only (what a watcher saw change),
-    /// with the same planner as the whole-tree walk. The scope grows where the plan needs more
-    /// than it covers (a directory to make whose contents were not scanned), and a whole-tree
-    /// reconcile is done instead where a partial one cannot be exact: hard-link groups reach
-    /// beyond any scope.
-    pub fn reconcile_scope(&self, mut scope: Scope) -> Result<Report, SyncError> {
+    /// Makes the target equal to the source within `scope` only (what a watcher saw change, or
+    /// what changed while the target was away), with the same planner as the whole-tree walk.
+    /// The scope grows where the plan needs more than it covers (a directory to make whose
+    /// contents were not scanned), and a whole-tree reconcile is done instead where a partial
+    /// one cannot be exact: hard-link groups reach beyond any scope.
+    pub fn reconcile_scope(&self, rpc: &dyn Rpc, mut scope: Scope) -> Result<Report, SyncError> {
         const MAX_GROWTH: usize = 8;
         for _ in 0..MAX_GROWTH {
             if scope.is_full() {
                 break;
             }
-            let (src, dst) = scan_both(
-                self.fs.as_ref(),
-                &self.root,
-                &self.rpc,
-                self.opts.checksum,
-                Some(&scope),
-            )?;
+            let (src, dst) = scan_both(self.fs.as_ref(), &self.root, rpc, self.opts.checksum, Some(&scope))?;
             let linked = |e: &reconcile::Entry| e.meta.kind == Kind::File && e.meta.nlink > 1;
             if src.entries.values().any(linked) || dst.entries.values().any(linked) {
                 log::debug!("hard links in a partial reconcile: reconciling the whole tree");
                 break;
             }
-            let mut opts = self.plan_options(self.opts.checksum);
+            let mut opts = self.plan_options(rpc, self.opts.checksum);
             opts.root_unlisted = !scope.lists_root();
             let plan = reconcile::plan(&src, &dst, &opts)?;
             let unseen: Vec<RelPath> = plan
@@ -135,16 +121,22 @@ impl<R: Rpc> ReplicatorSource<R> {
                 })
                 .collect();
             if unseen.is_empty() {
-                return self.carry_out(&src, &plan, false);
+                return self.carry_out(rpc, &src, &plan, false);
             }
             for p in unseen {
                 scope.add(p, Depth::Tree);
             }
         }
-        self.reconcile()
+        self.reconcile_with_progress(rpc, false)
     }
 
-    fn carry_out(&self, src: &Snapshot, plan: &reconcile::Plan, progress: bool) -> Result<Report, SyncError> {
+    fn carry_out(
+        &self,
+        rpc: &dyn Rpc,
+        src: &Snapshot,
+        plan: &reconcile::Plan,
+        progress: bool,
+    ) -> Result<Report, SyncError> {
         let total: u64 = plan
             .ops
             .iter()
@@ -155,9 +147,9 @@ impl<R: Rpc> ReplicatorSource<R> {
             .sum();
         let progress = Progress::new(progress, total);
         let apply = ApplyOptions {
-            owners: self.rpc.target_info().is_root,
+            owners: rpc.target_info().is_root,
         };
-        let mut report = reconcile::execute(self.fs.as_ref(), &self.root, src, plan, &self.rpc, &apply, &progress)?;
+        let mut report = reconcile::execute(self.fs.as_ref(), &self.root, src, plan, rpc, &apply, &progress)?;
         progress.finish();
         report
             .problems
@@ -165,14 +157,69 @@ impl<R: Rpc> ReplicatorSource<R> {
         Ok(report)
     }
 
-    /// Every difference between source and target, in words, comparing content by hash.
-    pub fn verify(&self) -> Result<Vec<String>, SyncError> {
-        verify_only(self.fs.clone(), self.root.clone(), &self.rpc)
+    /// Every difference between source and the target behind `rpc`, in words, comparing
+    /// content by hash. Changes nothing.
+    pub fn verify(&self, rpc: &dyn Rpc) -> Result<Vec<String>, SyncError> {
+        verify_only(self.fs.clone(), self.root.clone(), rpc)
     }
 
     /// The source's entry at `p` (relative to the replicated root).
     pub fn stat(&self, p: &RelPath) -> Result<crate::fs::Meta, FsError> {
         self.fs.stat(&self.root.join_rel(p))
+    }
+}
+
+/// The original design's source: a `Source` bound to one target. Building one reconciles the
+/// target.
+pub struct ReplicatorSource<R: Rpc> {
+    source: Source,
+    rpc: R,
+    last: Report,
+}
+
+impl<R: Rpc> ReplicatorSource<R> {
+    /// Mirrors `root` within `fs` to the target behind `rpc`; reconciles the target first.
+    pub fn new(fs: Arc<dyn FileSystem>, root: RelPath, rpc: R) -> Result<Self, SyncError> {
+        Self::with_options(fs, root, rpc, SyncOptions::default())
+    }
+
+    pub fn with_options(fs: Arc<dyn FileSystem>, root: RelPath, rpc: R, opts: SyncOptions) -> Result<Self, SyncError> {
+        let source = Source::new(fs, root, opts);
+        let last = source.reconcile(&rpc)?;
+        Ok(ReplicatorSource { source, rpc, last })
+    }
+
+    /// What the reconcile done at construction (or the last `reconcile`) did.
+    pub fn last_report(&self) -> &Report {
+        &self.last
+    }
+
+    pub fn rpc(&self) -> &R {
+        &self.rpc
+    }
+
+    pub fn source(&self) -> &Source {
+        &self.source
+    }
+
+    /// Makes the target equal to the source, writing only what differs.
+    pub fn reconcile(&self) -> Result<Report, SyncError> {
+        self.source.reconcile(&self.rpc)
+    }
+
+    /// Makes the target equal to the source within `scope` (see `Source::reconcile_scope`).
+    pub fn reconcile_scope(&self, scope: Scope) -> Result<Report, SyncError> {
+        self.source.reconcile_scope(&self.rpc, scope)
+    }
+
+    /// Every difference between source and target, in words, comparing content by hash.
+    pub fn verify(&self) -> Result<Vec<String>, SyncError> {
+        self.source.verify(&self.rpc)
+    }
+
+    /// The source's entry at `p` (relative to the replicated root).
+    pub fn stat(&self, p: &RelPath) -> Result<crate::fs::Meta, FsError> {
+        self.source.stat(p)
     }
 
     /// Sends one request to the target and waits for its answer.
@@ -181,7 +228,8 @@ impl<R: Rpc> ReplicatorSource<R> {
     }
 }
 
-/// `mirrorfs watch`: the watcher drives the source directly.
+/// `ReplicatorSource` as a watcher's reconciler (the library's simplest watch; the CLI's
+/// `watch` goes through a `Replicator`, which reconnects).
 impl<R: Rpc> Reconciler for ReplicatorSource<R> {
     fn reconcile_all(&self) -> Result<Report, SyncError> {
         self.reconcile()
@@ -192,17 +240,22 @@ impl<R: Rpc> Reconciler for ReplicatorSource<R> {
     }
 
     fn rename(&self, from: &RelPath, to: &RelPath) -> bool {
-        let req = Request::Rename {
-            from: from.clone(),
-            to: to.clone(),
-            flags: 0,
-        };
-        match self.forward(req) {
-            Ok(_) => true,
-            Err(e) => {
-                log::debug!("rename {from} -> {to} on the target: {e}; the reconcile sends it instead");
-                false
-            }
+        forward_rename(&self.rpc, from, to)
+    }
+}
+
+/// Repeats a rename seen at the source on the target; false when the target refused it.
+pub fn forward_rename(rpc: &dyn Rpc, from: &RelPath, to: &RelPath) -> bool {
+    let req = Request::Rename {
+        from: from.clone(),
+        to: to.clone(),
+        flags: 0,
+    };
+    match rpc.call(req) {
+        Ok(_) => true,
+        Err(e) => {
+            log::debug!("rename {from} -> {to} on the target: {e}; the reconcile sends it instead");
+            false
         }
     }
 }

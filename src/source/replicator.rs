@@ -1,250 +1,455 @@
-//! `Replicator`: forwards the mount's mutations to the target in the order the source applied
-//! them. One lock (`order`) is held from the moment an operation touches the source until its
-//! requests are queued on the connection, so the target sees exactly the source's order; the
-//! caller then waits, outside the lock, for its own acknowledgements only, so many operations
-//! are in flight at once.
+//! `Replicator`: forwards the mount's (and the watcher's) changes to the target through its
+//! `Link`, in the order the source applied them, and runs the link's recovery: reconnecting with
+//! backoff and catching up. One lock (`order`) is held from the moment an operation touches the
+//! source until its requests are queued on the session, so the target sees exactly the source's
+//! order; the caller then waits, outside the lock, for its own acknowledgements only, so many
+//! operations are in flight at once.
 //!
 //! Invariants:
 //! - An operation that fails on the source forwards nothing.
-//! - The source is the truth: a request that fails on the target makes the target be
-//!   reconciled (repaired) from the source; the user's syscall keeps the source's result.
-//! - A target that dies or stops answering costs at most one bounded wait. After that the
-//!   replicator is `Lost`: operations go on at the source only, the paths they touched are kept
-//!   in the dirty set (where a journal can later take them from), and the next startup walk
-//!   repairs the target.
+//! - The source is the truth. A request the target refuses marks the paths it names as
+//!   changed; the refused syscall tries one catch-up of them before it returns (it keeps the
+//!   source's result either way), and while any path is behind nothing more is forwarded: the
+//!   link is `CatchingUp` and the recovery thread retries with backoff until a catch-up
+//!   succeeds. A failed repair is never forgotten.
+//! - A lost target is a state, not an end. The operations in flight at the moment of loss
+//!   count as changed; the recovery thread reconnects (about 100 ms, doubling, up to 5 s) and
+//!   catches up. Large catch-ups run first without the order lock (changes made meanwhile are
+//!   marked again); the last round runs under it, so forwarding resumes with no gap and nothing
+//!   applied out of order. Under `Policy::Continue` no syscall waits longer than one `--timeout`.
 
-use super::{ReplicatorSource, SyncError};
+use super::changed;
+use super::link::{is_loss, Link, LinkState, Policy, Session};
+use super::{Source, SyncError};
 use crate::path::RelPath;
 use crate::protocol::Request;
-use crate::reconcile::{Report, Scope};
-use crate::rpc::{Pending, Rpc, RpcError};
+use crate::reconcile::{Depth, Report, Scope};
+use crate::rpc::{Pending, Rpc};
 use crate::watch::Reconciler;
 use parking_lot::Mutex;
-use std::collections::{BTreeSet, HashMap};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
-/// What the replicator has seen of the target.
+/// Above this many regions, a catch-up round runs without the order lock first.
+const LOCKED_CATCH_UP: usize = 256;
+/// Unlocked rounds before the last one is taken under the lock regardless.
+const UNLOCKED_ROUNDS: usize = 3;
+
+/// The requests one source operation produced, to be applied on the target in this order, and
+/// whether they fall short of what happened on the source (a path the mount cannot name, a step
+/// that failed after an earlier one took effect): the tree is then resynced from the source.
+pub struct Forward {
+    pub requests: Vec<Request>,
+    pub resync: bool,
+}
+
+impl Forward {
+    pub fn none() -> Forward {
+        Forward::of(Vec::new())
+    }
+    pub fn of(requests: Vec<Request>) -> Forward {
+        Forward {
+            requests,
+            resync: false,
+        }
+    }
+    pub fn resync() -> Forward {
+        Forward {
+            requests: Vec::new(),
+            resync: true,
+        }
+    }
+}
+
+/// Requests queued by `start`, to be waited for by `finish`.
+pub struct Ticket(Option<Queued>);
+
+struct Queued {
+    session: Arc<Session>,
+    pending: Vec<(Pending, &'static str)>,
+    regions: Vec<(RelPath, Depth)>,
+    bytes: u64,
+    started: Instant,
+}
+
+/// How an operation's forwarding ended, for `apply`'s caller.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Link {
-    Up,
-    /// The target stopped answering or the connection broke; nothing is forwarded any more.
-    Lost,
+pub enum Outcome {
+    /// Acknowledged by the target.
+    Acknowledged,
+    /// Kept for a catch-up (the target is away or behind, or refused it).
+    Kept,
+    /// Nothing to forward.
+    Nothing,
 }
 
-#[derive(Debug, Default, Clone, Copy)]
-pub struct Counters {
-    pub forwarded: u64,
-    pub repairs: u64,
-    pub unforwarded: u64,
-}
-
-pub struct Replicator<R: Rpc> {
-    source: ReplicatorSource<R>,
+pub struct Replicator {
+    source: Source,
     /// Held from the source's change until its requests are queued. Lock order: `order`, then
-    /// anything the closure takes (the mount's inode table).
+    /// anything the closure takes (the mount's inode table), then the link's locks.
     order: Mutex<()>,
-    lost: AtomicBool,
-    /// Paths changed at the source but not acknowledged by the target, for a later catch-up.
-    dirty: Mutex<BTreeSet<RelPath>>,
-    forwarded: AtomicU64,
-    repairs: AtomicU64,
-    unforwarded: AtomicU64,
+    link: Link,
+    /// Held through a whole catch-up: two at once would interleave their scans and stages on
+    /// one session. Lock order: `catching`, then `order`; a holder of `order` only tries it.
+    catching: Mutex<()>,
+    stop: AtomicBool,
     /// Files (device, inode) whose writes reach the target later, at close (the mount's
     /// writers beside passthrough readers), with their count of such opens: the watcher
     /// leaves them alone.
     deferred: Mutex<HashMap<(u64, u64), usize>>,
 }
 
-/// Requests queued by `start`, to be waited for by `finish`.
-pub struct Ticket(Vec<(Pending, &'static str)>);
-
-/// The requests one source operation produced, to be applied on the target in this order.
-pub struct Forward {
-    pub requests: Vec<Request>,
-}
-
-impl Forward {
-    pub fn none() -> Forward {
-        Forward { requests: Vec::new() }
-    }
-    pub fn of(requests: Vec<Request>) -> Forward {
-        Forward { requests }
+fn payload_len(r: &Request) -> u64 {
+    match r {
+        Request::Write { data, .. } => data.len() as u64,
+        _ => 0,
     }
 }
 
-impl<R: Rpc> Replicator<R> {
-    /// Wraps a source whose target has just been reconciled.
-    pub fn new(source: ReplicatorSource<R>) -> Self {
+impl Replicator {
+    /// Wraps a source and a link whose target has just been reconciled.
+    pub fn new(source: Source, link: Link) -> Self {
         Replicator {
             source,
             order: Mutex::new(()),
-            lost: AtomicBool::new(false),
-            dirty: Mutex::new(BTreeSet::new()),
-            forwarded: AtomicU64::new(0),
-            repairs: AtomicU64::new(0),
-            unforwarded: AtomicU64::new(0),
+            link,
+            catching: Mutex::new(()),
+            stop: AtomicBool::new(false),
             deferred: Mutex::new(HashMap::new()),
         }
     }
 
-    pub fn source(&self) -> &ReplicatorSource<R> {
+    /// Reconciles the target through the link's first session (the startup walk). Its failure
+    /// is final: retrying starts only after a successful start.
+    pub fn startup_walk(&self) -> Result<Report, SyncError> {
+        let s = self
+            .link
+            .session()
+            .ok_or_else(|| SyncError::Rpc(crate::rpc::RpcError::Disconnected("no session".into())))?;
+        self.source.reconcile(s.rpc.as_ref())
+    }
+
+    pub fn source(&self) -> &Source {
         &self.source
     }
 
-    pub fn link(&self) -> Link {
-        if self.lost.load(Ordering::Relaxed) {
-            Link::Lost
-        } else {
-            Link::Up
-        }
+    pub fn link(&self) -> &Link {
+        &self.link
     }
 
-    pub fn counters(&self) -> Counters {
-        Counters {
-            forwarded: self.forwarded.load(Ordering::Relaxed),
-            repairs: self.repairs.load(Ordering::Relaxed),
-            unforwarded: self.unforwarded.load(Ordering::Relaxed),
-        }
-    }
-
-    /// Paths changed since the target was lost (or whose repair failed).
-    pub fn dirty(&self) -> Vec<RelPath> {
-        self.dirty.lock().iter().cloned().collect()
+    fn policy_refuses(&self) -> bool {
+        self.link.policy() == Policy::Fail && self.link.state() != LinkState::Connected
     }
 
     /// Runs `op` on the source under the order lock; on success queues what it returned for the
-    /// target, then waits for the target's acknowledgements. Returns `op`'s own result.
-    pub fn apply<T, E>(&self, op: impl FnOnce() -> Result<(T, Forward), E>) -> Result<T, E> {
+    /// target, then waits for the target's acknowledgements. Returns `op`'s own result. While
+    /// the target is away, `Policy::Fail` refuses the operation before it touches the source.
+    pub fn apply<T, E: From<std::io::Error>>(&self, op: impl FnOnce() -> Result<(T, Forward), E>) -> Result<T, E> {
+        self.apply_outcome(op).map(|(v, _)| v)
+    }
+
+    pub fn apply_outcome<T, E: From<std::io::Error>>(
+        &self,
+        op: impl FnOnce() -> Result<(T, Forward), E>,
+    ) -> Result<(T, Outcome), E> {
         let guard = self.order.lock();
-        let (value, fwd) = op()?;
+        let session = self.link.forwarding();
+        if session.is_none() && self.policy_refuses() {
+            return Err(std::io::Error::from_raw_os_error(libc::EIO).into());
+        }
+        let (value, mut fwd) = op()?;
+        if std::mem::take(&mut fwd.resync) {
+            self.link.mark_scope(Scope::full());
+            drop(guard);
+            if session.is_some() {
+                self.repair_now("a change could not be forwarded as it was made");
+            }
+            return Ok((value, Outcome::Kept));
+        }
         if fwd.requests.is_empty() {
-            return Ok(value);
+            return Ok((value, Outcome::Nothing));
         }
-        if self.lost.load(Ordering::Relaxed) {
-            self.note_unforwarded(&fwd.requests);
-            return Ok(value);
-        }
-        let pending = self.queue(fwd);
+        let Some(session) = session else {
+            let n = self.link.mark(&fwd.requests);
+            drop(guard);
+            if self.link.policy() == Policy::Block {
+                self.link.wait_caught_up(n, &|| self.stop.load(Ordering::Relaxed));
+            }
+            return Ok((value, Outcome::Kept));
+        };
+        let q = Self::queue(session, fwd);
         drop(guard);
-        self.settle(pending);
-        Ok(value)
+        let ok = self.settle(q);
+        Ok((value, if ok { Outcome::Acknowledged } else { Outcome::Kept }))
     }
 
     /// Queues requests that change nothing (fsync) in order, without waiting; `finish` waits.
     pub fn start(&self, make: impl FnOnce() -> Forward) -> Ticket {
         let _g = self.order.lock();
         let fwd = make();
-        if self.lost.load(Ordering::Relaxed) {
-            return Ticket(Vec::new());
+        match self.link.forwarding() {
+            Some(s) if !fwd.requests.is_empty() => Ticket(Some(Self::queue(s, fwd))),
+            _ => Ticket(None),
         }
-        Ticket(self.queue(fwd))
-    }
-
-    /// Submits an operation's requests, in order; the caller holds the order lock. Only the
-    /// request's name is kept for the log: a refusal's own error names the path.
-    fn queue(&self, fwd: Forward) -> Vec<(Pending, &'static str)> {
-        fwd.requests
-            .into_iter()
-            .map(|r| {
-                let what = r.name();
-                (self.source.rpc().submit(r), what)
-            })
-            .collect()
     }
 
     /// Waits for what `start` queued.
     pub fn finish(&self, t: Ticket) {
-        self.settle(t.0);
+        if let Some(q) = t.0 {
+            self.settle(q);
+        }
     }
 
-    /// Waits for every answer of one operation and deals with failures.
-    fn settle(&self, pending: Vec<(Pending, &'static str)>) {
-        let mut failed = None;
+    /// Submits an operation's requests on the session, in order; the caller holds the order
+    /// lock. The regions are kept in case the requests do not all land.
+    fn queue(session: Arc<Session>, fwd: Forward) -> Queued {
+        let mut regions = Vec::new();
+        let mut bytes = 0;
+        for r in &fwd.requests {
+            regions.extend(changed::regions(r));
+            bytes += payload_len(r);
+        }
+        let pending = fwd
+            .requests
+            .into_iter()
+            .map(|r| {
+                let what = r.name();
+                (session.rpc.submit(r), what)
+            })
+            .collect();
+        Queued {
+            session,
+            pending,
+            regions,
+            bytes,
+            started: Instant::now(),
+        }
+    }
+
+    /// Waits for every answer of one operation and deals with failures; true when all of them
+    /// were acknowledged.
+    fn settle(&self, q: Queued) -> bool {
+        let Queued {
+            session,
+            pending,
+            regions,
+            bytes,
+            started,
+        } = q;
+        let mut refused = None;
+        let mut lost = None;
+        let n = pending.len() as u64;
         for (p, what) in pending {
             match p.wait() {
-                Ok(_) => {
-                    self.forwarded.fetch_add(1, Ordering::Relaxed);
+                Ok(_) => {}
+                Err(e) if is_loss(&e) => {
+                    lost = Some(format!("{what}: {e}"));
+                    break;
                 }
-                Err(RpcError::Remote(e)) => {
-                    log::warn!("target refused a {what}: {e}; repairing the target from the source");
-                    failed.get_or_insert(what);
-                }
-                Err(e @ (RpcError::Timeout(_) | RpcError::Disconnected(_))) => {
-                    self.lose(&format!("{what}: {e}"));
-                    return;
+                Err(e) => {
+                    refused.get_or_insert(format!("the target refused a {what}: {e}"));
                 }
             }
         }
-        if failed.is_some() {
-            self.repair();
+        if let Some(why) = lost {
+            // Marked before the session is let go, so the catch-up sees it.
+            self.link.mark_regions(regions);
+            self.link.lost(&session, &why);
+            return false;
         }
+        self.link.note_forwarded(n, bytes, started.elapsed());
+        if let Some(why) = refused {
+            self.link.mark_regions(regions);
+            drop(session);
+            self.repair_now(&why);
+            return false;
+        }
+        true
     }
 
-    /// Gives up on the target: logs once, closes the connection, forwards nothing more.
-    fn lose(&self, why: &str) {
-        if !self.lost.swap(true, Ordering::Relaxed) {
-            log::error!(
-                "target lost ({why}); the mount goes on at the source only, and the next start reconciles the target"
-            );
-            self.source.rpc().abandon(why);
-        }
-    }
-
-    fn note_unforwarded(&self, reqs: &[Request]) {
-        self.unforwarded.fetch_add(reqs.len() as u64, Ordering::Relaxed);
-        let mut d = self.dirty.lock();
-        for r in reqs {
-            for p in r.paths() {
-                d.insert(p.clone());
-            }
-        }
-    }
-
-    /// Reconciles the target from the source while no mutation can run (the order lock is held),
-    /// so the walk sees a still source.
-    pub fn repair(&self) {
+    /// A refusal: forwarding stops, and one catch-up of what is marked is tried at once, so
+    /// the syscall returns with the target repaired where it can be. If the link was already
+    /// behind, the recovery thread's schedule takes it instead (no repair storm).
+    fn repair_now(&self, why: &str) {
         let _g = self.order.lock();
-        if self.lost.load(Ordering::Relaxed) {
+        if !self.link.fell_behind(why) {
             return;
         }
-        self.repairs.fetch_add(1, Ordering::Relaxed);
-        match self.source.reconcile() {
-            Ok(r) => {
-                log::info!("repair: {} operations", r.ops);
-                for p in &r.problems {
-                    log::warn!("repair: {p}");
+        log::warn!("{why}; repairing the target from the source");
+        // A catch-up already running covers this too.
+        if let Some(_c) = self.catching.try_lock() {
+            self.catch_up_locked();
+        }
+    }
+
+    /// Reconciles everything marked, under the order lock (the caller holds it); on success
+    /// the link is connected again.
+    fn catch_up_locked(&self) -> bool {
+        let Some(s) = self.link.session() else {
+            return false;
+        };
+        let (scope, upto) = self.link.take_changed();
+        if scope.is_empty() {
+            self.link.caught_up(upto);
+            return true;
+        }
+        self.link.note_repair();
+        match self.reconcile_on(&s, scope.clone()) {
+            Ok(()) => {
+                self.link.caught_up(upto);
+                true
+            }
+            Err(why) => {
+                self.link.mark_scope(scope);
+                self.link.catch_up_failed(&why);
+                false
+            }
+        }
+    }
+
+    /// One reconcile of `scope` through session `s`; a loss ends the session, per-path
+    /// problems leave the scope to be tried again.
+    fn reconcile_on(&self, s: &Arc<Session>, scope: Scope) -> Result<(), String> {
+        let rpc = s.rpc.as_ref();
+        let r = if scope.is_full() {
+            self.source.reconcile(rpc)
+        } else {
+            self.source.reconcile_scope(rpc, scope)
+        };
+        match r {
+            Ok(r) if r.problems.is_empty() => {
+                if r.ops > 0 {
+                    log::info!("caught up: {} operations, {} files sent", r.ops, r.files_sent);
                 }
+                Ok(())
+            }
+            Ok(r) => {
+                for p in r.problems.iter().take(5) {
+                    log::warn!("catch-up: {p}");
+                }
+                Err(format!(
+                    "catch-up left {} paths behind, first: {}",
+                    r.problems.len(),
+                    r.problems[0]
+                ))
             }
             Err(SyncError::Rpc(e)) => {
-                drop(_g);
-                self.lose(&format!("repair: {e}"));
+                let why = format!("catch-up: {e}");
+                if is_loss(&e) {
+                    self.link.lost(s, &why);
+                }
+                Err(why)
             }
-            Err(e) => log::error!("repair failed: {e}"),
+            Err(e) => Err(format!("catch-up: {e}")),
         }
     }
 
-    /// Waits until everything queued so far is acknowledged (used before unmount completes).
-    pub fn drain(&self) {
-        if self.lost.load(Ordering::Relaxed) {
-            return;
-        }
-        let p = {
-            let _g = self.order.lock();
-            self.source.rpc().submit(Request::Fsync {
-                path: RelPath::root(),
-                datasync: false,
-            })
-        };
-        if let Err(e) = p.wait() {
-            match e {
-                RpcError::Remote(e) => log::warn!("final sync of the target root: {e}"),
-                e => self.lose(&e.to_string()),
+    /// The catch-up after a reconnect or a refusal: big sets in rounds without the order lock,
+    /// the last round under it.
+    fn catch_up(&self) {
+        let _c = self.catching.lock();
+        for _ in 0..UNLOCKED_ROUNDS {
+            let (n, full) = self.link.behind();
+            if !full && n <= LOCKED_CATCH_UP {
+                break;
             }
+            let Some(s) = self.link.session() else { return };
+            let (scope, _) = self.link.take_changed();
+            if let Err(why) = self.reconcile_on(&s, scope.clone()) {
+                self.link.mark_scope(scope);
+                if self.link.state() == LinkState::Disconnected {
+                    return;
+                }
+                log::debug!("unlocked catch-up round: {why}");
+            }
+        }
+        let _g = self.order.lock();
+        self.catch_up_locked();
+    }
+
+    /// The recovery thread: reconnects while disconnected and catches up while behind, until
+    /// `stop`. Spawned once the mount (or watch) is live.
+    pub fn run_recovery(&self) {
+        let stopped = || self.stop.load(Ordering::Relaxed);
+        let mut last_try: Option<Instant> = None;
+        while !stopped() {
+            let state = self.link.state();
+            if state == LinkState::Connected {
+                self.link.wait_change(Duration::from_secs(1));
+                continue;
+            }
+            // Every retry waits its backoff, counted from the last attempt.
+            if let Some(t) = last_try {
+                let due = t + self.link.backoff();
+                let now = Instant::now();
+                if now < due {
+                    self.link.wait_change((due - now).min(Duration::from_millis(200)));
+                    continue;
+                }
+            }
+            last_try = Some(Instant::now());
+            match state {
+                LinkState::Disconnected => {
+                    self.link.drain_lost(&stopped);
+                    if self.link.reconnect().is_ok() {
+                        self.catch_up();
+                    }
+                }
+                LinkState::CatchingUp => self.catch_up(),
+                LinkState::Connected => {}
+            }
+            if self.link.state() == LinkState::Connected {
+                last_try = None;
+            }
+        }
+    }
+
+    /// Stops the recovery thread (and releases blocked callers).
+    pub fn stop(&self) {
+        self.stop.store(true, Ordering::Relaxed);
+        self.link.wake();
+    }
+
+    /// At the end: one last catch-up if the target is behind but reachable, then waits until
+    /// everything forwarded is durable on the target. Returns how many regions are still
+    /// behind (0: the target equals what the source forwarded).
+    pub fn finish_up(&self) -> usize {
+        if self.link.state() == LinkState::Disconnected {
+            self.link.drain_lost(&|| false);
+            if self.link.reconnect().is_ok() {
+                self.catch_up();
+            }
+        } else if self.link.state() == LinkState::CatchingUp {
+            self.catch_up();
+        }
+        if let Some(s) = self.link.forwarding() {
+            let p = {
+                let _g = self.order.lock();
+                s.rpc.submit(Request::Fsync {
+                    path: RelPath::root(),
+                    datasync: false,
+                })
+            };
+            if let Err(e) = p.wait() {
+                if is_loss(&e) {
+                    self.link.lost(&s, &e.to_string());
+                } else {
+                    log::warn!("final sync of the target root: {e}");
+                }
+            }
+        }
+        let (n, _) = self.link.behind();
+        if self.link.state() == LinkState::Connected {
+            n
+        } else {
+            n.max(1)
         }
     }
 }
 
-impl<R: Rpc> Replicator<R> {
+impl Replicator {
     /// A file is open for writes that reach the target at close only.
     pub fn defer(&self, dev: u64, ino: u64) {
         *self.deferred.lock().entry((dev, ino)).or_default() += 1;
@@ -261,19 +466,24 @@ impl<R: Rpc> Replicator<R> {
         }
     }
 
-    /// Runs a reconcile while no mutation can run; a lost target ends forwarding as in `settle`.
-    fn reconcile_with(
-        &self,
-        f: impl FnOnce(&ReplicatorSource<R>) -> Result<Report, SyncError>,
-    ) -> Result<Report, SyncError> {
-        let g = self.order.lock();
-        if self.lost.load(Ordering::Relaxed) {
+    /// Runs a watcher's reconcile while no mutation can run. While the link is not
+    /// connected, the scope joins the changed paths instead, for the catch-up.
+    fn reconcile_with(&self, scope: Scope) -> Result<Report, SyncError> {
+        let _g = self.order.lock();
+        let Some(s) = self.link.forwarding() else {
+            self.link.mark_scope(scope);
             return Ok(Report::default());
-        }
-        match f(&self.source) {
-            Err(SyncError::Rpc(e)) => {
-                drop(g);
-                self.lose(&format!("watch: {e}"));
+        };
+        let rpc = s.rpc.as_ref();
+        let r = if scope.is_full() {
+            self.source.reconcile(rpc)
+        } else {
+            self.source.reconcile_scope(rpc, scope.clone())
+        };
+        match r {
+            Err(SyncError::Rpc(e)) if is_loss(&e) => {
+                self.link.mark_scope(scope);
+                self.link.lost(&s, &format!("watch: {e}"));
                 Ok(Report::default())
             }
             r => r,
@@ -281,20 +491,23 @@ impl<R: Rpc> Replicator<R> {
     }
 }
 
-/// The watcher under the mount: changes made behind the mount's back are reconciled under the
-/// order lock, so they never interleave with the mount's own forwarding.
-impl<R: Rpc> Reconciler for Replicator<R> {
+/// The watcher (under the mount, or `mirrorfs watch`): changes are reconciled under the order
+/// lock, so they never interleave with the mount's own forwarding.
+impl Reconciler for Replicator {
     fn reconcile_all(&self) -> Result<Report, SyncError> {
-        self.reconcile_with(|s| s.reconcile())
+        self.reconcile_with(Scope::full())
     }
 
     fn reconcile_scope(&self, scope: Scope) -> Result<Report, SyncError> {
-        self.reconcile_with(|s| s.reconcile_scope(scope))
+        self.reconcile_with(scope)
     }
 
     fn rename(&self, from: &RelPath, to: &RelPath) -> bool {
         let _g = self.order.lock();
-        !self.lost.load(Ordering::Relaxed) && Reconciler::rename(&self.source, from, to)
+        match self.link.forwarding() {
+            Some(s) => super::forward_rename(s.rpc.as_ref(), from, to),
+            None => false,
+        }
     }
 
     fn is_busy(&self, p: &RelPath) -> bool {

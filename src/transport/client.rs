@@ -75,7 +75,11 @@ impl Client {
         let r = s.try_clone_stream().map_err(|e| TransportError::io("socket", e))?;
         let shut = s.try_clone_stream().map_err(|e| TransportError::io("socket", e))?;
         s.set_write_limit(timeout);
-        Client::handshake(
+        // The handshake makes no progress past the time limit: a target that accepts and never
+        // answers is given up on, not waited for.
+        let lim = s.try_clone_stream().map_err(|e| TransportError::io("socket", e))?;
+        lim.set_read_limit(timeout);
+        let c = Client::handshake(
             Box::new(r),
             Box::new(s),
             key,
@@ -88,7 +92,9 @@ impl Client {
                 }
             }),
             server,
-        )
+        );
+        lim.set_read_limit(None);
+        c
     }
 
     /// Runs the handshake over a reader and writer, then starts the answer reader.

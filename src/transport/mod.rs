@@ -88,6 +88,8 @@ pub trait Stream: std::io::Read + std::io::Write + Send + Sync + Sized + 'static
     fn shutdown_both(&self);
     /// Bounds how long one write may block on a peer that stopped reading.
     fn set_write_limit(&self, limit: Option<Duration>);
+    /// Bounds how long one read may block (the handshake's deadline).
+    fn set_read_limit(&self, limit: Option<Duration>);
 }
 
 impl Stream for std::os::unix::net::UnixStream {
@@ -102,6 +104,9 @@ impl Stream for std::os::unix::net::UnixStream {
     }
     fn set_write_limit(&self, limit: Option<Duration>) {
         let _ = self.set_write_timeout(limit);
+    }
+    fn set_read_limit(&self, limit: Option<Duration>) {
+        let _ = self.set_read_timeout(limit);
     }
 }
 
@@ -119,6 +124,9 @@ impl Stream for std::net::TcpStream {
     fn set_write_limit(&self, limit: Option<Duration>) {
         let _ = self.set_write_timeout(limit);
     }
+    fn set_read_limit(&self, limit: Option<Duration>) {
+        let _ = self.set_read_timeout(limit);
+    }
 }
 
 /// How an in-process target runs (see `local`).
@@ -130,56 +138,122 @@ pub enum LocalMode {
     Threaded,
 }
 
-/// Opens a target: a local directory gets an in-process `LocalTarget` (requests move to it as
-/// values), anything else a connection.
+/// How to reach one target, again and again: the endpoint, the token (read once, at start, so
+/// a bad token file is an error then and not at every reconnect), the time limit and how an
+/// in-process target runs. Each `connect` opens a new session: a new connection, or a local
+/// directory opened afresh (a removable disk mounted again is seen as it is now).
+pub struct Connector {
+    ep: Endpoint,
+    key: Option<auth::Key>,
+    timeout: Option<Duration>,
+    local: LocalMode,
+}
+
+impl Connector {
+    pub fn new(
+        ep: Endpoint,
+        token_file: Option<&Path>,
+        timeout: Option<Duration>,
+        local: LocalMode,
+    ) -> Result<Connector, TransportError> {
+        let key = token_file
+            .map(auth::load_key)
+            .transpose()
+            .map_err(|e| TransportError::Io(e.to_string()))?;
+        Ok(Connector {
+            ep,
+            key,
+            timeout,
+            local,
+        })
+    }
+
+    pub fn endpoint(&self) -> &Endpoint {
+        &self.ep
+    }
+
+    pub fn timeout(&self) -> Option<Duration> {
+        self.timeout
+    }
+
+    /// Opens a session: a local directory gets an in-process `LocalTarget` (requests move to it
+    /// as values), anything else a connection, whose connect and handshake give up after the
+    /// time limit.
+    pub fn connect(&self) -> Result<std::sync::Arc<dyn crate::rpc::Rpc>, TransportError> {
+        if let Endpoint::Local(dir) = &self.ep {
+            let fs = crate::fs::LocalFs::new(dir).map_err(|e| TransportError::Io(format!("target: {e}")))?;
+            let fs = fs.with_direct_writes(matches!(self.local, LocalMode::Inline));
+            let fs: std::sync::Arc<dyn crate::fs::FileSystem> = std::sync::Arc::new(fs);
+            let t = match self.local {
+                LocalMode::Inline => local::LocalTarget::inline(fs),
+                LocalMode::Threaded => {
+                    local::LocalTarget::threaded(fs).map_err(|e| TransportError::io("start target", e))?
+                }
+            };
+            return Ok(std::sync::Arc::new(t));
+        }
+        Ok(std::sync::Arc::new(self.connect_wire()?))
+    }
+
+    /// Connects over a socket; a local directory is served by a thread over a socketpair (the
+    /// same code path as a remote target, used by the tests of the wire).
+    pub fn connect_wire(&self) -> Result<Client, TransportError> {
+        let (key, timeout) = (self.key, self.timeout);
+        match &self.ep {
+            Endpoint::Local(dir) => {
+                let fs = crate::fs::LocalFs::new(dir).map_err(|e| TransportError::Io(format!("target: {e}")))?;
+                let (a, b) = std::os::unix::net::UnixStream::pair().map_err(|e| TransportError::io("socketpair", e))?;
+                let fs: std::sync::Arc<dyn crate::fs::FileSystem> = std::sync::Arc::new(fs);
+                let b2 = b.try_clone().map_err(|e| TransportError::io("socketpair", e))?;
+                let server = std::thread::Builder::new()
+                    .name("target".into())
+                    .spawn(move || serve_stream(Box::new(b), Box::new(b2), fs, None))
+                    .map_err(|e| TransportError::io("spawn target thread", e))?;
+                Client::over_stream(a, key, timeout, Some(server))
+            }
+            Endpoint::Unix(path) => {
+                let s = std::os::unix::net::UnixStream::connect(path)
+                    .map_err(|e| TransportError::io(format!("connect {}", path.display()), e))?;
+                Client::over_stream(s, key, timeout, None)
+            }
+            Endpoint::Tcp(addr) => Client::over_stream(tcp_connect(addr, timeout)?, key, timeout, None),
+        }
+    }
+}
+
+/// Connects to every address `addr` resolves to in turn, each attempt bounded by `timeout`.
+fn tcp_connect(addr: &str, timeout: Option<Duration>) -> Result<std::net::TcpStream, TransportError> {
+    let addrs: Vec<std::net::SocketAddr> = std::net::ToSocketAddrs::to_socket_addrs(addr)
+        .map_err(|e| TransportError::io(format!("resolve {addr}"), e))?
+        .collect();
+    let mut last = None;
+    for a in addrs {
+        let r = match timeout {
+            Some(t) => std::net::TcpStream::connect_timeout(&a, t),
+            None => std::net::TcpStream::connect(a),
+        };
+        match r {
+            Ok(s) => return Ok(s),
+            Err(e) => last = Some(e),
+        }
+    }
+    Err(match last {
+        Some(e) => TransportError::io(format!("connect {addr}"), e),
+        None => TransportError::Io(format!("{addr} resolves to no address")),
+    })
+}
+
+/// Opens a target once (see `Connector::connect`).
 pub fn open_target(
     ep: &Endpoint,
     token_file: Option<&Path>,
     timeout: Option<Duration>,
     local: LocalMode,
 ) -> Result<std::sync::Arc<dyn crate::rpc::Rpc>, TransportError> {
-    if let Endpoint::Local(dir) = ep {
-        let fs = crate::fs::LocalFs::new(dir).map_err(|e| TransportError::Io(format!("target: {e}")))?;
-        let fs = fs.with_direct_writes(matches!(local, LocalMode::Inline));
-        let fs: std::sync::Arc<dyn crate::fs::FileSystem> = std::sync::Arc::new(fs);
-        let t = match local {
-            LocalMode::Inline => local::LocalTarget::inline(fs),
-            LocalMode::Threaded => {
-                local::LocalTarget::threaded(fs).map_err(|e| TransportError::io("start target", e))?
-            }
-        };
-        return Ok(std::sync::Arc::new(t));
-    }
-    Ok(std::sync::Arc::new(connect(ep, token_file, timeout)?))
+    Connector::new(ep.clone(), token_file, timeout, local)?.connect()
 }
 
-/// Connects to a target over a socket; a local directory is served by a thread over a socketpair
-/// (the same code path as a remote target, used by the tests of the wire).
+/// Connects to a target over a socket once (see `Connector::connect_wire`).
 pub fn connect(ep: &Endpoint, token_file: Option<&Path>, timeout: Option<Duration>) -> Result<Client, TransportError> {
-    let key = token_file
-        .map(auth::load_key)
-        .transpose()
-        .map_err(|e| TransportError::Io(e.to_string()))?;
-    match ep {
-        Endpoint::Local(dir) => {
-            let fs = crate::fs::LocalFs::new(dir).map_err(|e| TransportError::Io(format!("target: {e}")))?;
-            let (a, b) = std::os::unix::net::UnixStream::pair().map_err(|e| TransportError::io("socketpair", e))?;
-            let fs: std::sync::Arc<dyn crate::fs::FileSystem> = std::sync::Arc::new(fs);
-            let b2 = b.try_clone().map_err(|e| TransportError::io("socketpair", e))?;
-            let server = std::thread::Builder::new()
-                .name("target".into())
-                .spawn(move || serve_stream(Box::new(b), Box::new(b2), fs, None))
-                .map_err(|e| TransportError::io("spawn target thread", e))?;
-            Client::over_stream(a, key, timeout, Some(server))
-        }
-        Endpoint::Unix(path) => {
-            let s = std::os::unix::net::UnixStream::connect(path)
-                .map_err(|e| TransportError::io(format!("connect {}", path.display()), e))?;
-            Client::over_stream(s, key, timeout, None)
-        }
-        Endpoint::Tcp(addr) => {
-            let s = std::net::TcpStream::connect(addr).map_err(|e| TransportError::io(format!("connect {addr}"), e))?;
-            Client::over_stream(s, key, timeout, None)
-        }
-    }
+    Connector::new(ep.clone(), token_file, timeout, LocalMode::Threaded)?.connect_wire()
 }

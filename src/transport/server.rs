@@ -35,7 +35,7 @@ pub fn serve_stream(
             return;
         }
     }
-    let mut target = ReplicatorTarget::new(fs, RelPath::root());
+    let mut target = ReplicatorTarget::new(fs, RelPath::root()).fenced();
     loop {
         let payload = match protocol::read_payload(&mut r) {
             Ok(p) => p,
@@ -45,8 +45,13 @@ pub fn serve_stream(
                 break;
             }
         };
+        let mut fenced = false;
         let answer: (u64, Response) = match protocol::decode::<(u64, Request)>(&payload) {
-            Ok((id, req)) => (id, target.handle_request(req)),
+            Ok((id, req)) => {
+                let r = target.handle_request(req);
+                fenced = matches!(&r, Err(e) if crate::session::is_fenced(e));
+                (id, r)
+            }
             Err(e) => match protocol::peek_id(&payload) {
                 Some(id) => {
                     log::error!("malformed request {id}: {e}");
@@ -68,6 +73,10 @@ pub fn serve_stream(
         };
         if let Err(e) = protocol::write_frame(&mut w, &answer) {
             log::error!("closing connection: cannot answer: {e}");
+            break;
+        }
+        if fenced {
+            log::warn!("closing a connection whose session a newer one replaced");
             break;
         }
         if r.buffer().is_empty() {
@@ -184,40 +193,60 @@ pub fn listen(
         .map(auth::load_key)
         .transpose()
         .map_err(|e| TransportError::Io(e.to_string()))?;
-    let fs: Arc<dyn FileSystem> =
-        Arc::new(crate::fs::LocalFs::new(dir).map_err(|e| TransportError::Io(format!("target directory: {e}")))?);
+    // Checked now; each connection opens the directory afresh, so a session always sees what
+    // is at the path now (a disk mounted again, a directory swapped), not what was there once.
+    crate::fs::LocalFs::new(dir).map_err(|e| TransportError::Io(format!("target directory: {e}")))?;
+    let dir = dir.to_path_buf();
     match l {
         Listen::Unix(path) => {
-            if path.exists() {
-                if std::os::unix::net::UnixStream::connect(path).is_ok() {
-                    return Err(TransportError::Io(format!(
-                        "{} is in use by a running server",
-                        path.display()
-                    )));
-                }
-                let _ = std::fs::remove_file(path);
-            }
+            replace_stale_socket(path)?;
             let lis =
                 UnixListener::bind(path).map_err(|e| TransportError::io(format!("bind {}", path.display()), e))?;
             use std::os::unix::fs::PermissionsExt;
             let _ = std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600));
             ready(format!("unix:{}", path.display()));
-            accept_loop(lis.incoming(), &fs, key);
+            accept_loop(lis.incoming(), &dir, key);
         }
         Listen::Tcp(addr) => {
             let lis = TcpListener::bind(addr).map_err(|e| TransportError::io(format!("bind {addr}"), e))?;
             let local = lis.local_addr().map_err(|e| TransportError::io("bind", e))?;
             ready(format!("tcp:{local}"));
-            accept_loop(lis.incoming(), &fs, key);
+            accept_loop(lis.incoming(), &dir, key);
         }
     }
     Ok(())
 }
 
+/// Makes room for a unix socket at `path`: nothing there is fine, and a socket on which nothing
+/// answers (left by a server that was killed) is removed. A live socket, or anything that is not
+/// a socket, is refused and left alone.
+fn replace_stale_socket(path: &Path) -> Result<(), TransportError> {
+    use std::os::unix::fs::FileTypeExt;
+    let meta = match std::fs::symlink_metadata(path) {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(TransportError::io(path.display(), e)),
+        Ok(m) => m,
+    };
+    if !meta.file_type().is_socket() {
+        return Err(TransportError::Io(format!(
+            "{} exists and is not a socket; refusing to replace it (remove it, or choose another path)",
+            path.display()
+        )));
+    }
+    if std::os::unix::net::UnixStream::connect(path).is_ok() {
+        return Err(TransportError::Io(format!(
+            "{} is held by another running mirrorfs serve; stop it first, or choose another path",
+            path.display()
+        )));
+    }
+    log::info!("replacing the stale socket {} (nothing answers on it)", path.display());
+    std::fs::remove_file(path).map_err(|e| TransportError::io(format!("removing {}", path.display()), e))
+}
+
 /// Serves every accepted connection on its own thread.
 fn accept_loop<S: super::Stream>(
     incoming: impl Iterator<Item = std::io::Result<S>>,
-    fs: &Arc<dyn FileSystem>,
+    dir: &Path,
     key: Option<auth::Key>,
 ) {
     for s in incoming {
@@ -228,7 +257,13 @@ fn accept_loop<S: super::Stream>(
                 continue;
             }
         };
-        let fs = fs.clone();
+        let fs: Arc<dyn FileSystem> = match crate::fs::LocalFs::new(dir) {
+            Ok(fs) => Arc::new(fs),
+            Err(e) => {
+                log::error!("refusing a connection: target directory {}: {e}", dir.display());
+                continue;
+            }
+        };
         match s.try_clone_stream() {
             Ok(r) => {
                 std::thread::spawn(move || serve_stream(Box::new(r), Box::new(s), fs, key));

@@ -2,7 +2,7 @@
 //! `mirrorfs mount --foreground` daemon over the source. Dropping it unmounts (lazily if need
 //! be) and kills both processes, even when the test failed.
 
-use super::{assert_same_tree, bin, serve, ChildGuard};
+use super::{assert_same_tree, bin, serve, tree_diff, ChildGuard};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
@@ -216,4 +216,23 @@ pub fn scenario(test: &str, f: impl FnOnce(&Mount)) {
     let Some(m) = Mount::new(test) else { return };
     f(&m);
     m.finish();
+}
+
+/// Polls until the target equals `src`, or fails with what still differs.
+pub fn converge(m: &Mount, what: &str) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let d = std::panic::catch_unwind(|| tree_diff(&m.src, &m.dst))
+            .unwrap_or_else(|_| vec!["the tree changed during the comparison".into()]);
+        if d.is_empty() {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{what}: the target did not converge:\n{}\nlog:\n{}",
+            d.join("\n"),
+            m.log_text()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
 }

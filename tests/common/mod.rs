@@ -114,9 +114,12 @@ fn walk(root: &Path) -> (BTreeMap<Vec<u8>, Node>, BTreeSet<BTreeSet<Vec<u8>>>) {
         if k == "file" && m.nlink() > 1 {
             inodes.entry(m.ino()).or_default().insert(key.clone());
         }
+        // `user.mirrorfs.*` is the mirror's own bookkeeping (the session record on a target
+        // root), never part of the tree being mirrored.
         let xattrs = xattr::list(&full)
             .map(|names| {
                 names
+                    .filter(|n| !n.as_bytes().starts_with(b"user.mirrorfs."))
                     .map(|n| {
                         (
                             n.as_bytes().to_vec(),

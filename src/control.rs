@@ -1,0 +1,223 @@
+//! Control: every running mirror (a mount's daemon, a `watch`) answers `mirrorfs status` on a
+//! unix socket of its own, `<dir>/<pid>.sock`, in a directory only its user can enter
+//! (`$XDG_RUNTIME_DIR/mirrorfs`, else `/run/mirrorfs` for root, else `/tmp/mirrorfs-<uid>`).
+//! The socket is mode 0600 and a peer of another uid is turned away (`SO_PEERCRED`). A client
+//! that connects gets one line of JSON (`MirrorStatus`) and the end of the stream; nothing it
+//! sends is read. Answering takes only the link's short-held locks, never the order lock, so
+//! `status` never waits behind a blocked or slow mutation.
+
+use crate::source::link::{LinkState, LinkStatus};
+use serde::{Deserialize, Serialize};
+use std::io::{BufRead, BufReader, Write};
+use std::os::fd::AsFd;
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, SystemTime};
+
+/// What `status` shows of one mirror; the JSON keys are part of the interface.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct MirrorStatus {
+    /// "mount" or "watch".
+    pub kind: String,
+    pub pid: u32,
+    pub source: String,
+    /// `None` for a watch.
+    pub mountpoint: Option<String>,
+    pub target: String,
+    /// One of "connected", "catching-up", "disconnected".
+    pub state: String,
+    /// When the state began, RFC 3339 in UTC.
+    pub since: String,
+    pub forwarded_ops: u64,
+    pub forwarded_bytes: u64,
+    pub wait_p50_ms: f64,
+    pub wait_p99_ms: f64,
+    pub behind_paths: usize,
+    pub reconnects: u64,
+    pub repairs: u64,
+    pub last_error: Option<String>,
+}
+
+impl MirrorStatus {
+    pub fn from_link(kind: &str, source: &Path, mountpoint: Option<&Path>, s: LinkStatus) -> MirrorStatus {
+        MirrorStatus {
+            kind: kind.into(),
+            pid: std::process::id(),
+            source: source.display().to_string(),
+            mountpoint: mountpoint.map(|m| m.display().to_string()),
+            target: s.target,
+            state: s.state.name().into(),
+            since: rfc3339(s.since),
+            forwarded_ops: s.forwarded_ops,
+            forwarded_bytes: s.forwarded_bytes,
+            wait_p50_ms: s.wait_p50_ms,
+            wait_p99_ms: s.wait_p99_ms,
+            behind_paths: s.behind_paths,
+            reconnects: s.reconnects,
+            repairs: s.repairs,
+            last_error: s.last_error,
+        }
+    }
+
+    pub fn connected(&self) -> bool {
+        self.state == LinkState::Connected.name()
+    }
+}
+
+/// `t` as `YYYY-MM-DDTHH:MM:SSZ`.
+pub fn rfc3339(t: SystemTime) -> String {
+    let secs = t
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0) as i64;
+    let (days, rem) = (secs.div_euclid(86_400), secs.rem_euclid(86_400));
+    // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    format!(
+        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z",
+        rem / 3600,
+        rem / 60 % 60,
+        rem % 60
+    )
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ControlError {
+    #[error("control directory {0}: {1}")]
+    Dir(String, String),
+    #[error("control socket {0}: {1}")]
+    Socket(String, std::io::Error),
+}
+
+/// The directory holding this user's control sockets.
+pub fn dir() -> PathBuf {
+    if let Some(d) = std::env::var_os("XDG_RUNTIME_DIR").filter(|d| !d.is_empty()) {
+        return PathBuf::from(d).join("mirrorfs");
+    }
+    let uid = crate::sys::geteuid();
+    if uid == 0 {
+        PathBuf::from("/run/mirrorfs")
+    } else {
+        PathBuf::from(format!("/tmp/mirrorfs-{uid}"))
+    }
+}
+
+/// Makes the directory (mode 0700) or checks that an existing one is ours and closed to others.
+fn ensure_dir(d: &Path) -> Result<(), ControlError> {
+    let err = |e: String| ControlError::Dir(d.display().to_string(), e);
+    match std::fs::create_dir(d) {
+        Ok(()) => std::fs::set_permissions(d, std::fs::Permissions::from_mode(0o700)).map_err(|e| err(e.to_string())),
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+            let m = std::fs::symlink_metadata(d).map_err(|e| err(e.to_string()))?;
+            if !m.is_dir() {
+                return Err(err("exists and is not a directory".into()));
+            }
+            if m.uid() != crate::sys::geteuid() {
+                return Err(err(format!("belongs to uid {}, not to us", m.uid())));
+            }
+            if m.mode() & 0o077 != 0 {
+                std::fs::set_permissions(d, std::fs::Permissions::from_mode(0o700)).map_err(|e| err(e.to_string()))?;
+            }
+            Ok(())
+        }
+        Err(e) => Err(err(e.to_string())),
+    }
+}
+
+/// A mirror's control socket, removed when dropped.
+pub struct Control {
+    path: PathBuf,
+}
+
+impl Drop for Control {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+/// Starts answering `status` on this process's control socket with what `report` says.
+pub fn serve(report: impl Fn() -> MirrorStatus + Send + 'static) -> Result<Control, ControlError> {
+    let d = dir();
+    ensure_dir(&d)?;
+    let path = d.join(format!("{}.sock", std::process::id()));
+    let _ = std::fs::remove_file(&path);
+    let lis = UnixListener::bind(&path).map_err(|e| ControlError::Socket(path.display().to_string(), e))?;
+    let _ = std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600));
+    let me = crate::sys::geteuid();
+    std::thread::Builder::new()
+        .name("control".into())
+        .spawn(move || {
+            for s in lis.incoming() {
+                let Ok(mut s) = s else { continue };
+                match crate::sys::peer_uid(s.as_fd()) {
+                    Ok(uid) if uid == me || uid == 0 => {}
+                    _ => continue,
+                }
+                let _ = s.set_write_timeout(Some(Duration::from_secs(2)));
+                if let Ok(mut line) = serde_json::to_string(&report()) {
+                    line.push('\n');
+                    let _ = s.write_all(line.as_bytes());
+                }
+            }
+        })
+        .map_err(|e| ControlError::Socket(path.display().to_string(), e))?;
+    Ok(Control { path })
+}
+
+/// Asks every running mirror of this user for its status. Sockets nobody answers on (left by
+/// a killed process) are removed.
+pub fn query_all() -> Result<Vec<MirrorStatus>, ControlError> {
+    let d = dir();
+    let entries = match std::fs::read_dir(&d) {
+        Ok(e) => e,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => return Err(ControlError::Dir(d.display().to_string(), e.to_string())),
+    };
+    let mut out = Vec::new();
+    for e in entries.flatten() {
+        let p = e.path();
+        if p.extension().is_none_or(|x| x != "sock") {
+            continue;
+        }
+        match UnixStream::connect(&p) {
+            Ok(s) => {
+                let _ = s.set_read_timeout(Some(Duration::from_secs(5)));
+                let mut line = String::new();
+                if BufReader::new(s).read_line(&mut line).is_ok() {
+                    if let Ok(st) = serde_json::from_str::<MirrorStatus>(&line) {
+                        out.push(st);
+                    }
+                }
+            }
+            Err(e) if e.raw_os_error() == Some(libc::ECONNREFUSED) => {
+                let _ = std::fs::remove_file(&p);
+            }
+            Err(_) => {}
+        }
+    }
+    out.sort_by(|a, b| (&a.source, a.pid).cmp(&(&b.source, b.pid)));
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn times_are_rfc3339_in_utc() {
+        let at = |s: u64| rfc3339(SystemTime::UNIX_EPOCH + Duration::from_secs(s));
+        assert_eq!(at(0), "1970-01-01T00:00:00Z");
+        assert_eq!(at(951_782_400), "2000-02-29T00:00:00Z");
+        assert_eq!(at(1_796_212_800), "2026-12-02T12:00:00Z");
+        assert_eq!(at(4_107_542_399), "2100-02-28T23:59:59Z");
+    }
+}

@@ -1,0 +1,339 @@
+//! The bad day, with real processes and real faults: a target process killed with SIGKILL and
+//! restarted, one stopped with SIGSTOP past `--timeout`, a session fenced while its request
+//! waited in a dead connection, a target directory swapped for an older copy, and a target file
+//! system that fills up. Every scenario ends with whole-tree equality, reached while still
+//! mounted, and the daemon's exit code.
+
+mod common;
+
+use common::mnt::{converge, Mount, Opts};
+use common::{serve, ChildGuard};
+use mirrorfs::protocol::{Reply, Request};
+use mirrorfs::rpc::{Rpc, RpcError};
+use mirrorfs::transport::{self, Endpoint};
+use mirrorfs::RelPath;
+use std::fs;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+fn sh(cmd: &str) {
+    let st = Command::new("sh").arg("-c").arg(cmd).status().unwrap();
+    assert!(st.success(), "{cmd}");
+}
+
+/// What a workload saw of its syscalls.
+#[derive(Debug, Default)]
+struct Seen {
+    ops: u64,
+    slowest: Duration,
+    errors: Vec<String>,
+}
+
+/// Writes, renames and removes files in `dir` through the mount until stopped, timing every
+/// syscall.
+struct Workload {
+    stop: Arc<AtomicBool>,
+    handle: Option<JoinHandle<Seen>>,
+}
+
+impl Workload {
+    fn start(dir: PathBuf) -> Workload {
+        fs::create_dir_all(&dir).unwrap();
+        let stop = Arc::new(AtomicBool::new(false));
+        let s = stop.clone();
+        let handle = std::thread::spawn(move || {
+            let mut seen = Seen::default();
+            let mut i = 0u64;
+            let mut timed = |seen: &mut Seen, what: String, f: &mut dyn FnMut() -> std::io::Result<()>| {
+                let t = Instant::now();
+                let r = f();
+                seen.slowest = seen.slowest.max(t.elapsed());
+                seen.ops += 1;
+                if let Err(e) = r {
+                    seen.errors.push(format!("{what}: {e}"));
+                }
+            };
+            while !s.load(Ordering::Relaxed) {
+                let f = dir.join(format!("f{}", i % 40));
+                timed(&mut seen, format!("write {}", f.display()), &mut || {
+                    fs::write(&f, format!("round {i}\n").repeat(1 + (i % 7) as usize * 300))
+                });
+                if i % 5 == 0 {
+                    let to = dir.join(format!("r{}", i % 11));
+                    timed(&mut seen, format!("rename {}", f.display()), &mut || {
+                        fs::rename(&f, &to)
+                    });
+                }
+                if i % 13 == 0 {
+                    let d = dir.join(format!("d{}", i % 3));
+                    timed(
+                        &mut seen,
+                        format!("mkdir/rmdir {}", d.display()),
+                        &mut || match fs::create_dir(&d) {
+                            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => fs::remove_dir_all(&d),
+                            r => r,
+                        },
+                    );
+                }
+                i += 1;
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            seen
+        });
+        Workload {
+            stop,
+            handle: Some(handle),
+        }
+    }
+
+    fn stop(mut self) -> Seen {
+        self.stop.store(true, Ordering::Relaxed);
+        self.handle.take().unwrap().join().unwrap()
+    }
+}
+
+impl Drop for Workload {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(h) = self.handle.take() {
+            let _ = h.join();
+        }
+    }
+}
+
+fn listen_of(m: &Mount) -> String {
+    m.target_arg(false)
+}
+
+/// Waits until the daemon's log shows the link reaching `state` (a line "... -> STATE").
+fn wait_state(m: &Mount, state: &str, limit: Duration) {
+    let deadline = Instant::now() + limit;
+    while !m.log_text().contains(&format!("-> {state}")) {
+        assert!(
+            Instant::now() < deadline,
+            "the link never became {state}:\n{}",
+            m.log_text()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn check_seen(seen: &Seen, timeout: Duration, m: &Mount) {
+    assert!(seen.ops > 50, "the workload ran ({} ops)", seen.ops);
+    assert!(
+        seen.errors.is_empty(),
+        "syscalls failed: {:?}\nlog:\n{}",
+        seen.errors,
+        m.log_text()
+    );
+    assert!(
+        seen.slowest < timeout + Duration::from_secs(2),
+        "a syscall waited {:?}, past --timeout {timeout:?} and a margin",
+        seen.slowest
+    );
+}
+
+#[test]
+fn kill_9_of_serve_and_a_restart_are_caught_up_without_a_remount() {
+    let name = "kill_9_of_serve_and_a_restart_are_caught_up_without_a_remount";
+    let opts = Opts {
+        extra: &["--timeout", "3"],
+        ..Opts::default()
+    };
+    let Some(mut m) = Mount::with(name, opts) else { return };
+    let w = Workload::start(m.p("work"));
+    std::thread::sleep(Duration::from_millis(800));
+    drop(m.server.take()); // SIGKILL, reaped
+    wait_state(&m, "disconnected", Duration::from_secs(10));
+    std::thread::sleep(Duration::from_secs(5));
+    m.server = Some(serve(&m.dst, &listen_of(&m), &[]));
+    wait_state(&m, "connected", Duration::from_secs(20));
+    std::thread::sleep(Duration::from_millis(500));
+    let seen = w.stop();
+    check_seen(&seen, Duration::from_secs(3), &m);
+    converge(&m, "after the restart, still mounted");
+    let log = m.log_text();
+    assert!(
+        log.contains("catching up on"),
+        "the catch-up was partial and said so:\n{log}"
+    );
+    m.finish();
+}
+
+#[test]
+fn sigstop_of_serve_past_the_timeout_then_sigcont() {
+    let name = "sigstop_of_serve_past_the_timeout_then_sigcont";
+    let opts = Opts {
+        extra: &["--timeout", "2"],
+        ..Opts::default()
+    };
+    let Some(mut m) = Mount::with(name, opts) else { return };
+    let w = Workload::start(m.p("work"));
+    std::thread::sleep(Duration::from_millis(500));
+    let pid = m.server.as_ref().unwrap().0.id();
+    sh(&format!("kill -STOP {pid}"));
+    wait_state(&m, "disconnected", Duration::from_secs(10));
+    std::thread::sleep(Duration::from_secs(3));
+    sh(&format!("kill -CONT {pid}"));
+    wait_state(&m, "connected", Duration::from_secs(30));
+    std::thread::sleep(Duration::from_millis(500));
+    let seen = w.stop();
+    check_seen(&seen, Duration::from_secs(2), &m);
+    converge(&m, "after SIGCONT, still mounted");
+    m.finish();
+}
+
+/// A request that waited in a dead connection (its server process stopped) while a newer
+/// session claimed the target through another process is never applied.
+#[test]
+fn a_newer_session_fences_a_request_delayed_in_an_old_connection() {
+    let d = tempfile::tempdir().unwrap();
+    let dst = d.path().join("dst");
+    fs::create_dir(&dst).unwrap();
+    let (sa, sb) = (d.path().join("a.sock"), d.path().join("b.sock"));
+    let old = serve(&dst, &format!("unix:{}", sa.display()), &[]);
+    let _new = serve(&dst, &format!("unix:{}", sb.display()), &[]);
+    let limit = Some(Duration::from_secs(10));
+    let a = transport::connect(&Endpoint::Unix(sa.clone()), None, limit).unwrap();
+    let Reply::Claimed(first) = a.call(Request::Claim { known: None }).unwrap() else {
+        panic!("no claim")
+    };
+    let f = RelPath::new("f").unwrap();
+    a.call(Request::Create {
+        path: f.clone(),
+        perm: 0o644,
+        exclusive: true,
+    })
+    .unwrap();
+    let write = |data: &[u8]| Request::Write {
+        path: f.clone(),
+        offset: 0,
+        data: data.to_vec(),
+        mtime: None,
+    };
+    sh(&format!("kill -STOP {}", old.0.id()));
+    let late = a.submit(write(b"late, from the old session"));
+    a.flush();
+    let b = transport::connect(&Endpoint::Unix(sb), None, limit).unwrap();
+    let Reply::Claimed(second) = b
+        .call(Request::Claim {
+            known: first.generation,
+        })
+        .unwrap()
+    else {
+        panic!("no claim")
+    };
+    assert_eq!(second.prev_epoch, first.epoch);
+    b.call(write(b"new")).unwrap();
+    sh(&format!("kill -CONT {}", old.0.id()));
+    match late.wait() {
+        Err(RpcError::Remote(e)) => assert!(mirrorfs::session::is_fenced(&e), "{e}"),
+        other => panic!("the delayed request was not fenced: {other:?}"),
+    }
+    assert_eq!(fs::read(dst.join("f")).unwrap(), b"new");
+    // The old connection is closed: nothing more from it can land.
+    assert!(a.call(write(b"later still")).is_err());
+    assert_eq!(fs::read(dst.join("f")).unwrap(), b"new");
+    drop(old);
+}
+
+/// The target directory is swapped for an older copy of itself while the target is away: the
+/// link sees another directory and reconciles the whole tree, not just what changed meanwhile.
+#[test]
+fn a_target_replaced_by_an_older_copy_is_reconciled_whole() {
+    let name = "a_target_replaced_by_an_older_copy_is_reconciled_whole";
+    let opts = Opts {
+        extra: &["--timeout", "3"],
+        ..Opts::default()
+    };
+    let Some(mut m) = Mount::with(name, opts) else { return };
+    for i in 0..20 {
+        fs::write(m.p(&format!("early{i}")), format!("early {i}")).unwrap();
+    }
+    let snap = m.tmp.path().join("snap");
+    sh(&format!("cp -a {} {}", m.dst.display(), snap.display()));
+    for i in 0..20 {
+        fs::write(m.p(&format!("late{i}")), format!("late {i}")).unwrap();
+    }
+    fs::write(m.p("early3"), b"rewritten after the copy").unwrap();
+    drop(m.server.take());
+    wait_state(&m, "disconnected", Duration::from_secs(10));
+    fs::rename(&m.dst, m.tmp.path().join("gone")).unwrap();
+    fs::rename(&snap, &m.dst).unwrap();
+    fs::write(m.p("while-away"), b"x").unwrap();
+    m.server = Some(serve(&m.dst, &listen_of(&m), &[]));
+    wait_state(&m, "connected", Duration::from_secs(20));
+    converge(&m, "after the swap");
+    assert!(m.log_text().contains("whole tree"), "log:\n{}", m.log_text());
+    m.finish();
+}
+
+/// Unmounts a file system on drop.
+struct Mounted(PathBuf);
+
+impl Drop for Mounted {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
+    }
+}
+
+fn write_big(p: &Path, mib: usize) -> std::io::Result<()> {
+    let mut f = fs::File::create(p)?;
+    let block = vec![0x5au8; 1 << 20];
+    for _ in 0..mib {
+        f.write_all(&block)?;
+    }
+    f.sync_all()
+}
+
+/// A target on a small tmpfs that fills up: the writer sees no error and no repair storm, the
+/// link stays behind (never "connected") while paths are missing, and once space is freed the
+/// catch-up completes without a remount.
+#[test]
+fn a_target_that_fills_up_catches_up_once_space_is_freed() {
+    let name = "a_target_that_fills_up_catches_up_once_space_is_freed";
+    let opts = Opts {
+        local_target: true,
+        extra: &["--timeout", "3"],
+        before: Some(&|src: &Path| {
+            let dst = src.parent().unwrap().join("dst");
+            fs::create_dir_all(&dst).unwrap();
+            sh(&format!("mount -t tmpfs -o size=20m mirrorfs-test {}", dst.display()));
+        }),
+        ..Opts::default()
+    };
+    let Some(m) = Mount::with(name, opts) else { return };
+    let _tmpfs = Mounted(m.dst.clone());
+    let t = Instant::now();
+    write_big(&m.p("big1"), 12).expect("the writer sees no error");
+    write_big(&m.p("big2"), 12).expect("the writer sees no error");
+    for i in 0..30 {
+        fs::write(m.p(&format!("small{i}")), format!("{i}")).expect("small writes succeed");
+    }
+    let took = t.elapsed();
+    assert!(
+        took < Duration::from_secs(20),
+        "the writes took {took:?}: a repair storm"
+    );
+    std::thread::sleep(Duration::from_millis(300));
+    let log = m.log_text();
+    let repairs = log.matches("repairing the target").count();
+    assert!(
+        repairs <= 2,
+        "one refusal starts the catch-up, not one repair per write ({repairs}):\n{log}"
+    );
+    assert!(!common::tree_diff(&m.src, &m.dst).is_empty(), "the target is behind");
+    let last = log.rfind("-> ").map(|i| &log[i..]).unwrap_or("");
+    assert!(
+        !last.starts_with("-> connected"),
+        "never shown as connected while behind:\n{log}"
+    );
+    sh(&format!("mount -o remount,size=100m {}", m.dst.display()));
+    converge(&m, "after space was freed");
+    m.finish();
+}
