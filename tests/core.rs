@@ -199,8 +199,28 @@ fn memfs_delta_sends_a_small_fraction() {
     replicate(&src, &dst);
     src.write_at(&p("big"), 2_000_000, b"a small change").unwrap();
     dst.reset_counters();
-    let r = replicate(&src, &dst);
+    // Every request is measured as it would travel on a connection.
+    let sent = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let target = Mutex::new(ReplicatorTarget::new(dst.clone(), RelPath::root()));
+    let counted = sent.clone();
+    let rpc = move |req: Request| -> Response {
+        counted.fetch_add(
+            mirrorfs::protocol::request_frame_len(0, &req),
+            std::sync::atomic::Ordering::Relaxed,
+        );
+        target.lock().handle_request(req)
+    };
+    let r = ReplicatorSource::new(src.clone(), RelPath::root(), rpc)
+        .unwrap()
+        .last_report()
+        .clone();
     assert_eq!(r.delta_files, 1);
+    let sent = sent.load(std::sync::atomic::Ordering::Relaxed);
+    assert!(
+        sent * 20 < data.len() as u64,
+        "a small fraction: {sent} bytes sent for a {} byte file",
+        data.len()
+    );
     mem_equal(&src, &dst);
 }
 

@@ -323,6 +323,8 @@ fn failed_operations_forward_nothing() {
     scenario("failed_operations_forward_nothing", |m| {
         fs::create_dir(m.p("d")).unwrap();
         fs::write(m.p("d/f"), b"x").unwrap();
+        let (_, before) = m.status();
+        let before = before.expect("the mount is listed");
         assert!(fs::create_dir(m.p("d")).is_err());
         assert!(fs::remove_dir(m.p("d")).is_err());
         assert!(fs::remove_file(m.p("missing")).is_err());
@@ -337,6 +339,17 @@ fn failed_operations_forward_nothing() {
             .unwrap();
         assert!(!st.success(), "nobody may not write into a 0755 root-owned dir");
         assert!(!m.dst.join("d/nobody").exists());
+        let (code, after) = m.status();
+        let after = after.unwrap();
+        assert_eq!(code, 0);
+        // The chmod above is the one operation that succeeded: one request.
+        assert_eq!(
+            after.forwarded_ops,
+            before.forwarded_ops + 1,
+            "only the chmod was forwarded: {before:?} -> {after:?}"
+        );
+        assert_eq!(after.repairs, before.repairs, "no repair ran");
+        assert_eq!(after.behind_paths, 0);
     });
 }
 

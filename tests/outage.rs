@@ -148,11 +148,21 @@ fn kill_9_of_serve_and_a_restart_are_caught_up_without_a_remount() {
     let Some(mut m) = Mount::with(name, opts) else { return };
     let w = Workload::start(m.p("work"));
     std::thread::sleep(Duration::from_millis(800));
+    let before = m.wait_status("connected", Duration::from_secs(5));
+    assert!(before.forwarded_ops > 0, "{before:?}");
     drop(m.server.take()); // SIGKILL, reaped
-    wait_state(&m, "disconnected", Duration::from_secs(10));
+    let away = m.wait_status("disconnected", Duration::from_secs(10));
+    assert!(
+        away.last_error.as_deref().is_some_and(|e| e.contains("target")),
+        "{away:?}"
+    );
     std::thread::sleep(Duration::from_secs(5));
+    let (_, st) = m.status();
+    let st = st.expect("listed");
+    assert!(st.behind_paths > 0, "changes made while away are kept: {st:?}");
     m.server = Some(serve(&m.dst, &listen_of(&m), &[]));
-    wait_state(&m, "connected", Duration::from_secs(20));
+    let back = m.wait_status("connected", Duration::from_secs(20));
+    assert!(back.reconnects >= 1, "{back:?}");
     std::thread::sleep(Duration::from_millis(500));
     let seen = w.stop();
     check_seen(&seen, Duration::from_secs(3), &m);

@@ -236,3 +236,48 @@ pub fn converge(m: &Mount, what: &str) {
         std::thread::sleep(Duration::from_millis(50));
     }
 }
+
+impl Mount {
+    /// `mirrorfs status MOUNTPOINT --json`: its exit code and this mount's entry, if listed.
+    pub fn status(&self) -> (i32, Option<mirrorfs::control::MirrorStatus>) {
+        let out = Command::new(bin())
+            .arg("status")
+            .arg(&self.mnt)
+            .arg("--json")
+            .output()
+            .expect("run mirrorfs status");
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout)
+            .unwrap_or_else(|e| panic!("status --json printed no JSON ({e}): {:?}", out));
+        let mounts = v["mounts"].as_array().expect("a mounts array").clone();
+        let mine = mounts
+            .into_iter()
+            .map(|m| serde_json::from_value::<mirrorfs::control::MirrorStatus>(m).expect("every key"))
+            .next();
+        (out.status.code().unwrap_or(-1), mine)
+    }
+
+    /// Polls `status` until this mount's state is `state` (exit code 0 exactly when connected).
+    pub fn wait_status(&self, state: &str, limit: Duration) -> mirrorfs::control::MirrorStatus {
+        let deadline = Instant::now() + limit;
+        loop {
+            let (code, st) = self.status();
+            if let Some(st) = st {
+                if st.state == state {
+                    assert_eq!(
+                        code,
+                        if state == "connected" { 0 } else { 1 },
+                        "status exit code in {st:?}"
+                    );
+                    return st;
+                }
+            }
+            assert!(
+                Instant::now() < deadline,
+                "status never showed {state} (last: exit {code}, {:?}):\n{}",
+                self.status().1,
+                self.log_text()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
