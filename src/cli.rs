@@ -121,6 +121,10 @@ pub struct UmountArgs {
     /// Detach now even if files are still open inside (umount -l).
     #[arg(long, short)]
     pub lazy: bool,
+    /// Seconds to wait for the daemon's closing summary after the unmount (its last catch-up
+    /// is bounded by its own --timeout).
+    #[arg(long, default_value_t = 120, value_parser = clap::value_parser!(u64).range(1..))]
+    pub wait_secs: u64,
 }
 
 #[derive(Args, Debug)]

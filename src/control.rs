@@ -2,13 +2,15 @@
 //! unix socket of its own, `<dir>/<pid>.sock`, in a directory only its user can enter
 //! (`$XDG_RUNTIME_DIR/mirrorfs`, else `/run/mirrorfs` for root, else `/tmp/mirrorfs-<uid>`).
 //! The socket is mode 0600 and a peer of another uid is turned away (`SO_PEERCRED`). A client
-//! that connects gets one line of JSON (`MirrorStatus`) and the end of the stream; nothing it
-//! sends is read. Answering takes only the link's short-held locks, never the order lock, so
-//! `status` never waits behind a blocked or slow mutation.
+//! sends one line: `status` gets one line of JSON (`MirrorStatus`) and the end of the stream;
+//! `wait` gets, when the mirror ends, one line of JSON (`Farewell`: its exit code and closing
+//! summary), which is how `mirrorfs umount` reports the daemon's verdict. Answering takes only
+//! the link's short-held locks, never the order lock, so `status` never waits behind a blocked
+//! or slow mutation.
 
 use crate::source::link::{LinkState, LinkStatus};
 use serde::{Deserialize, Serialize};
-use std::io::{BufRead, BufReader, Write};
+use std::io::{BufRead, BufReader, Read, Write};
 use std::os::fd::AsFd;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::os::unix::net::{UnixListener, UnixStream};
@@ -133,9 +135,28 @@ fn ensure_dir(d: &Path) -> Result<(), ControlError> {
     }
 }
 
+/// What a mirror says as it ends, to those who asked to `wait`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Farewell {
+    pub code: u8,
+    pub summary: String,
+}
+
 /// A mirror's control socket, removed when dropped.
 pub struct Control {
     path: PathBuf,
+    waiters: std::sync::Arc<parking_lot::Mutex<Vec<UnixStream>>>,
+}
+
+impl Control {
+    /// Tells everyone waiting how the mirror ended.
+    pub fn farewell(&self, f: &Farewell) {
+        let Ok(mut line) = serde_json::to_string(f) else { return };
+        line.push('\n');
+        for mut s in self.waiters.lock().drain(..) {
+            let _ = s.write_all(line.as_bytes());
+        }
+    }
 }
 
 impl Drop for Control {
@@ -144,15 +165,21 @@ impl Drop for Control {
     }
 }
 
+fn socket_of(pid: u32) -> PathBuf {
+    dir().join(format!("{pid}.sock"))
+}
+
 /// Starts answering `status` on this process's control socket with what `report` says.
 pub fn serve(report: impl Fn() -> MirrorStatus + Send + 'static) -> Result<Control, ControlError> {
     let d = dir();
     ensure_dir(&d)?;
-    let path = d.join(format!("{}.sock", std::process::id()));
+    let path = socket_of(std::process::id());
     let _ = std::fs::remove_file(&path);
     let lis = UnixListener::bind(&path).map_err(|e| ControlError::Socket(path.display().to_string(), e))?;
     let _ = std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600));
     let me = crate::sys::geteuid();
+    let waiters = std::sync::Arc::new(parking_lot::Mutex::new(Vec::new()));
+    let w = waiters.clone();
     std::thread::Builder::new()
         .name("control".into())
         .spawn(move || {
@@ -163,14 +190,25 @@ pub fn serve(report: impl Fn() -> MirrorStatus + Send + 'static) -> Result<Contr
                     _ => continue,
                 }
                 let _ = s.set_write_timeout(Some(Duration::from_secs(2)));
-                if let Ok(mut line) = serde_json::to_string(&report()) {
-                    line.push('\n');
-                    let _ = s.write_all(line.as_bytes());
+                let _ = s.set_read_timeout(Some(Duration::from_secs(2)));
+                let mut cmd = String::new();
+                let Ok(r) = s.try_clone() else { continue };
+                if BufReader::new(r.take(64)).read_line(&mut cmd).is_err() {
+                    continue;
+                }
+                match cmd.trim() {
+                    "wait" => w.lock().push(s),
+                    _ => {
+                        if let Ok(mut line) = serde_json::to_string(&report()) {
+                            line.push('\n');
+                            let _ = s.write_all(line.as_bytes());
+                        }
+                    }
                 }
             }
         })
         .map_err(|e| ControlError::Socket(path.display().to_string(), e))?;
-    Ok(Control { path })
+    Ok(Control { path, waiters })
 }
 
 /// Asks every running mirror of this user for its status. Sockets nobody answers on (left by
@@ -189,8 +227,9 @@ pub fn query_all() -> Result<Vec<MirrorStatus>, ControlError> {
             continue;
         }
         match UnixStream::connect(&p) {
-            Ok(s) => {
+            Ok(mut s) => {
                 let _ = s.set_read_timeout(Some(Duration::from_secs(5)));
+                let _ = s.write_all(b"status\n");
                 let mut line = String::new();
                 if BufReader::new(s).read_line(&mut line).is_ok() {
                     if let Ok(st) = serde_json::from_str::<MirrorStatus>(&line) {
@@ -206,6 +245,25 @@ pub fn query_all() -> Result<Vec<MirrorStatus>, ControlError> {
     }
     out.sort_by(|a, b| (&a.source, a.pid).cmp(&(&b.source, b.pid)));
     Ok(out)
+}
+
+/// Asks the mirror with `pid` to tell how it ends; `Waiter::farewell` then blocks until it has.
+pub fn wait_for(pid: u32) -> std::io::Result<Waiter> {
+    let mut s = UnixStream::connect(socket_of(pid))?;
+    s.write_all(b"wait\n")?;
+    Ok(Waiter(s))
+}
+
+pub struct Waiter(UnixStream);
+
+impl Waiter {
+    /// The mirror's last word, or `None` if it ended without one (killed) or `limit` passed.
+    pub fn farewell(self, limit: Duration) -> Option<Farewell> {
+        let _ = self.0.set_read_timeout(Some(limit));
+        let mut line = String::new();
+        BufReader::new(self.0).read_line(&mut line).ok()?;
+        serde_json::from_str(&line).ok()
+    }
 }
 
 #[cfg(test)]

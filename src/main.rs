@@ -188,7 +188,7 @@ fn mount(a: MountArgs) -> Result<ExitCode, String> {
         ),
     }
     let recovery = spawn_recovery(&rep)?;
-    let _control = answer_status(&rep, "mount", &src, Some(&mountpoint));
+    let control = answer_status(&rep, "mount", &src, Some(&mountpoint));
     let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let watcher = watch.map(|(fd, w)| {
         let (rep, stop) = (rep.clone(), stop.clone());
@@ -216,7 +216,12 @@ fn mount(a: MountArgs) -> Result<ExitCode, String> {
     if let Err(e) = served {
         log::error!("FUSE session ended with an error: {e}");
     }
-    Ok(conclude(&rep, recovery, &format!("unmounted {}", mountpoint.display())))
+    Ok(conclude(
+        &rep,
+        recovery,
+        control,
+        &format!("unmounted {}", mountpoint.display()),
+    ))
 }
 
 /// The mount's arguments, checked: the source, the mountpoint (canonical) and the target.
@@ -340,8 +345,14 @@ fn spawn_recovery(rep: &Arc<mirrorfs::source::Replicator>) -> Result<std::thread
 }
 
 /// The end of a mount or watch: stops the recovery, tries a last catch-up, and says whether the
-/// target is in sync. Exit 0 only when it is; 23 when paths are still behind.
-fn conclude(rep: &mirrorfs::source::Replicator, recovery: std::thread::JoinHandle<()>, what: &str) -> ExitCode {
+/// target is in sync, in the log, on stderr and to whoever waits on the control socket (`mirrorfs
+/// umount`). Exit 0 only when it is; 23 when paths are still behind.
+fn conclude(
+    rep: &mirrorfs::source::Replicator,
+    recovery: std::thread::JoinHandle<()>,
+    control: Option<mirrorfs::control::Control>,
+    what: &str,
+) -> ExitCode {
     rep.stop();
     if recovery.join().is_err() {
         log::error!("the recovery thread panicked");
@@ -349,24 +360,35 @@ fn conclude(rep: &mirrorfs::source::Replicator, recovery: std::thread::JoinHandl
     let behind = rep.finish_up();
     let st = rep.link().status();
     rep.link().close();
-    log::info!(
+    let mut summary = format!(
         "{what}: {} operations acknowledged ({} content bytes), {} repairs, {} reconnects",
-        st.forwarded_ops,
-        st.forwarded_bytes,
-        st.repairs,
-        st.reconnects
+        st.forwarded_ops, st.forwarded_bytes, st.repairs, st.reconnects
     );
-    if behind > 0 {
+    let code = if behind > 0 {
         let msg = format!(
             "the target {} is behind: {behind} changed paths (or regions) not caught up{}; the next mount or sync finishes the job",
             st.target,
             st.last_error.map(|e| format!(" (last error: {e})")).unwrap_or_default()
         );
+        log::info!("{summary}");
         log::error!("{msg}");
-        eprintln!("mirrorfs: {msg}");
-        return ExitCode::from(23);
+        summary = format!("{summary}\n{msg}");
+        23
+    } else {
+        summary.push_str("; the target is in sync");
+        log::info!("{summary}");
+        0
+    };
+    if let Some(c) = control {
+        c.farewell(&mirrorfs::control::Farewell {
+            code,
+            summary: summary.clone(),
+        });
     }
-    ExitCode::SUCCESS
+    if code != 0 {
+        eprintln!("mirrorfs: {}", summary.lines().last().unwrap_or_default());
+    }
+    ExitCode::from(code)
 }
 
 /// SIGTERM and SIGINT unmount (lazily when busy), which ends the session; SIGHUP is ignored.
@@ -394,6 +416,9 @@ fn watch_signals(mountpoint: std::path::PathBuf) -> Result<(), String> {
     Ok(())
 }
 
+/// Unmounts, then waits for the daemon to finish (its last catch-up and the final sync of the
+/// target), prints its closing summary and exits with its code. A mount whose daemon does not
+/// answer on a control socket is just unmounted.
 fn umount(a: UmountArgs) -> Result<ExitCode, String> {
     if !a.lazy && !mirrorfs::fuse::is_mirrorfs_mount(&a.path) {
         match std::fs::metadata(&a.path) {
@@ -401,6 +426,14 @@ fn umount(a: UmountArgs) -> Result<ExitCode, String> {
             _ => return Err(format!("{} is not a mirrorfs mount", a.path.display())),
         }
     }
+    let shown = std::fs::canonicalize(&a.path).unwrap_or_else(|_| a.path.clone());
+    let waiter = mirrorfs::control::query_all()
+        .ok()
+        .and_then(|all| {
+            all.into_iter()
+                .find(|m| m.mountpoint.as_deref() == Some(&*shown.display().to_string()))
+        })
+        .and_then(|m| mirrorfs::control::wait_for(m.pid).ok().map(|w| (m.pid, w)));
     mirrorfs::fuse::unmount(&a.path, a.lazy).map_err(|e| {
         if e.raw_os_error() == Some(libc::EBUSY) {
             format!(
@@ -411,7 +444,23 @@ fn umount(a: UmountArgs) -> Result<ExitCode, String> {
             format!("unmount {}: {e}", a.path.display())
         }
     })?;
-    Ok(ExitCode::SUCCESS)
+    // A lazy unmount ends the daemon only once the last file inside is closed: not waited for.
+    let Some((pid, waiter)) = waiter.filter(|_| !a.lazy) else {
+        return Ok(ExitCode::SUCCESS);
+    };
+    match waiter.farewell(std::time::Duration::from_secs(a.wait_secs)) {
+        Some(f) => {
+            for l in f.summary.lines() {
+                eprintln!("mirrorfs: {l}");
+            }
+            Ok(ExitCode::from(f.code))
+        }
+        None => Err(format!(
+            "unmounted {}, but the daemon (pid {pid}) gave no verdict within {} s; see its log",
+            a.path.display(),
+            a.wait_secs
+        )),
+    }
 }
 
 fn watch(a: WatchArgs) -> Result<ExitCode, String> {
@@ -439,7 +488,7 @@ fn watch(a: WatchArgs) -> Result<ExitCode, String> {
     )?;
     mirrorfs::sys::release_free_memory();
     let recovery = spawn_recovery(&rep)?;
-    let _control = answer_status(&rep, "watch", &src, None);
+    let control = answer_status(&rep, "watch", &src, None);
     let wopts = WatchOptions {
         debounce: std::time::Duration::from_millis(a.debounce_ms),
         rescan_every: std::time::Duration::from_secs_f64(a.rescan_secs),
@@ -455,7 +504,12 @@ fn watch(a: WatchArgs) -> Result<ExitCode, String> {
         stats.rescans,
         stats.renames
     );
-    Ok(conclude(&rep, recovery, &format!("stopped watching {}", src.display())))
+    Ok(conclude(
+        &rep,
+        recovery,
+        control,
+        &format!("stopped watching {}", src.display()),
+    ))
 }
 
 fn status(a: StatusArgs) -> Result<ExitCode, String> {

@@ -565,7 +565,13 @@ fn daemon_mode_returns_once_live_and_logs_to_a_file() {
         .unwrap()
         .parse()
         .unwrap();
-    assert!(Command::new(bin()).arg("umount").arg(&src).status().unwrap().success());
+    let out = Command::new(bin()).arg("umount").arg(&src).output().unwrap();
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{said}");
+    assert!(
+        said.contains("the target is in sync"),
+        "umount reports the daemon's verdict: {said}"
+    );
     let deadline = Instant::now() + Duration::from_secs(30);
     while Path::new(&format!("/proc/{pid}")).exists() {
         assert!(Instant::now() < deadline, "daemon still running");

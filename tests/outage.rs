@@ -347,3 +347,60 @@ fn a_target_that_fills_up_catches_up_once_space_is_freed() {
     converge(&m, "after space was freed");
     m.finish();
 }
+
+/// Unmounts lazily on drop.
+struct Unmount(PathBuf);
+
+impl Drop for Unmount {
+    fn drop(&mut self) {
+        let _ = mirrorfs::fuse::unmount(&self.0, true);
+    }
+}
+
+fn daemon_mount(src: &Path, target: &str, log: &Path) {
+    let out = Command::new(common::bin())
+        .arg("mount")
+        .arg(src)
+        .args(["--target", target, "--timeout", "2", "--log-file"])
+        .arg(log)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+}
+
+/// `mirrorfs umount` of a daemon whose target is away returns the daemon's 23 and its reason
+/// within the time limit and a few seconds; once the target is back, the next mount finishes
+/// the job and `umount` says the target is in sync.
+#[test]
+fn umount_reports_the_daemons_verdict() {
+    if !common::mnt::fuse_ready("umount_reports_the_daemons_verdict") {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let (src, dst, log) = (tmp.path().join("src"), tmp.path().join("dst"), tmp.path().join("d.log"));
+    fs::create_dir(&src).unwrap();
+    fs::create_dir(&dst).unwrap();
+    let sock = format!("unix:{}", tmp.path().join("t.sock").display());
+    let server = serve(&dst, &sock, &[]);
+    daemon_mount(&src, &sock, &log);
+    let _g = Unmount(src.clone());
+    fs::write(src.join("before"), b"1").unwrap();
+    drop(server);
+    fs::write(src.join("while-away"), b"2").unwrap();
+    let t = Instant::now();
+    let out = Command::new(common::bin()).arg("umount").arg(&src).output().unwrap();
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(23), "{said}");
+    assert!(
+        said.contains("is behind") && said.contains("next mount or sync"),
+        "{said}"
+    );
+    assert!(t.elapsed() < Duration::from_secs(10), "umount took {:?}", t.elapsed());
+    let _server: ChildGuard = serve(&dst, &sock, &[]);
+    daemon_mount(&src, &sock, &log);
+    let out = Command::new(common::bin()).arg("umount").arg(&src).output().unwrap();
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{said}");
+    assert!(said.contains("in sync"), "{said}");
+    common::assert_same_tree(&src, &dst);
+}
