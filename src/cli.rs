@@ -183,7 +183,7 @@ pub fn check_source(src: &Path) -> Result<PathBuf, String> {
 }
 
 /// Parses the target; a local one must be an existing directory that neither contains the
-/// source nor lies inside it.
+/// source nor lies inside it, and comes back as an absolute path.
 pub fn check_target(target: &str, src: &Path) -> Result<Endpoint, String> {
     let ep = Endpoint::parse(target).map_err(|e| e.to_string())?;
     if let Endpoint::Local(dir) = &ep {
@@ -193,6 +193,9 @@ pub fn check_target(target: &str, src: &Path) -> Result<Endpoint, String> {
         }
         let t = std::fs::canonicalize(dir).map_err(|e| format!("target {}: {e}", dir.display()))?;
         check_nesting(&t, src)?;
+        // Absolute: every later session opens it again, from whatever the working directory is
+        // by then (the daemon's is /).
+        return Ok(Endpoint::Local(t));
     }
     Ok(ep)
 }

@@ -404,3 +404,66 @@ fn umount_reports_the_daemons_verdict() {
     assert!(said.contains("in sync"), "{said}");
     common::assert_same_tree(&src, &dst);
 }
+
+/// A local target on a removable disk (a loop-mounted ext4 image) that is unmounted while
+/// mirrored: the link notices, refuses to fill the empty mountpoint left behind and says why in
+/// `status`, and once the disk is mounted again it catches up on what changed meanwhile.
+#[test]
+fn a_local_target_on_a_disk_unmounted_and_mounted_again() {
+    let name = "a_local_target_on_a_disk_unmounted_and_mounted_again";
+    if !common::mnt::fuse_ready(name) {
+        return;
+    }
+    let img_dir = tempfile::tempdir().unwrap();
+    let img = img_dir.path().join("disk.img");
+    sh(&format!("truncate -s 64M {0} && mkfs.ext4 -q -F {0}", img.display()));
+    let mount_disk = |at: &Path| sh(&format!("mount -o loop {} {}", img.display(), at.display()));
+    let opts = Opts {
+        local_target: true,
+        extra: &["--timeout", "2"],
+        before: Some(&|src: &Path| {
+            let dst = src.parent().unwrap().join("dst");
+            fs::create_dir_all(&dst).unwrap();
+            mount_disk(&dst);
+            fs::remove_dir(dst.join("lost+found")).unwrap();
+        }),
+        ..Opts::default()
+    };
+    let Some(m) = Mount::with(name, opts) else { return };
+    let _disk = Mounted(m.dst.clone());
+    for i in 0..10 {
+        fs::write(m.p(&format!("a{i}")), format!("{i}")).unwrap();
+    }
+    converge(&m, "mirrored onto the disk");
+    sh(&format!("umount -l {}", m.dst.display()));
+    let away = m.wait_status("disconnected", Duration::from_secs(10));
+    for i in 0..10 {
+        fs::write(m.p(&format!("b{i}")), format!("while the disk is away {i}")).unwrap();
+    }
+    fs::remove_file(m.p("a3")).unwrap();
+    // Reconnect attempts meet the empty mountpoint, and leave it alone.
+    std::thread::sleep(Duration::from_secs(2));
+    let (code, st) = m.status();
+    let st = st.unwrap();
+    assert_eq!((code, st.state.as_str()), (1, "disconnected"), "{away:?} then {st:?}");
+    assert!(
+        st.last_error
+            .as_deref()
+            .is_some_and(|e| e.contains("is its disk mounted")),
+        "status says why: {st:?}"
+    );
+    assert_eq!(
+        fs::read_dir(&m.dst).unwrap().count(),
+        0,
+        "nothing written beneath the mountpoint"
+    );
+    mount_disk(&m.dst);
+    m.wait_status("connected", Duration::from_secs(20));
+    converge(&m, "the disk is back");
+    assert!(
+        m.log_text().contains("catching up on"),
+        "a partial catch-up:\n{}",
+        m.log_text()
+    );
+    m.finish();
+}

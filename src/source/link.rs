@@ -466,6 +466,27 @@ impl Link {
         Ok(())
     }
 
+    /// A local target's directory must still be the one the session opened: a removable disk
+    /// unmounted leaves its mountpoint behind, a directory may be swapped for another. The
+    /// recovery thread checks about once a second; a change ends the session, and the next
+    /// claim decides (an empty mountpoint is refused, another directory reconciled whole).
+    pub fn check_identity(&self) {
+        let Endpoint::Local(dir) = self.endpoint() else { return };
+        let Some(s) = self.forwarding() else { return };
+        use std::os::unix::fs::MetadataExt;
+        match std::fs::metadata(dir) {
+            Ok(m) if (m.dev(), m.ino()) == (s.claim.dev, s.claim.ino) => {}
+            Ok(_) => self.lost(
+                &s,
+                &format!(
+                    "{} is no longer the directory this session opened (a disk unmounted, a directory replaced)",
+                    dir.display()
+                ),
+            ),
+            Err(e) => self.lost(&s, &format!("{}: {e}", dir.display())),
+        }
+    }
+
     /// Closes the current session (at the end).
     pub fn close(&self) {
         let mut i = self.inner.lock();

@@ -378,6 +378,7 @@ impl Replicator {
             let state = self.link.state();
             if state == LinkState::Connected {
                 self.link.wait_change(Duration::from_secs(1));
+                self.link.check_identity();
                 continue;
             }
             // Every retry waits its backoff, counted from the last attempt.
