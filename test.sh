@@ -21,6 +21,10 @@ command -v mount >/dev/null || missing+=(mount)
 command -v python3 >/dev/null || missing+=(python3)
 command -v git >/dev/null || missing+=(git)
 command -v tar >/dev/null || missing+=(tar)
+# The outage tests: network namespaces and veth links (iproute2), a loop-mounted ext4 image
+# as a removable disk (e2fsprogs), cp -a for an older copy of a target.
+command -v ip >/dev/null || missing+=(iproute2)
+command -v mkfs.ext4 >/dev/null || missing+=(e2fsprogs)
 [ -d /usr/include/linux ] || missing+=(linux-libc-dev)
 if [ ${#missing[@]} -gt 0 ]; then
   apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}"

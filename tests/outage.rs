@@ -49,7 +49,7 @@ impl Workload {
         let handle = std::thread::spawn(move || {
             let mut seen = Seen::default();
             let mut i = 0u64;
-            let mut timed = |seen: &mut Seen, what: String, f: &mut dyn FnMut() -> std::io::Result<()>| {
+            let timed = |seen: &mut Seen, what: String, f: &mut dyn FnMut() -> std::io::Result<()>| {
                 let t = Instant::now();
                 let r = f();
                 seen.slowest = seen.slowest.max(t.elapsed());
@@ -182,7 +182,7 @@ fn sigstop_of_serve_past_the_timeout_then_sigcont() {
         extra: &["--timeout", "2"],
         ..Opts::default()
     };
-    let Some(mut m) = Mount::with(name, opts) else { return };
+    let Some(m) = Mount::with(name, opts) else { return };
     let w = Workload::start(m.p("work"));
     std::thread::sleep(Duration::from_millis(500));
     let pid = m.server.as_ref().unwrap().0.id();
@@ -466,4 +466,160 @@ fn a_local_target_on_a_disk_unmounted_and_mounted_again() {
         m.log_text()
     );
     m.finish();
+}
+
+/// A target in its own network namespace, behind a veth link that the test cuts for 10 s.
+/// Fields drop in order: the mount, the server, the namespace and its links, the served files.
+struct CutSetup {
+    m: Mount,
+    _server: ChildGuard,
+    ns: common::netns::NetNs,
+    _tmp: tempfile::TempDir,
+}
+
+fn network_cut_setup(name: &str, policy: &str) -> Option<CutSetup> {
+    if !common::mnt::fuse_ready(name) {
+        return None;
+    }
+    let ns = match common::netns::NetNs::new() {
+        Ok(ns) => ns,
+        Err(why) => {
+            common::mnt::skip(name, &why);
+            return None;
+        }
+    };
+    let tmp = tempfile::tempdir().unwrap();
+    let (dst, token) = (tmp.path().join("served"), tmp.path().join("token"));
+    fs::create_dir(&dst).unwrap();
+    fs::write(&token, b"a token of at least sixteen bytes\n").unwrap();
+    let port = common::free_port();
+    let addr = format!("{}:{port}", ns.ns_ip);
+    let child = ns
+        .command(common::bin())
+        .arg("serve")
+        .arg(&dst)
+        .args(["--listen", &format!("tcp:{addr}"), "--token-file"])
+        .arg(&token)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let server = ChildGuard(child);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while std::net::TcpStream::connect(&addr).is_err() {
+        assert!(Instant::now() < deadline, "serve in the namespace did not come up");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let target = format!("tcp:{addr}");
+    let token_s = token.display().to_string();
+    let extra = ["--timeout", "2", "--token-file", &token_s, "--on-disconnect", policy];
+    let opts = Opts {
+        target: Some(&target),
+        extra: &extra,
+        ..Opts::default()
+    };
+    let mut m = Mount::with(name, opts)?;
+    // The comparison and the final equality read what the namespace's server wrote.
+    let _ = std::fs::remove_dir(&m.dst);
+    m.dst = dst;
+    Some(CutSetup {
+        m,
+        _server: server,
+        ns,
+        _tmp: tmp,
+    })
+}
+
+#[test]
+fn a_network_cut_with_continue_loses_nothing() {
+    let Some(c) = network_cut_setup("a_network_cut_with_continue_loses_nothing", "continue") else {
+        return;
+    };
+    let w = Workload::start(c.m.p("work"));
+    std::thread::sleep(Duration::from_millis(500));
+    c.ns.set_link(false);
+    c.m.wait_status("disconnected", Duration::from_secs(10));
+    std::thread::sleep(Duration::from_secs(8));
+    c.ns.set_link(true);
+    c.m.wait_status("connected", Duration::from_secs(20));
+    std::thread::sleep(Duration::from_millis(300));
+    let seen = w.stop();
+    check_seen(&seen, Duration::from_secs(2), &c.m);
+    converge(&c.m, "after the cut");
+    c.m.finish();
+}
+
+#[test]
+fn a_network_cut_with_block_waits_then_completes() {
+    let Some(c) = network_cut_setup("a_network_cut_with_block_waits_then_completes", "block") else {
+        return;
+    };
+    fs::write(c.m.p("before"), b"1").unwrap();
+    c.ns.set_link(false);
+    // The first write meets the cut and waits one --timeout; later ones wait for the target.
+    let p = c.m.p("during");
+    let writer = std::thread::spawn(move || {
+        let t = Instant::now();
+        fs::write(&p, b"written during the cut").map(|_| t.elapsed())
+    });
+    c.m.wait_status("disconnected", Duration::from_secs(10));
+    std::thread::sleep(Duration::from_secs(3));
+    assert!(!writer.is_finished(), "the write waits for the target");
+    // Reads and status do not wait.
+    let t = Instant::now();
+    assert_eq!(fs::read(c.m.p("before")).unwrap(), b"1");
+    let (code, _) = c.m.status();
+    assert_eq!(code, 1);
+    assert!(
+        t.elapsed() < Duration::from_secs(2),
+        "a read and status took {:?}",
+        t.elapsed()
+    );
+    std::thread::sleep(Duration::from_secs(5));
+    c.ns.set_link(true);
+    let took = writer.join().unwrap().expect("the blocked write completes");
+    assert!(
+        took > Duration::from_secs(8),
+        "it returned only after the cut: {took:?}"
+    );
+    assert_eq!(
+        fs::read(c.m.dst.join("during")).unwrap(),
+        b"written during the cut",
+        "and is on the target"
+    );
+    c.m.wait_status("connected", Duration::from_secs(10));
+    c.m.finish();
+}
+
+#[test]
+fn a_network_cut_with_fail_refuses_and_changes_nothing() {
+    let Some(c) = network_cut_setup("a_network_cut_with_fail_refuses_and_changes_nothing", "fail") else {
+        return;
+    };
+    fs::write(c.m.p("before"), b"1").unwrap();
+    c.ns.set_link(false);
+    // The syscall caught at the moment of loss waits one --timeout, keeps its source result
+    // and counts as changed.
+    fs::create_dir(c.m.p("at-the-cut")).unwrap();
+    c.m.wait_status("disconnected", Duration::from_secs(10));
+    for (what, r) in [
+        ("create", fs::write(c.m.p("refused"), b"x")),
+        ("mkdir", fs::create_dir(c.m.p("refused-dir"))),
+        ("rename", fs::rename(c.m.p("before"), c.m.p("renamed"))),
+    ] {
+        let e = r.expect_err(what);
+        assert_eq!(e.raw_os_error(), Some(libc::EIO), "{what}: {e}");
+    }
+    for p in ["refused", "refused-dir", "renamed"] {
+        assert!(
+            !c.m.src.join(p).exists(),
+            "{p}: the source shows none of the refused changes"
+        );
+    }
+    assert_eq!(fs::read(c.m.p("before")).unwrap(), b"1", "reads keep working");
+    std::thread::sleep(Duration::from_secs(8));
+    c.ns.set_link(true);
+    c.m.wait_status("connected", Duration::from_secs(20));
+    fs::write(c.m.p("after"), b"3").unwrap();
+    c.m.finish();
 }

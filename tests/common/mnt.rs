@@ -53,6 +53,8 @@ pub struct Mount {
     pub log: PathBuf,
     pub extra: Vec<String>,
     pub env: Vec<(String, String)>,
+    /// A target given by the test (no `serve` of our own).
+    pub target: Option<String>,
 }
 
 #[derive(Default)]
@@ -66,6 +68,8 @@ pub struct Opts<'a> {
     pub env: &'a [(&'a str, &'a str)],
     /// Fills the source before mounting.
     pub before: Option<&'a dyn Fn(&Path)>,
+    /// The target, served by the test itself (`dst` is then what it serves).
+    pub target: Option<&'a str>,
 }
 
 impl Mount {
@@ -102,8 +106,9 @@ impl Mount {
             daemon: None,
             extra: o.extra.iter().map(|s| s.to_string()).collect(),
             env: o.env.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
+            target: o.target.map(str::to_string),
         };
-        if !o.local_target {
+        if !o.local_target && o.target.is_none() {
             let sock = m.tmp.path().join("target.sock");
             m.server = Some(serve(&m.dst, &format!("unix:{}", sock.display()), &[]));
         }
@@ -112,7 +117,9 @@ impl Mount {
     }
 
     pub fn target_arg(&self, local: bool) -> String {
-        if local {
+        if let Some(t) = &self.target {
+            t.clone()
+        } else if local {
             self.dst.display().to_string()
         } else {
             format!("unix:{}", self.tmp.path().join("target.sock").display())

@@ -4,6 +4,7 @@
 #![allow(dead_code)]
 
 pub mod mnt;
+pub mod netns;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::ffi::OsStr;
