@@ -7,6 +7,8 @@
 #
 #   bench/mount.sh
 #   ROUNDS=5 WORK=/var/tmp/mb bench/mount.sh
+#   BASE=/path/to/older/mirrorfs bench/mount.sh   # adds that build as a fourth config, to
+#                                                 # compare two versions in one run
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROUNDS=${ROUNDS:-3}
@@ -22,6 +24,7 @@ M=$PWD/target/release/mirrorfs
 cleanup() {
   umount "$WORK/bmnt" 2>/dev/null || true
   "$M" umount "$WORK/msrc" 2>/dev/null || umount -l "$WORK/msrc" 2>/dev/null || true
+  umount "$WORK/basesrc" 2>/dev/null || umount -l "$WORK/basesrc" 2>/dev/null || true
 }
 trap cleanup EXIT
 cleanup
@@ -31,6 +34,12 @@ bindfs "$WORK/bsrc" "$WORK/bmnt"
 "$M" mount "$WORK/msrc" --target "$WORK/mdst" -q --log-file "$WORK/mirrorfs.log" >/dev/null 2>&1
 declare -A DIR=([native]=$WORK/native [bindfs]=$WORK/bmnt [mirrorfs]=$WORK/msrc)
 CONFIGS=(native bindfs mirrorfs)
+if [ -n "${BASE:-}" ]; then
+  mkdir -p "$WORK"/{basesrc,basedst}
+  "$BASE" mount "$WORK/basesrc" --target "$WORK/basedst" -q --log-file "$WORK/base.log" >/dev/null 2>&1
+  DIR[base]=$WORK/basesrc
+  CONFIGS+=(base)
+fi
 
 # A tree of 20,000 small files (1-8 KiB) in 200 directories, for cp -a.
 python3 - "$WORK/smalltree" <<'PY'
@@ -83,14 +92,19 @@ fi
 cleanup
 trap - EXIT
 echo "# mirrorfs mount vs bindfs vs native: median of $ROUNDS, $(nproc) cores"
-printf '%-40s %9s %9s %9s %10s %10s\n' workload native_s bindfs_s mirror_s bindfs mirrorfs
+printf '%-40s %9s %9s %9s %10s %10s' workload native_s bindfs_s mirror_s bindfs mirrorfs
+[ -n "${BASE:-}" ] && printf ' %10s %12s' base mirror/base
+echo
 line() { # NAME KEY MODE: MODE speed = native/x (higher better), time = x/native (lower better)
-  local n=${T[$2,native]} b=${T[$2,bindfs]} m=${T[$2,mirrorfs]}
-  if [ "$3" = speed ]; then
-    printf '%-40s %9.3f %9.3f %9.3f %9.2fx %9.2fx\n' "$1" "$n" "$b" "$m" "$(awk -v a="$n" -v b="$b" 'BEGIN{print a/b}')" "$(awk -v a="$n" -v b="$m" 'BEGIN{print a/b}')"
-  else
-    printf '%-40s %9.3f %9.3f %9.3f %9.2fx %9.2fx\n' "$1" "$n" "$b" "$m" "$(awk -v a="$n" -v b="$b" 'BEGIN{print b/a}')" "$(awk -v a="$n" -v b="$m" 'BEGIN{print b/a}')"
+  local n=${T[$2,native]} b=${T[$2,bindfs]} m=${T[$2,mirrorfs]} op
+  if [ "$3" = speed ]; then op='a/b'; else op='b/a'; fi
+  r() { awk -v a="$n" -v b="$1" "BEGIN{print $op}"; }
+  printf '%-40s %9.3f %9.3f %9.3f %9.2fx %9.2fx' "$1" "$n" "$b" "$m" "$(r "$b")" "$(r "$m")"
+  if [ -n "${BASE:-}" ]; then
+    local x=${T[$2,base]}
+    printf ' %9.2fx %11.3f' "$(r "$x")" "$(awk -v a="$m" -v b="$x" 'BEGIN{print a/b}')"
   fi
+  echo
 }
 echo "-- speed relative to native (higher is better)"
 line "seq write 1 GiB, 1 MiB blocks, fsync" seqwrite speed

@@ -422,7 +422,7 @@ fn watch_signals(mountpoint: std::path::PathBuf) -> Result<(), String> {
 fn umount(a: UmountArgs) -> Result<ExitCode, String> {
     if !a.lazy && !mirrorfs::fuse::is_mirrorfs_mount(&a.path) {
         match std::fs::metadata(&a.path) {
-            Err(e) if e.raw_os_error() == Some(libc::ENOTCONN) => {}
+            Err(e) if matches!(e.raw_os_error(), Some(libc::ENOTCONN) | Some(libc::ECONNABORTED)) => {}
             _ => return Err(format!("{} is not a mirrorfs mount", a.path.display())),
         }
     }

@@ -5,9 +5,9 @@
 
 use crate::fs::FsError;
 use crate::protocol::{Reply, Request, Response};
-use crossbeam_channel::Receiver;
+use crossbeam_channel::{Receiver, RecvTimeoutError};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum RpcError {
@@ -28,9 +28,13 @@ pub struct TargetInfo {
     pub capabilities: Vec<String>,
 }
 
-/// Something that flushes buffered requests so that a waiter's request reaches the target.
+/// Something that flushes buffered requests so that a waiter's request reaches the target, and
+/// tells when the target last showed progress (answered anything).
 pub trait Flush: Send + Sync {
     fn flush(&self);
+    fn last_progress(&self) -> Option<Instant> {
+        None
+    }
 }
 
 /// An answer that may not have arrived yet.
@@ -39,12 +43,15 @@ pub enum Pending {
     Waiting {
         rx: Receiver<Result<Reply, RpcError>>,
         flusher: Arc<dyn Flush>,
+        /// Give up once the target has shown no progress for this long (not: once this answer
+        /// took this long; a busy target that answers earlier requests is making progress).
         timeout: Option<Duration>,
     },
 }
 
 impl Pending {
-    /// Blocks until the answer is there (or the connection's time limit passes).
+    /// Blocks until the answer is there, or the target has made no progress for the time
+    /// limit (counted from this call at the earliest, and including the flush).
     pub fn wait(self) -> Result<Reply, RpcError> {
         match self {
             Pending::Ready(r) => r,
@@ -52,12 +59,24 @@ impl Pending {
                 if let Ok(r) = rx.try_recv() {
                     return r;
                 }
+                let start = Instant::now();
                 flusher.flush();
-                match timeout {
-                    Some(t) => rx.recv_timeout(t).unwrap_or(Err(RpcError::Timeout(t))),
-                    None => rx
-                        .recv()
-                        .unwrap_or_else(|_| Err(RpcError::Disconnected("answer channel closed".into()))),
+                let closed = || Err(RpcError::Disconnected("answer channel closed".into()));
+                let Some(t) = timeout else {
+                    return rx.recv().unwrap_or_else(|_| closed());
+                };
+                let slice = (t / 8).max(Duration::from_millis(5));
+                loop {
+                    match rx.recv_timeout(slice) {
+                        Ok(r) => return r,
+                        Err(RecvTimeoutError::Disconnected) => return closed(),
+                        Err(RecvTimeoutError::Timeout) => {
+                            let since = flusher.last_progress().map_or(start, |p| p.max(start));
+                            if since.elapsed() >= t {
+                                return Err(RpcError::Timeout(t));
+                            }
+                        }
+                    }
                 }
             }
         }

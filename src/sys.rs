@@ -680,6 +680,16 @@ pub fn umount(path: &std::path::Path, lazy: bool) -> io::Result<()> {
     check(unsafe { libc::umount2(c.as_ptr(), flags) }).map(drop)
 }
 
+/// `statvfs` of the file system at `path` (on FUSE, always answered by the daemon).
+pub fn statvfs(path: &std::path::Path) -> io::Result<libc::statvfs> {
+    let c = cstr(path.as_os_str().as_bytes())?;
+    let mut st = std::mem::MaybeUninit::<libc::statvfs>::uninit();
+    // SAFETY: `c` is NUL-terminated and `st` a writable buffer read only after success.
+    check(unsafe { libc::statvfs(c.as_ptr(), st.as_mut_ptr()) })?;
+    // SAFETY: statvfs succeeded and filled `st`.
+    Ok(unsafe { st.assume_init() })
+}
+
 /// Makes `dst` (0, 1 or 2) refer to what `src` refers to, as dup2(2) does.
 pub fn dup_onto(src: BorrowedFd<'_>, dst: RawFd) -> io::Result<()> {
     // SAFETY: `src` is a valid fd; dup2 atomically replaces `dst`, which we own by convention

@@ -147,6 +147,8 @@ fn kill_9_of_serve_and_a_restart_are_caught_up_without_a_remount() {
     };
     let Some(mut m) = Mount::with(name, opts) else { return };
     let w = Workload::start(m.p("work"));
+    fs::create_dir_all(m.p("tree/sub")).unwrap();
+    fs::write(m.p("tree/sub/x"), b"1").unwrap();
     std::thread::sleep(Duration::from_millis(800));
     let before = m.wait_status("connected", Duration::from_secs(5));
     assert!(before.forwarded_ops > 0, "{before:?}");
@@ -156,6 +158,9 @@ fn kill_9_of_serve_and_a_restart_are_caught_up_without_a_remount() {
         away.last_error.as_deref().is_some_and(|e| e.contains("target")),
         "{away:?}"
     );
+    // A directory renamed while the target is away: both subtrees are caught up.
+    fs::rename(m.p("tree"), m.p("moved")).unwrap();
+    fs::write(m.p("moved/sub/x"), b"changed while away").unwrap();
     std::thread::sleep(Duration::from_secs(5));
     let (_, st) = m.status();
     let st = st.expect("listed");
@@ -622,4 +627,216 @@ fn a_network_cut_with_fail_refuses_and_changes_nothing() {
     c.m.wait_status("connected", Duration::from_secs(20));
     fs::write(c.m.p("after"), b"3").unwrap();
     c.m.finish();
+}
+
+/// A listener that accepts connections and never answers (a hung server).
+fn silent_listener() -> (std::net::TcpListener, String) {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = format!("tcp:{}", l.local_addr().unwrap());
+    (l, addr)
+}
+
+/// At start, every command gives up on a target that makes no progress for --timeout: with a
+/// message naming it, and (for mount) nothing left mounted.
+#[test]
+fn every_wait_at_start_is_bounded() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (src, mnt) = (tmp.path().join("src"), tmp.path().join("mnt"));
+    fs::create_dir(&src).unwrap();
+    fs::create_dir(&mnt).unwrap();
+    fs::write(src.join("f"), b"x").unwrap();
+    let (_l, addr) = silent_listener();
+    let can_mount = common::mnt::fuse_ready("every_wait_at_start_is_bounded");
+    let mut commands: Vec<Vec<std::ffi::OsString>> = ["sync", "verify", "watch"]
+        .iter()
+        .map(|c| vec![c.into(), src.clone().into()])
+        .collect();
+    if can_mount {
+        commands.push(vec![
+            "mount".into(),
+            src.clone().into(),
+            mnt.clone().into(),
+            "--foreground".into(),
+        ]);
+    }
+    for mut args in commands {
+        args.extend([
+            "--target".into(),
+            addr.clone().into(),
+            "--timeout".into(),
+            "2".into(),
+            "-q".into(),
+        ]);
+        let t = Instant::now();
+        let mut child = Command::new(common::bin())
+            .args(&args)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let deadline = Instant::now() + Duration::from_secs(15);
+        let status = loop {
+            if let Some(st) = child.try_wait().unwrap() {
+                break st;
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!("{args:?} still waits after 15 s");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        let mut err = String::new();
+        std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut err).unwrap();
+        assert_eq!(status.code(), Some(2), "{args:?}: {err}");
+        assert!(err.contains(&addr), "{args:?}: the message names the target: {err}");
+        assert!(t.elapsed() < Duration::from_secs(8), "{args:?} took {:?}", t.elapsed());
+        assert!(!common::mnt::mounted(&mnt), "nothing is left mounted");
+    }
+}
+
+/// `serve --listen unix:PATH` replaces only a socket nobody answers on.
+#[test]
+fn serve_replaces_only_a_dead_socket() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("t");
+    fs::create_dir(&dir).unwrap();
+    let serve_out = |path: &Path| {
+        let mut c = Command::new(common::bin())
+            .arg("serve")
+            .arg(&dir)
+            .arg("--listen")
+            .arg(format!("unix:{}", path.display()))
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        std::thread::sleep(Duration::from_millis(300));
+        match c.try_wait().unwrap() {
+            Some(st) => {
+                let mut e = String::new();
+                std::io::Read::read_to_string(&mut c.stderr.take().unwrap(), &mut e).unwrap();
+                (Some(st), e)
+            }
+            None => {
+                let _ = c.kill();
+                let _ = c.wait();
+                (None, String::new())
+            }
+        }
+    };
+    let file = tmp.path().join("a-file");
+    fs::write(&file, b"precious").unwrap();
+    let (st, err) = serve_out(&file);
+    assert_eq!(st.and_then(|s| s.code()), Some(2), "{err}");
+    assert!(err.contains("not a socket"), "{err}");
+    assert_eq!(fs::read(&file).unwrap(), b"precious", "the file is left alone");
+    let sock = tmp.path().join("s.sock");
+    let live = serve(&dir, &format!("unix:{}", sock.display()), &[]);
+    let (st, err) = serve_out(&sock);
+    assert_eq!(st.and_then(|s| s.code()), Some(2), "{err}");
+    assert!(err.contains("another running mirrorfs serve"), "{err}");
+    // Killed: its socket file stays, and nothing answers on it; a new serve takes its place.
+    drop(live);
+    assert!(sock.exists());
+    let (st, _) = serve_out(&sock);
+    assert!(st.is_none(), "a serve on the dead socket's path runs");
+}
+
+/// `mirrorfs watch` rides out a target restart the way the mount does.
+#[test]
+fn watch_reconnects_and_catches_up() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (src, dst) = (tmp.path().join("src"), tmp.path().join("dst"));
+    fs::create_dir(&src).unwrap();
+    fs::create_dir(&dst).unwrap();
+    fs::create_dir_all(src.join("tree/sub")).unwrap();
+    fs::write(src.join("tree/sub/x"), b"1").unwrap();
+    let sock = format!("unix:{}", tmp.path().join("t.sock").display());
+    let server = serve(&dst, &sock, &[]);
+    let log = tmp.path().join("watch.log");
+    let child = Command::new(common::bin())
+        .arg("watch")
+        .arg(&src)
+        .args(["--target", &sock, "--timeout", "2", "-q"])
+        .env("RUST_LOG", "info")
+        .stderr(fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    let mut watch = ChildGuard(child);
+    let converge = |what: &str| {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !common::tree_diff(&src, &dst).is_empty() {
+            assert!(
+                Instant::now() < deadline,
+                "{what}: {:?}\n{}",
+                common::tree_diff(&src, &dst),
+                fs::read_to_string(&log).unwrap_or_default()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    };
+    converge("the first walk");
+    drop(server);
+    fs::write(src.join("while-away"), b"2").unwrap();
+    // A directory renamed while the target is away: both subtrees are caught up.
+    fs::rename(src.join("tree"), src.join("moved")).unwrap();
+    fs::write(src.join("moved/sub/x"), b"changed").unwrap();
+    std::thread::sleep(Duration::from_secs(3));
+    let _server = serve(&dst, &sock, &[]);
+    converge("after the restart");
+    sh(&format!("kill -TERM {}", watch.0.id()));
+    let st = watch.0.wait().unwrap();
+    assert!(
+        st.success(),
+        "watch exits 0 once caught up: {st}\n{}",
+        fs::read_to_string(&log).unwrap()
+    );
+}
+
+/// The mount daemon itself killed mid-workload: what was acknowledged with fsync is on the
+/// source, and the next mount detaches the dead mount and brings the target to equality.
+#[test]
+fn kill_9_of_the_mount_daemon_loses_nothing_acknowledged() {
+    let Some(mut m) = Mount::new("kill_9_of_the_mount_daemon_loses_nothing_acknowledged") else {
+        return;
+    };
+    let dir = m.p("work");
+    fs::create_dir(&dir).unwrap();
+    let stop = Arc::new(AtomicBool::new(false));
+    let (s, d) = (stop.clone(), dir.clone());
+    let writer = std::thread::spawn(move || {
+        let mut acked = Vec::new();
+        for i in 0.. {
+            if s.load(Ordering::Relaxed) {
+                break;
+            }
+            let p = d.join(format!("f{i}"));
+            let r = fs::File::create(&p).and_then(|mut f| {
+                f.write_all(format!("acknowledged {i}").as_bytes())?;
+                f.sync_all()
+            });
+            match r {
+                Ok(()) => acked.push(i),
+                Err(_) => break,
+            }
+        }
+        acked
+    });
+    std::thread::sleep(Duration::from_millis(700));
+    let mut daemon = m.daemon.take().unwrap();
+    daemon.kill().unwrap();
+    daemon.wait().unwrap();
+    stop.store(true, Ordering::Relaxed);
+    let acked = writer.join().unwrap();
+    assert!(acked.len() > 10, "the workload ran");
+    // The dead mount answers ENOTCONN until the next mount detaches it.
+    m.start(false);
+    for i in &acked {
+        assert_eq!(
+            fs::read(m.p(&format!("work/f{i}"))).unwrap(),
+            format!("acknowledged {i}").as_bytes(),
+            "f{i} was acknowledged"
+        );
+    }
+    m.finish();
 }

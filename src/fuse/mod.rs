@@ -83,7 +83,9 @@ pub fn is_mirrorfs_mount(path: &Path) -> bool {
 /// not connected") is detached with a log line; a live mirrorfs mount is an error.
 pub fn prepare_mountpoint(path: &Path) -> Result<(), MountError> {
     match std::fs::metadata(path) {
-        Err(e) if e.raw_os_error() == Some(libc::ENOTCONN) => {
+        // ENOTCONN once the kernel has aborted the dead daemon's connection; ECONNABORTED just
+        // after, while it is being torn down.
+        Err(e) if matches!(e.raw_os_error(), Some(libc::ENOTCONN) | Some(libc::ECONNABORTED)) => {
             log::warn!("{}: stale mount of a dead daemon; detaching it", path.display());
             eprintln!(
                 "mirrorfs: {} held a stale mount of a dead daemon; detached it",
@@ -97,7 +99,21 @@ pub fn prepare_mountpoint(path: &Path) -> Result<(), MountError> {
             path.display().to_string(),
             io::Error::new(io::ErrorKind::NotADirectory, "not a directory"),
         )),
-        Ok(_) if is_mirrorfs_mount(path) => Err(MountError::AlreadyMounted(path.display().to_string())),
+        Ok(_) if is_mirrorfs_mount(path) => {
+            // The stat may have come from the kernel's attribute cache; statfs always asks the
+            // daemon, so a dead one answers ENOTCONN here.
+            match sys::statvfs(path) {
+                Err(e) if matches!(e.raw_os_error(), Some(libc::ENOTCONN) | Some(libc::ECONNABORTED)) => {
+                    log::warn!("{}: stale mount of a dead daemon; detaching it", path.display());
+                    eprintln!(
+                        "mirrorfs: {} held a stale mount of a dead daemon; detached it",
+                        path.display()
+                    );
+                    sys::umount(path, true).map_err(|e| MountError::Mountpoint(path.display().to_string(), e))
+                }
+                _ => Err(MountError::AlreadyMounted(path.display().to_string())),
+            }
+        }
         Ok(_) => Ok(()),
     }
 }

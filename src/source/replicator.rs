@@ -313,15 +313,23 @@ impl Replicator {
     /// problems leave the scope to be tried again.
     fn reconcile_on(&self, s: &Arc<Session>, scope: Scope) -> Result<(), String> {
         let rpc = s.rpc.as_ref();
-        let r = if scope.is_full() {
+        let t = Instant::now();
+        let whole = scope.is_full();
+        let r = if whole {
             self.source.reconcile(rpc)
         } else {
             self.source.reconcile_scope(rpc, scope)
         };
         match r {
             Ok(r) if r.problems.is_empty() => {
-                if r.ops > 0 {
-                    log::info!("caught up: {} operations, {} files sent", r.ops, r.files_sent);
+                if r.ops > 0 || whole {
+                    log::info!(
+                        "caught up in {:.3} s{}: {} operations, {} files sent",
+                        t.elapsed().as_secs_f64(),
+                        if whole { " (whole tree)" } else { "" },
+                        r.ops,
+                        r.files_sent
+                    );
                 }
                 Ok(())
             }

@@ -32,6 +32,8 @@ struct Shared {
     writer: Mutex<(BufWriter<Box<dyn Write + Send>>, u64)>,
     queue: Mutex<Queue>,
     bytes_sent: AtomicU64,
+    /// When the last answer arrived (or the connection was made).
+    progress: Mutex<std::time::Instant>,
 }
 
 impl Shared {
@@ -53,6 +55,10 @@ impl Flush for Shared {
         if let Err(e) = r {
             self.kill(e.to_string());
         }
+    }
+
+    fn last_progress(&self) -> Option<std::time::Instant> {
+        Some(*self.progress.lock())
     }
 }
 
@@ -108,7 +114,17 @@ impl Client {
     ) -> Result<Client, TransportError> {
         let mut r = BufReader::with_capacity(1 << 20, r);
         let mut w = BufWriter::with_capacity(1 << 20, w);
-        let proto = |e: protocol::FrameError| TransportError::Protocol(format!("during handshake: {e}"));
+        let proto = |e: protocol::FrameError| match e {
+            protocol::FrameError::Io(e)
+                if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) =>
+            {
+                TransportError::Io(format!(
+                    "the target accepted the connection but did not answer the handshake within {:?}",
+                    timeout.unwrap_or_default()
+                ))
+            }
+            e => TransportError::Protocol(format!("during handshake: {e}")),
+        };
         let hello = ClientHello {
             magic: MAGIC,
             version: PROTOCOL_VERSION,
@@ -167,6 +183,7 @@ impl Client {
                 closing: false,
             }),
             bytes_sent: AtomicU64::new(0),
+            progress: Mutex::new(std::time::Instant::now()),
         });
         let s2 = shared.clone();
         let reader = std::thread::Builder::new()
@@ -188,6 +205,7 @@ fn read_answers(mut r: BufReader<Box<dyn Read + Send>>, shared: Arc<Shared>) {
     loop {
         match protocol::read_frame::<(u64, Response)>(&mut r) {
             Ok((id, resp)) => {
+                *shared.progress.lock() = std::time::Instant::now();
                 let front = shared.queue.lock().slots.pop_front();
                 match front {
                     Some((want, slot)) if want == id => {

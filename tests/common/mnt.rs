@@ -145,10 +145,15 @@ impl Mount {
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(log);
+        // This daemon's own "mounted at" line: a stale mount of a killed daemon is listed too,
+        // and may still answer a stat from the kernel's cache.
+        let lines_before = self.log_text().matches(" mounted at ").count();
         let mut child = cmd.spawn().expect("start mirrorfs mount");
         let deadline = Instant::now() + Duration::from_secs(30);
-        // A stale mount of a killed daemon is listed too, but answers ENOTCONN.
-        while !(mounted(&self.mnt) && std::fs::metadata(&self.mnt).is_ok()) {
+        while !(mounted(&self.mnt)
+            && std::fs::metadata(&self.mnt).is_ok()
+            && self.log_text().matches(" mounted at ").count() > lines_before)
+        {
             if let Some(st) = child.try_wait().unwrap() {
                 panic!("mount daemon exited ({st}) before mounting:\n{}", self.log_text());
             }
