@@ -12,6 +12,9 @@ use std::io::{self, Read, Write};
 
 pub const PROTOCOL_VERSION: u32 = 4;
 pub const MAGIC: [u8; 8] = *b"MIRRORFS";
+/// The id of an answer that answers nothing: the target is alive and busy with a long request.
+/// Request ids start at 1.
+pub const KEEPALIVE_ID: u64 = 0;
 /// Largest frame accepted: generous for a chunk of scan entries or a delta segment.
 pub const MAX_FRAME: usize = 64 << 20;
 /// Content travels in pieces of at most this size.

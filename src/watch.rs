@@ -21,7 +21,8 @@
 //! changed during that walk goes unnoticed.
 
 use crate::path::RelPath;
-use crate::reconcile::{Depth, Report, Scope};
+use crate::reconcile::{Depth, Scope};
+pub use crate::source::Reconciler;
 use crate::source::SyncError;
 use crossbeam_channel::{Receiver, RecvTimeoutError};
 use notify::event::{AccessKind, AccessMode, CreateKind, ModifyKind, RenameMode};
@@ -30,20 +31,6 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
-
-/// What the watcher needs from whoever keeps the target: `ReplicatorSource` for
-/// `mirrorfs watch`, the mount's `Replicator` (under its order lock) for the mount.
-pub trait Reconciler {
-    fn reconcile_all(&self) -> Result<Report, SyncError>;
-    fn reconcile_scope(&self, scope: Scope) -> Result<Report, SyncError>;
-    /// Repeats on the target a rename seen at the source; false when the target refused.
-    fn rename(&self, from: &RelPath, to: &RelPath) -> bool;
-    /// Paths whose changes the caller is itself forwarding (the mount's open writers): events
-    /// on them are skipped.
-    fn is_busy(&self, _p: &RelPath) -> bool {
-        false
-    }
-}
 
 #[derive(Debug, Clone, Copy)]
 pub struct WatchOptions {

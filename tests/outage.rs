@@ -31,6 +31,7 @@ fn sh(cmd: &str) {
 struct Seen {
     ops: u64,
     slowest: Duration,
+    slowest_op: String,
     errors: Vec<String>,
 }
 
@@ -52,7 +53,10 @@ impl Workload {
             let timed = |seen: &mut Seen, what: String, f: &mut dyn FnMut() -> std::io::Result<()>| {
                 let t = Instant::now();
                 let r = f();
-                seen.slowest = seen.slowest.max(t.elapsed());
+                if t.elapsed() > seen.slowest {
+                    seen.slowest = t.elapsed();
+                    seen.slowest_op = what.clone();
+                }
                 seen.ops += 1;
                 if let Err(e) = r {
                     seen.errors.push(format!("{what}: {e}"));
@@ -133,8 +137,10 @@ fn check_seen(seen: &Seen, timeout: Duration, m: &Mount) {
     );
     assert!(
         seen.slowest < timeout + Duration::from_secs(2),
-        "a syscall waited {:?}, past --timeout {timeout:?} and a margin",
-        seen.slowest
+        "a syscall waited {:?} ({}), past --timeout {timeout:?} and a margin:\n{}",
+        seen.slowest,
+        seen.slowest_op,
+        m.log_text()
     );
 }
 

@@ -11,7 +11,6 @@ use crate::progress::Progress;
 use crate::protocol::{Reply, Request};
 use crate::reconcile::{self, ApplyOptions, Depth, Op, PlanError, PlanOptions, Report, ScanOptions, Scope, Snapshot};
 use crate::rpc::{Pending, Rpc, RpcError};
-use crate::watch::Reconciler;
 use std::sync::Arc;
 
 pub mod changed;
@@ -39,6 +38,21 @@ pub enum SyncError {
     Plan(#[from] PlanError),
     #[error(transparent)]
     Rpc(#[from] RpcError),
+}
+
+/// What a watcher needs from whoever keeps the target: a `Replicator` (under its order lock,
+/// reconnecting), or a plain `ReplicatorSource` in the library. It lives here, not in `watch`,
+/// so the source side does not depend on the watcher.
+pub trait Reconciler {
+    fn reconcile_all(&self) -> Result<Report, SyncError>;
+    fn reconcile_scope(&self, scope: Scope) -> Result<Report, SyncError>;
+    /// Repeats on the target a rename seen at the source; false when the target refused.
+    fn rename(&self, from: &RelPath, to: &RelPath) -> bool;
+    /// Paths whose changes the caller is itself forwarding (the mount's open writers): events
+    /// on them are skipped.
+    fn is_busy(&self, _p: &RelPath) -> bool {
+        false
+    }
 }
 
 /// The source side of a mirror, without a target: the tree (`fs` and `root` within it) and the

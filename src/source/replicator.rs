@@ -20,12 +20,12 @@
 
 use super::changed;
 use super::link::{is_loss, Link, LinkState, Policy, Session};
+use super::Reconciler;
 use super::{Source, SyncError};
 use crate::path::RelPath;
 use crate::protocol::Request;
 use crate::reconcile::{Depth, Report, Scope};
 use crate::rpc::{Pending, Rpc};
-use crate::watch::Reconciler;
 use parking_lot::Mutex;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};

@@ -51,7 +51,14 @@ impl Shared {
 
 impl Flush for Shared {
     fn flush(&self) {
-        let r = self.writer.lock().0.flush();
+        let mut w = self.writer.lock();
+        // A connection already given up on is not written to again: another flush may just
+        // have spent the whole write limit on a peer that stopped reading.
+        if self.queue.lock().dead.is_some() {
+            return;
+        }
+        let r = w.0.flush();
+        drop(w);
         if let Err(e) = r {
             self.kill(e.to_string());
         }
@@ -206,6 +213,9 @@ fn read_answers(mut r: BufReader<Box<dyn Read + Send>>, shared: Arc<Shared>) {
         match protocol::read_frame::<(u64, Response)>(&mut r) {
             Ok((id, resp)) => {
                 *shared.progress.lock() = std::time::Instant::now();
+                if id == protocol::KEEPALIVE_ID {
+                    continue;
+                }
                 let front = shared.queue.lock().slots.pop_front();
                 match front {
                     Some((want, slot)) if want == id => {

@@ -16,7 +16,12 @@ use std::io::{BufRead, BufReader, BufWriter, Read, Write};
 use std::net::{IpAddr, SocketAddr, TcpListener};
 use std::os::unix::net::UnixListener;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
+
+/// How often a long request reports progress (`KEEPALIVE_ID` frames), so that "no progress for
+/// --timeout" on the source means a stuck target, not a big scan or a slow fsync.
+const KEEPALIVE_TICK: std::time::Duration = std::time::Duration::from_millis(250);
 
 /// Serves one connection until it closes. Errors are logged, never returned.
 pub fn serve_stream(
@@ -35,9 +40,45 @@ pub fn serve_stream(
             return;
         }
     }
+    let w = parking_lot::Mutex::new(w);
+    // (requests begun, a request is running); the keepalive thread reads them.
+    let started = AtomicU64::new(0);
+    let busy = AtomicBool::new(false);
+    let done = AtomicBool::new(false);
+    std::thread::scope(|scope| {
+        scope.spawn(|| {
+            let mut seen = u64::MAX;
+            while !done.load(Ordering::Relaxed) {
+                std::thread::sleep(KEEPALIVE_TICK);
+                let now = started.load(Ordering::Relaxed);
+                // The same request still running one tick later: say the target is alive.
+                if busy.load(Ordering::Relaxed) && now == seen {
+                    let mut w = w.lock();
+                    let alive: (u64, Response) = (protocol::KEEPALIVE_ID, Ok(protocol::Reply::Done));
+                    if protocol::write_frame(&mut *w, &alive).is_err() || w.flush().is_err() {
+                        break;
+                    }
+                }
+                seen = now;
+            }
+        });
+        serve_requests(&mut r, &w, fs, &started, &busy);
+        done.store(true, Ordering::Relaxed);
+    });
+    let _ = w.lock().flush();
+}
+
+/// The request loop of one connection, after its handshake.
+fn serve_requests(
+    r: &mut BufReader<Box<dyn Read + Send>>,
+    w: &parking_lot::Mutex<BufWriter<Box<dyn Write + Send>>>,
+    fs: Arc<dyn FileSystem>,
+    started: &AtomicU64,
+    busy: &AtomicBool,
+) {
     let mut target = ReplicatorTarget::new(fs, RelPath::root()).fenced();
     loop {
-        let payload = match protocol::read_payload(&mut r) {
+        let payload = match protocol::read_payload(r) {
             Ok(p) => p,
             Err(FrameError::Closed) => break,
             Err(e) => {
@@ -48,7 +89,10 @@ pub fn serve_stream(
         let mut fenced = false;
         let answer: (u64, Response) = match protocol::decode::<(u64, Request)>(&payload) {
             Ok((id, req)) => {
+                started.fetch_add(1, Ordering::Relaxed);
+                busy.store(true, Ordering::Relaxed);
                 let r = target.handle_request(req);
+                busy.store(false, Ordering::Relaxed);
                 fenced = matches!(&r, Err(e) if crate::session::is_fenced(e));
                 (id, r)
             }
@@ -71,7 +115,8 @@ pub fn serve_stream(
                 }
             },
         };
-        if let Err(e) = protocol::write_frame(&mut w, &answer) {
+        let mut w = w.lock();
+        if let Err(e) = protocol::write_frame(&mut *w, &answer) {
             log::error!("closing connection: cannot answer: {e}");
             break;
         }
@@ -86,7 +131,6 @@ pub fn serve_stream(
             }
         }
     }
-    let _ = w.flush();
 }
 
 fn handshake(r: &mut impl BufRead, w: &mut impl Write, key: Option<auth::Key>) -> Result<(), TransportError> {
