@@ -365,11 +365,18 @@ fn conclude(
         st.forwarded_ops, st.forwarded_bytes, st.repairs, st.reconnects
     );
     let code = if behind > 0 {
-        let msg = format!(
-            "the target {} is behind: {behind} changed paths (or regions) not caught up{}; the next mount or sync finishes the job",
-            st.target,
-            st.last_error.map(|e| format!(" (last error: {e})")).unwrap_or_default()
-        );
+        let last = st.last_error.map(|e| format!(" (last error: {e})")).unwrap_or_default();
+        let msg = if st.behind_paths == 0 {
+            format!(
+                "the target {} could not be reached at the end{last}, so it may be behind; the next mount or sync finishes the job",
+                st.target
+            )
+        } else {
+            format!(
+                "the target {} is behind: {behind} changed paths (or regions) not caught up{last}; the next mount or sync finishes the job",
+                st.target
+            )
+        };
         log::info!("{summary}");
         log::error!("{msg}");
         summary = format!("{summary}\n{msg}");

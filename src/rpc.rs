@@ -107,6 +107,12 @@ pub trait Rpc: Send + Sync {
         0
     }
 
+    /// Why the connection is known to be gone (its reader saw it close), if it is; a link
+    /// polls this so that a target that dies while nothing is being forwarded is noticed too.
+    fn dead(&self) -> Option<String> {
+        None
+    }
+
     /// Gives up on a target that stopped answering: every waiter gets `Disconnected` and later
     /// submits fail at once instead of blocking.
     fn abandon(&self, _why: &str) {}
@@ -145,5 +151,8 @@ impl<R: Rpc + ?Sized> Rpc for Arc<R> {
     }
     fn abandon(&self, why: &str) {
         (**self).abandon(why)
+    }
+    fn dead(&self) -> Option<String> {
+        (**self).dead()
     }
 }

@@ -846,3 +846,20 @@ fn kill_9_of_the_mount_daemon_loses_nothing_acknowledged() {
     }
     m.finish();
 }
+
+/// A target that dies while nothing is being forwarded is noticed all the same: status does not
+/// go on saying "connected".
+#[test]
+fn a_target_that_dies_while_idle_is_noticed() {
+    let Some(mut m) = Mount::new("a_target_that_dies_while_idle_is_noticed") else {
+        return;
+    };
+    fs::write(m.p("f"), b"1").unwrap();
+    m.wait_status("connected", Duration::from_secs(5));
+    drop(m.server.take());
+    let st = m.wait_status("disconnected", Duration::from_secs(3));
+    assert!(st.last_error.is_some(), "{st:?}");
+    m.server = Some(serve(&m.dst, &listen_of(&m), &[]));
+    m.wait_status("connected", Duration::from_secs(15));
+    m.finish();
+}

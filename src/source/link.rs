@@ -466,13 +466,19 @@ impl Link {
         Ok(())
     }
 
+    /// The session must still be alive: a connection whose reader saw it close is lost even
+    /// when nothing is being forwarded (status would say "connected" otherwise).
     /// A local target's directory must still be the one the session opened: a removable disk
     /// unmounted leaves its mountpoint behind, a directory may be swapped for another. The
     /// recovery thread checks about once a second; a change ends the session, and the next
     /// claim decides (an empty mountpoint is refused, another directory reconciled whole).
     pub fn check_identity(&self) {
-        let Endpoint::Local(dir) = self.endpoint() else { return };
         let Some(s) = self.forwarding() else { return };
+        if let Some(why) = s.rpc.dead() {
+            self.lost(&s, &why);
+            return;
+        }
+        let Endpoint::Local(dir) = self.endpoint() else { return };
         use std::os::unix::fs::MetadataExt;
         match std::fs::metadata(dir) {
             Ok(m) if (m.dev(), m.ino()) == (s.claim.dev, s.claim.ino) => {}

@@ -385,7 +385,7 @@ impl Replicator {
         while !stopped() {
             let state = self.link.state();
             if state == LinkState::Connected {
-                self.link.wait_change(Duration::from_secs(1));
+                self.link.wait_change(Duration::from_millis(250));
                 self.link.check_identity();
                 continue;
             }

@@ -281,6 +281,10 @@ impl Rpc for Client {
         self.info.clone()
     }
 
+    fn dead(&self) -> Option<String> {
+        self.shared.queue.lock().dead.clone()
+    }
+
     fn abandon(&self, why: &str) {
         self.shared.kill(why.to_string());
         (self.shutdown)(true);

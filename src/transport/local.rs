@@ -102,6 +102,15 @@ impl Rpc for LocalTarget {
         self.bytes.load(Ordering::Relaxed)
     }
 
+    fn dead(&self) -> Option<String> {
+        match &self.mode {
+            Mode::Threaded { worker, .. } if worker.lock().as_ref().is_some_and(|w| w.is_finished()) => {
+                Some("the local target's thread has stopped".into())
+            }
+            _ => None,
+        }
+    }
+
     fn target_info(&self) -> TargetInfo {
         TargetInfo {
             is_root: crate::fs::running_as_root(),
