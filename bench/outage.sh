@@ -6,7 +6,8 @@
 #   catch-up   restart serve; time until `mirrorfs status` shows the mount connected again
 #              (this includes the wait for the next reconnect attempt of the backoff), and the
 #              catch-up itself as the daemon logs it;
-#   sync       `mirrorfs sync` of the changed tree, a full walk;
+#   sync       `mirrorfs sync` of the changed tree, a full walk, to a second `serve` over a
+#              unix socket (the same transport as the catch-up's);
 #   rsync      `rsync -a --delete` of the changed tree.
 # Every copy is checked equal to the source at the end of each round.
 #
@@ -20,7 +21,9 @@ command -v rsync >/dev/null || { apt-get update -qq && DEBIAN_FRONTEND=nonintera
 cargo build --release -q
 M=$PWD/target/release/mirrorfs
 SERVE_PID=
+SYNC_PID=
 cleanup() {
+  [ -n "$SYNC_PID" ] && kill -9 "$SYNC_PID" 2>/dev/null || true
   "$M" umount "$WORK/mnt" >/dev/null 2>&1 || umount -l "$WORK/mnt" 2>/dev/null || true
   [ -n "$SERVE_PID" ] && kill -9 "$SERVE_PID" 2>/dev/null || true
 }
@@ -65,7 +68,13 @@ for round in $(seq "$ROUNDS"); do
         TC+=("$(elapsed "$t0")")
         TK+=("$(grep -o 'caught up in [0-9.]*' "$WORK/daemon.log" | tail -1 | awk '{print $4}')")
         ;;
-      sync) t0=$(now); "$M" sync "$WORK/src" --target "$WORK/ds" -q; TS+=("$(elapsed "$t0")") ;;
+      sync)
+        "$M" serve "$WORK/ds" --listen "unix:$WORK/s.sock" 2>>"$WORK/serve.log" &
+        SYNC_PID=$!
+        until python3 -c "import socket,sys; s=socket.socket(socket.AF_UNIX); s.connect(sys.argv[1])" "$WORK/s.sock" 2>/dev/null; do sleep 0.02; done
+        t0=$(now); "$M" sync "$WORK/src" --target "unix:$WORK/s.sock" -q; TS+=("$(elapsed "$t0")")
+        kill -9 "$SYNC_PID"; wait "$SYNC_PID" 2>/dev/null || true; SYNC_PID=
+        ;;
       rsync) t0=$(now); rsync -a --delete "$WORK/src/" "$WORK/dr/"; TR+=("$(elapsed "$t0")") ;;
     esac
   done
@@ -82,5 +91,5 @@ echo "# median of $ROUNDS rounds, $(nproc) cores; every copy verified equal to t
 printf '%-52s %8s %10s %10s\n' "" "s" "vs sync" "vs rsync"
 printf '%-52s %8.3f %9.2fx %9.2fx\n' "restart to connected (backoff wait included)" "$c" "$(awk -v a="$c" -v b="$s" 'BEGIN{print a/b}')" "$(awk -v a="$c" -v b="$r" 'BEGIN{print a/b}')"
 printf '%-52s %8.3f %9.2fx %9.2fx\n' "the catch-up itself (daemon log)" "$k" "$(awk -v a="$k" -v b="$s" 'BEGIN{print a/b}')" "$(awk -v a="$k" -v b="$r" 'BEGIN{print a/b}')"
-printf '%-52s %8.3f\n' "mirrorfs sync, full walk" "$s"
+printf '%-52s %8.3f\n' "mirrorfs sync, full walk, to serve over unix" "$s"
 printf '%-52s %8.3f\n' "rsync -a --delete" "$r"
