@@ -608,6 +608,7 @@ fn a_network_cut_with_fail_refuses_and_changes_nothing() {
         return;
     };
     fs::write(c.m.p("before"), b"1").unwrap();
+    fs::write(c.m.p("mapped"), vec![0u8; 4096]).unwrap();
     c.ns.set_link(false);
     // The syscall caught at the moment of loss waits one --timeout, keeps its source result
     // and counts as changed.
@@ -628,6 +629,18 @@ fn a_network_cut_with_fail_refuses_and_changes_nothing() {
         );
     }
     assert_eq!(fs::read(c.m.p("before")).unwrap(), b"1", "reads keep working");
+    // Writeback of a shared mmap cannot be refused (the writer already wrote): it goes through,
+    // and counts as changed.
+    let st = Command::new("python3")
+        .arg("-c")
+        .arg(
+            "import mmap,sys\nf=open(sys.argv[1],'r+b')\nm=mmap.mmap(f.fileno(),4096)\nm[0:6]=b'mapped'\nm.flush()\nm.close()",
+        )
+        .arg(c.m.p("mapped"))
+        .status()
+        .unwrap();
+    assert!(st.success(), "msync of a shared mapping is not refused");
+    assert_eq!(&fs::read(c.m.src.join("mapped")).unwrap()[..6], b"mapped");
     std::thread::sleep(Duration::from_secs(8));
     c.ns.set_link(true);
     c.m.wait_status("connected", Duration::from_secs(20));

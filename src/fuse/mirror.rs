@@ -282,7 +282,7 @@ impl Mirror {
         };
         // The writer's own fd may be write-only: read through one of our own.
         let rfd = sys::reopen(h.inode.fd()?.as_fd(), libc::O_RDONLY)?;
-        self.rep.apply(|| {
+        self.rep.apply_unrefused(|| {
             let st = sys::fstat(rfd.as_fd())?;
             let Some(path) = self.inodes.path(h.inode.id) else {
                 return Ok(((), Forward::none()));
@@ -609,9 +609,11 @@ impl Mirror {
 
     // ---- Changing content ----
 
-    pub fn write(&self, fh: u64, offset: u64, data: &[u8]) -> io::Result<usize> {
+    /// A write; `from_cache` is the kernel's writeback of cached pages (a shared mmap), which
+    /// already happened as far as the writer knows, so it is never refused.
+    pub fn write(&self, fh: u64, offset: u64, data: &[u8], from_cache: bool) -> io::Result<usize> {
         let h = self.file(fh)?;
-        self.rep.apply(|| {
+        let op = || {
             let mut done = 0;
             while done < data.len() {
                 match sys::pwrite(h.fd.as_fd(), &data[done..], offset + done as u64) {
@@ -636,7 +638,12 @@ impl Mirror {
                 None => Forward::none(),
             };
             Ok::<_, io::Error>((done, fwd))
-        })
+        };
+        if from_cache {
+            self.rep.apply_unrefused(op)
+        } else {
+            self.rep.apply(op)
+        }
     }
 
     pub fn fallocate(&self, fh: u64, offset: u64, len: u64, mode: i32) -> io::Result<()> {

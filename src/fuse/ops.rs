@@ -300,12 +300,13 @@ impl fuser::Filesystem for Ops {
         fh: FileHandle,
         offset: u64,
         data: &[u8],
-        _write_flags: WriteFlags,
+        write_flags: WriteFlags,
         _flags: OpenFlags,
         _lock_owner: Option<LockOwner>,
         reply: ReplyWrite,
     ) {
-        match self.m.write(fh.0, offset, data) {
+        let from_cache = write_flags.contains(WriteFlags::FUSE_WRITE_CACHE);
+        match self.m.write(fh.0, offset, data, from_cache) {
             Ok(n) => reply.written(n as u32),
             Err(e) => reply.error(errno(e)),
         }

@@ -147,16 +147,26 @@ impl Replicator {
     /// target, then waits for the target's acknowledgements. Returns `op`'s own result. While
     /// the target is away, `Policy::Fail` refuses the operation before it touches the source.
     pub fn apply<T, E: From<std::io::Error>>(&self, op: impl FnOnce() -> Result<(T, Forward), E>) -> Result<T, E> {
-        self.apply_outcome(op).map(|(v, _)| v)
+        self.apply_outcome(true, op).map(|(v, _)| v)
+    }
+
+    /// `apply` for what the mount cannot refuse, because the source already has it (writeback
+    /// of a shared mmap, a passthrough writer's file): `Policy::Fail` marks it changed instead.
+    pub fn apply_unrefused<T, E: From<std::io::Error>>(
+        &self,
+        op: impl FnOnce() -> Result<(T, Forward), E>,
+    ) -> Result<T, E> {
+        self.apply_outcome(false, op).map(|(v, _)| v)
     }
 
     pub fn apply_outcome<T, E: From<std::io::Error>>(
         &self,
+        refusable: bool,
         op: impl FnOnce() -> Result<(T, Forward), E>,
     ) -> Result<(T, Outcome), E> {
         let guard = self.order.lock();
         let session = self.link.forwarding();
-        if session.is_none() && self.policy_refuses() {
+        if session.is_none() && refusable && self.policy_refuses() {
             return Err(std::io::Error::from_raw_os_error(libc::EIO).into());
         }
         let (value, mut fwd) = op()?;
