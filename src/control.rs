@@ -8,6 +8,8 @@
 //! the link's short-held locks, never the order lock, so `status` never waits behind a blocked
 //! or slow mutation.
 
+#[cfg(test)]
+use crate::source::link::rfc3339;
 use crate::source::link::{LinkState, LinkStatus};
 use serde::{Deserialize, Serialize};
 use std::io::{BufRead, BufReader, Read, Write};
@@ -15,7 +17,9 @@ use std::os::fd::AsFd;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
+#[cfg(test)]
+use std::time::SystemTime;
 
 /// What `status` shows of one mirror; the JSON keys are part of the interface.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -26,70 +30,25 @@ pub struct MirrorStatus {
     pub source: String,
     /// `None` for a watch.
     pub mountpoint: Option<String>,
-    pub target: String,
-    /// One of "connected", "catching-up", "disconnected".
-    pub state: String,
-    /// When the state began, RFC 3339 in UTC.
-    pub since: String,
-    pub forwarded_ops: u64,
-    pub forwarded_bytes: u64,
-    pub wait_p50_ms: f64,
-    pub wait_p99_ms: f64,
-    pub behind_paths: usize,
-    pub reconnects: u64,
-    pub repairs: u64,
-    pub last_error: Option<String>,
+    /// The target's own figures: `target`, `state`, `since`, `forwarded_ops`, …
+    #[serde(flatten)]
+    pub link: LinkStatus,
 }
 
 impl MirrorStatus {
-    pub fn from_link(kind: &str, source: &Path, mountpoint: Option<&Path>, s: LinkStatus) -> MirrorStatus {
+    pub fn from_link(kind: &str, source: &Path, mountpoint: Option<&Path>, link: LinkStatus) -> MirrorStatus {
         MirrorStatus {
             kind: kind.into(),
             pid: std::process::id(),
             source: source.display().to_string(),
             mountpoint: mountpoint.map(|m| m.display().to_string()),
-            target: s.target,
-            state: s.state.name().into(),
-            since: rfc3339(s.since),
-            forwarded_ops: s.forwarded_ops,
-            forwarded_bytes: s.forwarded_bytes,
-            wait_p50_ms: s.wait_p50_ms,
-            wait_p99_ms: s.wait_p99_ms,
-            behind_paths: s.behind_paths,
-            reconnects: s.reconnects,
-            repairs: s.repairs,
-            last_error: s.last_error,
+            link,
         }
     }
 
     pub fn connected(&self) -> bool {
-        self.state == LinkState::Connected.name()
+        self.link.state == LinkState::Connected.name()
     }
-}
-
-/// `t` as `YYYY-MM-DDTHH:MM:SSZ`.
-pub fn rfc3339(t: SystemTime) -> String {
-    let secs = t
-        .duration_since(SystemTime::UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0) as i64;
-    let (days, rem) = (secs.div_euclid(86_400), secs.rem_euclid(86_400));
-    // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z - era * 146_097;
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = doy - (153 * mp + 2) / 5 + 1;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 };
-    let y = yoe + era * 400 + i64::from(m <= 2);
-    format!(
-        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z",
-        rem / 3600,
-        rem / 60 % 60,
-        rem % 60
-    )
 }
 
 #[derive(Debug, thiserror::Error)]

@@ -544,17 +544,18 @@ fn status(a: StatusArgs) -> Result<ExitCode, String> {
                 Some(_) => format!("{} (mounted)", m.source),
                 None => format!("{} (watched)", m.source),
             };
-            println!("{at} -> {}  [pid {}]", m.target, m.pid);
-            println!("  state:     {} since {}", m.state, m.since);
+            let l = &m.link;
+            println!("{at} -> {}  [pid {}]", l.target, m.pid);
+            println!("  state:     {} since {}", l.state, l.since);
             println!(
                 "  forwarded: {} operations, {} content bytes; waits p50 {:.2} ms, p99 {:.2} ms (last minute)",
-                m.forwarded_ops, m.forwarded_bytes, m.wait_p50_ms, m.wait_p99_ms
+                l.forwarded_ops, l.forwarded_bytes, l.wait_p50_ms, l.wait_p99_ms
             );
             println!(
                 "  behind:    {} paths; {} reconnects, {} repairs",
-                m.behind_paths, m.reconnects, m.repairs
+                l.behind_paths, l.reconnects, l.repairs
             );
-            if let Some(e) = &m.last_error {
+            if let Some(e) = &l.last_error {
                 println!("  last error: {e}");
             }
         }

@@ -344,12 +344,12 @@ fn failed_operations_forward_nothing() {
         assert_eq!(code, 0);
         // The chmod above is the one operation that succeeded: one request.
         assert_eq!(
-            after.forwarded_ops,
-            before.forwarded_ops + 1,
+            after.link.forwarded_ops,
+            before.link.forwarded_ops + 1,
             "only the chmod was forwarded: {before:?} -> {after:?}"
         );
-        assert_eq!(after.repairs, before.repairs, "no repair ran");
-        assert_eq!(after.behind_paths, 0);
+        assert_eq!(after.link.repairs, before.link.repairs, "no repair ran");
+        assert_eq!(after.link.behind_paths, 0);
     });
 }
 
@@ -364,7 +364,7 @@ fn target_refusal_is_repaired_from_the_source() {
         f.write_all(b" appended").unwrap();
         drop(f);
         assert_eq!(
-            fs::read(m.dst.join("d/f")).unwrap(),
+            fs::read(m.dst.join("d/f")).unwrap_or_else(|e| panic!("target d/f: {e}\n{}", m.log_text())),
             b"original appended",
             "repaired before the syscall returned"
         );

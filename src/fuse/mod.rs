@@ -79,21 +79,26 @@ pub fn is_mirrorfs_mount(path: &Path) -> bool {
     mounts().iter().any(|(p, t)| p == &path && t == "fuse.mirrorfs")
 }
 
+/// The error a mount of a dead daemon answers with: ENOTCONN once the kernel has aborted its
+/// connection, ECONNABORTED just after, while it is torn down.
+fn dead(e: &io::Error) -> bool {
+    matches!(e.raw_os_error(), Some(libc::ENOTCONN) | Some(libc::ECONNABORTED))
+}
+
+fn detach_stale(path: &Path) -> Result<(), MountError> {
+    log::warn!("{}: stale mount of a dead daemon; detaching it", path.display());
+    eprintln!(
+        "mirrorfs: {} held a stale mount of a dead daemon; detached it",
+        path.display()
+    );
+    sys::umount(path, true).map_err(|e| MountError::Mountpoint(path.display().to_string(), e))
+}
+
 /// Makes sure `path` can be mounted on: a stale mount of a dead daemon ("Transport endpoint is
 /// not connected") is detached with a log line; a live mirrorfs mount is an error.
 pub fn prepare_mountpoint(path: &Path) -> Result<(), MountError> {
     match std::fs::metadata(path) {
-        // ENOTCONN once the kernel has aborted the dead daemon's connection; ECONNABORTED just
-        // after, while it is being torn down.
-        Err(e) if matches!(e.raw_os_error(), Some(libc::ENOTCONN) | Some(libc::ECONNABORTED)) => {
-            log::warn!("{}: stale mount of a dead daemon; detaching it", path.display());
-            eprintln!(
-                "mirrorfs: {} held a stale mount of a dead daemon; detached it",
-                path.display()
-            );
-            sys::umount(path, true).map_err(|e| MountError::Mountpoint(path.display().to_string(), e))?;
-            Ok(())
-        }
+        Err(e) if dead(&e) => detach_stale(path),
         Err(e) => Err(MountError::Mountpoint(path.display().to_string(), e)),
         Ok(m) if !m.is_dir() => Err(MountError::Mountpoint(
             path.display().to_string(),
@@ -103,14 +108,7 @@ pub fn prepare_mountpoint(path: &Path) -> Result<(), MountError> {
             // The stat may have come from the kernel's attribute cache; statfs always asks the
             // daemon, so a dead one answers ENOTCONN here.
             match sys::statvfs(path) {
-                Err(e) if matches!(e.raw_os_error(), Some(libc::ENOTCONN) | Some(libc::ECONNABORTED)) => {
-                    log::warn!("{}: stale mount of a dead daemon; detaching it", path.display());
-                    eprintln!(
-                        "mirrorfs: {} held a stale mount of a dead daemon; detached it",
-                        path.display()
-                    );
-                    sys::umount(path, true).map_err(|e| MountError::Mountpoint(path.display().to_string(), e))
-                }
+                Err(e) if dead(&e) => detach_stale(path),
                 _ => Err(MountError::AlreadyMounted(path.display().to_string())),
             }
         }

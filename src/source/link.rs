@@ -95,20 +95,49 @@ struct Inner {
     caught_up: u64,
 }
 
-/// What `status` shows of a link.
-#[derive(Debug, Clone)]
+/// What `status` shows of a link; the names are the JSON keys of `mirrorfs status --json`.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct LinkStatus {
     pub target: String,
-    pub state: LinkState,
-    pub since: SystemTime,
+    /// One of "connected", "catching-up", "disconnected" (`LinkState::name`).
+    pub state: String,
+    /// When the state began, RFC 3339 in UTC.
+    pub since: String,
     pub forwarded_ops: u64,
+    /// Content bytes forwarded.
     pub forwarded_bytes: u64,
     pub wait_p50_ms: f64,
     pub wait_p99_ms: f64,
+    /// Regions still to catch up (ancestors included).
     pub behind_paths: usize,
     pub reconnects: u64,
     pub repairs: u64,
     pub last_error: Option<String>,
+}
+
+/// `t` as `YYYY-MM-DDTHH:MM:SSZ`.
+pub fn rfc3339(t: SystemTime) -> String {
+    let secs = t
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0) as i64;
+    let (days, rem) = (secs.div_euclid(86_400), secs.rem_euclid(86_400));
+    // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    format!(
+        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z",
+        rem / 3600,
+        rem / 60 % 60,
+        rem % 60
+    )
 }
 
 /// How long each forwarded operation waited for the target, over the last minute.
@@ -506,8 +535,8 @@ impl Link {
         let i = self.inner.lock();
         LinkStatus {
             target: self.endpoint().to_string(),
-            state: i.state,
-            since: i.since,
+            state: i.state.name().into(),
+            since: rfc3339(i.since),
             forwarded_ops: self.forwarded_ops.load(Ordering::Relaxed),
             forwarded_bytes: self.forwarded_bytes.load(Ordering::Relaxed),
             wait_p50_ms: p50,

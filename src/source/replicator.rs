@@ -92,7 +92,7 @@ pub struct Replicator {
     order: Mutex<()>,
     link: Link,
     /// Held through a whole catch-up: two at once would interleave their scans and stages on
-    /// one session. Lock order: `catching`, then `order`; a holder of `order` only tries it.
+    /// one session. Lock order: `catching`, then `order`.
     catching: Mutex<()>,
     stop: AtomicBool,
     /// Files (device, inode) whose writes reach the target later, at close (the mount's
@@ -283,15 +283,15 @@ impl Replicator {
     /// the syscall returns with the target repaired where it can be. If the link was already
     /// behind, the recovery thread's schedule takes it instead (no repair storm).
     fn repair_now(&self, why: &str) {
+        // `catching` first (the lock order): the recovery thread, woken by the state change
+        // below, must not take the repair from this syscall.
+        let _c = self.catching.lock();
         let _g = self.order.lock();
         if !self.link.fell_behind(why) {
             return;
         }
         log::warn!("{why}; repairing the target from the source");
-        // A catch-up already running covers this too.
-        if let Some(_c) = self.catching.try_lock() {
-            self.catch_up_locked();
-        }
+        self.catch_up_locked();
     }
 
     /// Reconciles everything marked, under the order lock (the caller holds it); on success

@@ -274,7 +274,7 @@ impl Mount {
         loop {
             let (code, st) = self.status();
             if let Some(st) = st {
-                if st.state == state {
+                if st.link.state == state {
                     assert_eq!(
                         code,
                         if state == "connected" { 0 } else { 1 },
