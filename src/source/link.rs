@@ -260,10 +260,6 @@ impl Link {
         &self.info
     }
 
-    pub fn timeout(&self) -> Option<Duration> {
-        self.connector.timeout()
-    }
-
     pub fn state(&self) -> LinkState {
         self.inner.lock().state
     }

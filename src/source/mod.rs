@@ -69,10 +69,6 @@ impl Source {
         Source { fs, root, opts }
     }
 
-    pub fn options(&self) -> &SyncOptions {
-        &self.opts
-    }
-
     fn plan_options(&self, rpc: &dyn Rpc, checksum: bool) -> PlanOptions {
         PlanOptions {
             checksum,
@@ -110,7 +106,8 @@ impl Source {
     /// what changed while the target was away), with the same planner as the whole-tree walk.
     /// The scope grows where the plan needs more than it covers (a directory to make whose
     /// contents were not scanned), and a whole-tree reconcile is done instead where a partial
-    /// one cannot be exact: hard-link groups reach beyond any scope.
+    /// one cannot be exact: hard-link groups reach beyond any scope. The full scope is the
+    /// whole-tree walk, without a progress bar.
     pub fn reconcile_scope(&self, rpc: &dyn Rpc, mut scope: Scope) -> Result<Report, SyncError> {
         const MAX_GROWTH: usize = 8;
         for _ in 0..MAX_GROWTH {

@@ -74,17 +74,6 @@ struct Queued {
     started: Instant,
 }
 
-/// How an operation's forwarding ended, for `apply`'s caller.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Outcome {
-    /// Acknowledged by the target.
-    Acknowledged,
-    /// Kept for a catch-up (the target is away or behind, or refused it).
-    Kept,
-    /// Nothing to forward.
-    Nothing,
-}
-
 pub struct Replicator {
     source: Source,
     /// Held from the source's change until its requests are queued. Lock order: `order`, then
@@ -147,7 +136,7 @@ impl Replicator {
     /// target, then waits for the target's acknowledgements. Returns `op`'s own result. While
     /// the target is away, `Policy::Fail` refuses the operation before it touches the source.
     pub fn apply<T, E: From<std::io::Error>>(&self, op: impl FnOnce() -> Result<(T, Forward), E>) -> Result<T, E> {
-        self.apply_outcome(true, op).map(|(v, _)| v)
+        self.apply_with(true, op)
     }
 
     /// `apply` for what the mount cannot refuse, because the source already has it (writeback
@@ -156,14 +145,14 @@ impl Replicator {
         &self,
         op: impl FnOnce() -> Result<(T, Forward), E>,
     ) -> Result<T, E> {
-        self.apply_outcome(false, op).map(|(v, _)| v)
+        self.apply_with(false, op)
     }
 
-    pub fn apply_outcome<T, E: From<std::io::Error>>(
+    fn apply_with<T, E: From<std::io::Error>>(
         &self,
         refusable: bool,
         op: impl FnOnce() -> Result<(T, Forward), E>,
-    ) -> Result<(T, Outcome), E> {
+    ) -> Result<T, E> {
         let guard = self.order.lock();
         let session = self.link.forwarding();
         if session.is_none() && refusable && self.policy_refuses() {
@@ -176,10 +165,10 @@ impl Replicator {
             if session.is_some() {
                 self.repair_now("a change could not be forwarded as it was made");
             }
-            return Ok((value, Outcome::Kept));
+            return Ok(value);
         }
         if fwd.requests.is_empty() {
-            return Ok((value, Outcome::Nothing));
+            return Ok(value);
         }
         let Some(session) = session else {
             let n = self.link.mark(&fwd.requests);
@@ -187,12 +176,12 @@ impl Replicator {
             if self.link.policy() == Policy::Block {
                 self.link.wait_caught_up(n, &|| self.stop.load(Ordering::Relaxed));
             }
-            return Ok((value, Outcome::Kept));
+            return Ok(value);
         };
         let q = Self::queue(session, fwd);
         drop(guard);
-        let ok = self.settle(q);
-        Ok((value, if ok { Outcome::Acknowledged } else { Outcome::Kept }))
+        self.settle(q);
+        Ok(value)
     }
 
     /// Queues requests that change nothing (fsync) in order, without waiting; `finish` waits.
@@ -238,9 +227,8 @@ impl Replicator {
         }
     }
 
-    /// Waits for every answer of one operation and deals with failures; true when all of them
-    /// were acknowledged.
-    fn settle(&self, q: Queued) -> bool {
+    /// Waits for every answer of one operation and deals with failures.
+    fn settle(&self, q: Queued) {
         let Queued {
             session,
             pending,
@@ -267,16 +255,14 @@ impl Replicator {
             // Marked before the session is let go, so the catch-up sees it.
             self.link.mark_regions(regions);
             self.link.lost(&session, &why);
-            return false;
+            return;
         }
         self.link.note_forwarded(n, bytes, started.elapsed());
         if let Some(why) = refused {
             self.link.mark_regions(regions);
             drop(session);
             self.repair_now(&why);
-            return false;
         }
-        true
     }
 
     /// A refusal: forwarding stops, and one catch-up of what is marked is tried at once, so
@@ -325,11 +311,7 @@ impl Replicator {
         let rpc = s.rpc.as_ref();
         let t = Instant::now();
         let whole = scope.is_full();
-        let r = if whole {
-            self.source.reconcile(rpc)
-        } else {
-            self.source.reconcile_scope(rpc, scope)
-        };
+        let r = self.source.reconcile_scope(rpc, scope);
         match r {
             Ok(r) if r.problems.is_empty() => {
                 if r.ops > 0 || whole {
@@ -493,12 +475,7 @@ impl Replicator {
             self.link.mark_scope(scope);
             return Ok(Report::default());
         };
-        let rpc = s.rpc.as_ref();
-        let r = if scope.is_full() {
-            self.source.reconcile(rpc)
-        } else {
-            self.source.reconcile_scope(rpc, scope.clone())
-        };
+        let r = self.source.reconcile_scope(s.rpc.as_ref(), scope.clone());
         match r {
             Err(SyncError::Rpc(e)) if is_loss(&e) => {
                 self.link.mark_scope(scope);

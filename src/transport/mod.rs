@@ -172,10 +172,6 @@ impl Connector {
         &self.ep
     }
 
-    pub fn timeout(&self) -> Option<Duration> {
-        self.timeout
-    }
-
     /// Opens a session: a local directory gets an in-process `LocalTarget` (requests move to it
     /// as values), anything else a connection, whose connect and handshake give up after the
     /// time limit.
