@@ -171,7 +171,7 @@ fn mount(a: MountArgs) -> Result<ExitCode, String> {
         passthrough: !a.no_passthrough,
     };
     let mounted = mirrorfs::fuse::mount(root, &root_st, rep.clone(), &cfg).map_err(|e| e.to_string())?;
-    watch_signals(mountpoint.clone())?;
+    watch_signals(mountpoint.clone(), rep.clone())?;
     let _ = std::env::set_current_dir("/");
     log::info!(
         "{} mounted at {}, replicating to {ep}",
@@ -399,7 +399,9 @@ fn conclude(
 }
 
 /// SIGTERM and SIGINT unmount (lazily when busy), which ends the session; SIGHUP is ignored.
-fn watch_signals(mountpoint: std::path::PathBuf) -> Result<(), String> {
+/// Replies held for the target (`--on-disconnect block`) are sent then: the person asked to
+/// stop, and the exit code says what is still behind.
+fn watch_signals(mountpoint: std::path::PathBuf, rep: Arc<mirrorfs::source::Replicator>) -> Result<(), String> {
     use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
     let mut signals =
         signal_hook::iterator::Signals::new([SIGTERM, SIGINT, SIGHUP]).map_err(|e| format!("signals: {e}"))?;
@@ -417,6 +419,7 @@ fn watch_signals(mountpoint: std::path::PathBuf) -> Result<(), String> {
                         log::error!("lazy unmount {}: {e}", mountpoint.display());
                     }
                 }
+                rep.release_held();
             }
         })
         .map_err(|e| format!("signal thread: {e}"))?;

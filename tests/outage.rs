@@ -497,7 +497,7 @@ struct CutSetup {
     _tmp: tempfile::TempDir,
 }
 
-fn network_cut_setup(name: &str, policy: &str) -> Option<CutSetup> {
+fn network_cut_setup(name: &str, policy: &str, more: &[&str]) -> Option<CutSetup> {
     if !common::mnt::fuse_ready(name) {
         return None;
     }
@@ -532,7 +532,8 @@ fn network_cut_setup(name: &str, policy: &str) -> Option<CutSetup> {
     }
     let target = format!("tcp:{addr}");
     let token_s = token.display().to_string();
-    let extra = ["--timeout", "2", "--token-file", &token_s, "--on-disconnect", policy];
+    let mut extra = vec!["--timeout", "2", "--token-file", &token_s, "--on-disconnect", policy];
+    extra.extend_from_slice(more);
     let opts = Opts {
         target: Some(&target),
         extra: &extra,
@@ -552,7 +553,7 @@ fn network_cut_setup(name: &str, policy: &str) -> Option<CutSetup> {
 
 #[test]
 fn a_network_cut_with_continue_loses_nothing() {
-    let Some(c) = network_cut_setup("a_network_cut_with_continue_loses_nothing", "continue") else {
+    let Some(c) = network_cut_setup("a_network_cut_with_continue_loses_nothing", "continue", &[]) else {
         return;
     };
     let w = Workload::start(c.m.p("work"));
@@ -573,49 +574,77 @@ fn a_network_cut_with_continue_loses_nothing() {
 
 #[test]
 fn a_network_cut_with_block_waits_then_completes() {
-    let Some(c) = network_cut_setup("a_network_cut_with_block_waits_then_completes", "block") else {
+    // Two FUSE threads and four blocked writers: a blocked mutation must not hold a thread.
+    let name = "a_network_cut_with_block_waits_then_completes";
+    let Some(c) = network_cut_setup(name, "block", &["--threads", "2"]) else {
         return;
     };
     fs::write(c.m.p("before"), b"1").unwrap();
+    // Each writer in its own directory: a blocked create holds the kernel's lock on its parent,
+    // so a listing of that one directory waits with it (as on any FUSE or NFS mount).
+    for i in 0..4 {
+        fs::create_dir(c.m.p(&format!("w{i}"))).unwrap();
+    }
     c.ns.set_link(false);
-    // The first write meets the cut and waits one --timeout; later ones wait for the target.
-    let p = c.m.p("during");
-    let writer = std::thread::spawn(move || {
-        let t = Instant::now();
-        fs::write(&p, b"written during the cut").map(|_| t.elapsed())
-    });
+    // The first writes meet the cut and wait one --timeout; later ones wait for the target.
+    let writers: Vec<_> = (0..4)
+        .map(|i| {
+            let p = c.m.p(&format!("w{i}/during"));
+            std::thread::spawn(move || {
+                let t = Instant::now();
+                fs::write(&p, format!("written during the cut by {i}")).map(|_| t.elapsed())
+            })
+        })
+        .collect();
     c.m.wait_status("disconnected", Duration::from_secs(10));
     std::thread::sleep(Duration::from_secs(3));
-    assert!(!writer.is_finished(), "the write waits for the target");
-    // Reads and status do not wait.
+    assert!(
+        writers.iter().all(|w| !w.is_finished()),
+        "every write waits for the target"
+    );
+    // Reads, listings, a new stat and status do not wait. They run on a thread of their own, so
+    // that if they hang the test fails (and its guards free the writers) instead of hanging.
+    let (tx, rx) = crossbeam_channel::bounded(1);
+    let (before, mnt) = (c.m.p("before"), c.m.mnt.clone());
+    std::thread::spawn(move || {
+        let read = fs::read(&before).unwrap();
+        let names = fs::read_dir(&mnt).unwrap().count();
+        let missing = fs::metadata(mnt.join("no-such-name")).is_err();
+        let _ = tx.send((read, names, missing));
+    });
     let t = Instant::now();
-    assert_eq!(fs::read(c.m.p("before")).unwrap(), b"1");
+    let (read, names, missing) = rx
+        .recv_timeout(Duration::from_secs(2))
+        .expect("reads answer within 2 s beside four blocked writers");
+    assert_eq!(read, b"1");
+    assert_eq!(names, 5, "the listing shows before and w0..w3");
+    assert!(missing);
     let (code, _) = c.m.status();
     assert_eq!(code, 1);
     assert!(
         t.elapsed() < Duration::from_secs(2),
-        "a read and status took {:?}",
+        "reads and status took {:?} beside four blocked writers",
         t.elapsed()
     );
     std::thread::sleep(Duration::from_secs(5));
     c.ns.set_link(true);
-    let took = writer.join().unwrap().expect("the blocked write completes");
-    assert!(
-        took > Duration::from_secs(8),
-        "it returned only after the cut: {took:?}"
-    );
-    assert_eq!(
-        fs::read(c.m.dst.join("during")).unwrap(),
-        b"written during the cut",
-        "and is on the target"
-    );
+    for (i, w) in writers.into_iter().enumerate() {
+        let took = w.join().unwrap().expect("the blocked write completes");
+        assert!(took > Duration::from_secs(8), "write {i} returned only after the cut: {took:?}");
+        assert_eq!(
+            fs::read(c.m.dst.join(format!("w{i}/during"))).unwrap(),
+            format!("written during the cut by {i}").as_bytes(),
+            "and is on the target"
+        );
+    }
     c.m.wait_status("connected", Duration::from_secs(10));
+    converge(&c.m, "after the cut");
     c.m.finish();
 }
 
 #[test]
 fn a_network_cut_with_fail_refuses_and_changes_nothing() {
-    let Some(c) = network_cut_setup("a_network_cut_with_fail_refuses_and_changes_nothing", "fail") else {
+    let Some(c) = network_cut_setup("a_network_cut_with_fail_refuses_and_changes_nothing", "fail", &[]) else {
         return;
     };
     fs::write(c.m.p("before"), b"1").unwrap();

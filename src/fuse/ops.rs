@@ -1,5 +1,7 @@
 //! The FUSE adapter: `fuser::Filesystem` for `Mirror`. Each handler only converts the kernel's
-//! arguments, calls `Mirror`, and turns the result into a reply; no decision is made here.
+//! arguments, calls `Mirror`, and turns the result into a reply; no decision is made here. A
+//! mutation's reply goes through `Replicator::answer`, which may send it later from another
+//! thread (`--on-disconnect block`).
 
 use super::inodes::ROOT;
 use super::mirror::{Caller, Mirror, NewTime, SetAttrs};
@@ -133,6 +135,14 @@ fn xattr(reply: ReplyXattr, size: u32, f: impl FnOnce(&mut [u8]) -> io::Result<u
     }
 }
 
+impl Ops {
+    /// Sends a mutation's reply, now or, under `--on-disconnect block`, once the target has
+    /// caught up past it (`Replicator::answer`): this worker thread is free for reads at once.
+    fn answer(&self, send: impl FnOnce() + Send + 'static) {
+        self.m.replicator().answer(send)
+    }
+}
+
 impl fuser::Filesystem for Ops {
     fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> io::Result<()> {
         let _ = config.set_max_write(MAX_WRITE);
@@ -194,10 +204,11 @@ impl fuser::Filesystem for Ops {
             mtime: mtime.map(new_time),
             fh: fh.map(|f| f.0),
         };
-        match self.m.setattr(ino.0, a) {
+        let r = self.m.setattr(ino.0, a);
+        self.answer(move || match r {
             Ok(st) => reply.attr(&TTL, &attr(ino.0, &st)),
             Err(e) => reply.error(errno(e)),
-        }
+        })
     }
 
     fn readlink(&self, _req: &Request, ino: INodeNo, reply: ReplyData) {
@@ -217,34 +228,33 @@ impl fuser::Filesystem for Ops {
         rdev: u32,
         reply: ReplyEntry,
     ) {
-        entry(
-            reply,
-            self.m.mknod(parent.0, name.as_bytes(), mode, rdev as u64, caller(req)),
-        )
+        let r = self.m.mknod(parent.0, name.as_bytes(), mode, rdev as u64, caller(req));
+        self.answer(move || entry(reply, r))
     }
 
     fn mkdir(&self, req: &Request, parent: INodeNo, name: &OsStr, mode: u32, _umask: u32, reply: ReplyEntry) {
-        entry(reply, self.m.mkdir(parent.0, name.as_bytes(), mode, caller(req)))
+        let r = self.m.mkdir(parent.0, name.as_bytes(), mode, caller(req));
+        self.answer(move || entry(reply, r))
     }
 
     fn unlink(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
-        empty(reply, self.m.unlink(parent.0, name.as_bytes(), false))
+        let r = self.m.unlink(parent.0, name.as_bytes(), false);
+        self.answer(move || empty(reply, r))
     }
 
     fn rmdir(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
-        empty(reply, self.m.unlink(parent.0, name.as_bytes(), true))
+        let r = self.m.unlink(parent.0, name.as_bytes(), true);
+        self.answer(move || empty(reply, r))
     }
 
     fn symlink(&self, req: &Request, parent: INodeNo, link_name: &OsStr, target: &Path, reply: ReplyEntry) {
-        entry(
-            reply,
-            self.m.symlink(
-                parent.0,
-                link_name.as_bytes(),
-                target.as_os_str().as_bytes(),
-                caller(req),
-            ),
-        )
+        let r = self.m.symlink(
+            parent.0,
+            link_name.as_bytes(),
+            target.as_os_str().as_bytes(),
+            caller(req),
+        );
+        self.answer(move || entry(reply, r))
     }
 
     fn rename(
@@ -257,23 +267,25 @@ impl fuser::Filesystem for Ops {
         flags: RenameFlags,
         reply: ReplyEmpty,
     ) {
-        empty(
-            reply,
-            self.m
-                .rename(parent.0, name.as_bytes(), newparent.0, newname.as_bytes(), flags.bits()),
-        )
+        let r = self
+            .m
+            .rename(parent.0, name.as_bytes(), newparent.0, newname.as_bytes(), flags.bits());
+        self.answer(move || empty(reply, r))
     }
 
     fn link(&self, _req: &Request, ino: INodeNo, newparent: INodeNo, newname: &OsStr, reply: ReplyEntry) {
-        entry(reply, self.m.link(ino.0, newparent.0, newname.as_bytes()))
+        let r = self.m.link(ino.0, newparent.0, newname.as_bytes());
+        self.answer(move || entry(reply, r))
     }
 
     fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
-        match self.m.open(ino.0, flags.0, |fd| reply.open_backing(fd)) {
+        // O_TRUNC makes an open a mutation.
+        let r = self.m.open(ino.0, flags.0, |fd| reply.open_backing(fd));
+        self.answer(move || match r {
             Ok((fh, Some(b))) => reply.opened_passthrough(FileHandle(fh), FopenFlags::empty(), &b),
             Ok((fh, None)) => reply.opened(FileHandle(fh), FopenFlags::empty()),
             Err(e) => reply.error(errno(e)),
-        }
+        })
     }
 
     fn read(
@@ -306,14 +318,16 @@ impl fuser::Filesystem for Ops {
         reply: ReplyWrite,
     ) {
         let from_cache = write_flags.contains(WriteFlags::FUSE_WRITE_CACHE);
-        match self.m.write(fh.0, offset, data, from_cache) {
+        let r = self.m.write(fh.0, offset, data, from_cache);
+        self.answer(move || match r {
             Ok(n) => reply.written(n as u32),
             Err(e) => reply.error(errno(e)),
-        }
+        })
     }
 
     fn flush(&self, _req: &Request, _ino: INodeNo, fh: FileHandle, _lock_owner: LockOwner, reply: ReplyEmpty) {
-        empty(reply, self.m.push(fh.0))
+        let r = self.m.push(fh.0);
+        self.answer(move || empty(reply, r))
     }
 
     fn release(
@@ -328,11 +342,12 @@ impl fuser::Filesystem for Ops {
     ) {
         let pushed = self.m.push(fh.0);
         self.m.release(fh.0);
-        empty(reply, pushed)
+        self.answer(move || empty(reply, pushed))
     }
 
     fn fsync(&self, _req: &Request, ino: INodeNo, fh: FileHandle, datasync: bool, reply: ReplyEmpty) {
-        empty(reply, self.m.fsync(ino.0, Some(fh.0), datasync))
+        let r = self.m.fsync(ino.0, Some(fh.0), datasync);
+        self.answer(move || empty(reply, r))
     }
 
     fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
@@ -414,7 +429,8 @@ impl fuser::Filesystem for Ops {
     }
 
     fn fsyncdir(&self, _req: &Request, ino: INodeNo, _fh: FileHandle, datasync: bool, reply: ReplyEmpty) {
-        empty(reply, self.m.fsync(ino.0, None, datasync))
+        let r = self.m.fsync(ino.0, None, datasync);
+        self.answer(move || empty(reply, r))
     }
 
     fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
@@ -443,7 +459,8 @@ impl fuser::Filesystem for Ops {
         _position: u32,
         reply: ReplyEmpty,
     ) {
-        empty(reply, self.m.setxattr(ino.0, name.as_bytes(), value, flags))
+        let r = self.m.setxattr(ino.0, name.as_bytes(), value, flags);
+        self.answer(move || empty(reply, r))
     }
 
     fn getxattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
@@ -455,7 +472,8 @@ impl fuser::Filesystem for Ops {
     }
 
     fn removexattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, reply: ReplyEmpty) {
-        empty(reply, self.m.removexattr(ino.0, name.as_bytes()))
+        let r = self.m.removexattr(ino.0, name.as_bytes());
+        self.answer(move || empty(reply, r))
     }
 
     fn access(&self, _req: &Request, _ino: INodeNo, _mask: AccessFlags, reply: ReplyEmpty) {
@@ -473,10 +491,11 @@ impl fuser::Filesystem for Ops {
         flags: i32,
         reply: ReplyCreate,
     ) {
-        match self.m.create(parent.0, name.as_bytes(), mode, flags, caller(req)) {
+        let r = self.m.create(parent.0, name.as_bytes(), mode, flags, caller(req));
+        self.answer(move || match r {
             Ok((id, st, fh)) => reply.created(&TTL, &attr(id, &st), Generation(0), FileHandle(fh), FopenFlags::empty()),
             Err(e) => reply.error(errno(e)),
-        }
+        })
     }
 
     fn fallocate(
@@ -489,7 +508,8 @@ impl fuser::Filesystem for Ops {
         mode: i32,
         reply: ReplyEmpty,
     ) {
-        empty(reply, self.m.fallocate(fh.0, offset, length, mode))
+        let r = self.m.fallocate(fh.0, offset, length, mode);
+        self.answer(move || empty(reply, r))
     }
 
     fn lseek(&self, _req: &Request, _ino: INodeNo, fh: FileHandle, offset: i64, whence: i32, reply: ReplyLseek) {
@@ -512,12 +532,12 @@ impl fuser::Filesystem for Ops {
         flags: CopyFileRangeFlags,
         reply: ReplyWrite,
     ) {
-        match self
+        let r = self
             .m
-            .copy_file_range(fh_in.0, offset_in, fh_out.0, offset_out, len, flags.bits() as u32)
-        {
+            .copy_file_range(fh_in.0, offset_in, fh_out.0, offset_out, len, flags.bits() as u32);
+        self.answer(move || match r {
             Ok(n) => reply.written(n as u32),
             Err(e) => reply.error(errno(e)),
-        }
+        })
     }
 }

@@ -11,7 +11,7 @@
 //! ```
 //!
 //! Only in `Connected` are changes forwarded; in the other states they are added to `changed`
-//! (and, with `Policy::Block`, their callers wait until a catch-up has covered them). The
+//! (and, with `Policy::Block`, their replies are held until a catch-up has covered them). The
 //! catch-up itself, which needs the source and the order lock, is the `Replicator`'s; the link
 //! decides how to resume a reconnected session (`session::resume`): the changed paths only, the
 //! whole tree, or not at all.
@@ -91,9 +91,16 @@ struct Inner {
     reconnects: u64,
     /// Failed attempts in a row (connects or catch-ups), for the backoff.
     failures: u32,
-    /// Marks covered by the last completed catch-up (see `Link::wait_caught_up`).
+    /// Marks covered by the last completed catch-up (see `Link::after_caught_up`).
     caught_up: u64,
+    /// Replies held under `Policy::Block`, each with the mark it waits for.
+    held: Vec<(u64, Held)>,
+    /// Set at stop: nothing is held any more.
+    released: bool,
 }
+
+/// A reply to the kernel that waits for a catch-up.
+pub type Held = Box<dyn FnOnce() + Send>;
 
 /// What `status` shows of a link; the names are the JSON keys of `mirrorfs status --json`.
 #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
@@ -237,6 +244,8 @@ impl Link {
                 reconnects: 0,
                 failures: 0,
                 caught_up: 0,
+                held: Vec::new(),
+                released: false,
             }),
             changed_state: Condvar::new(),
             changed: Mutex::new(Changed::default()),
@@ -365,14 +374,23 @@ impl Link {
     /// A catch-up that covered every mark up to `upto` succeeded: forwarding resumes. The
     /// caller holds the order lock, so no change can slip between the catch-up and this.
     pub fn caught_up(&self, upto: u64) {
-        let mut i = self.inner.lock();
-        if i.session.is_none() {
-            return;
+        let ready = {
+            let mut i = self.inner.lock();
+            if i.session.is_none() {
+                return;
+            }
+            i.failures = 0;
+            i.caught_up = i.caught_up.max(upto);
+            i.last_error = None;
+            self.set_state(&mut i, LinkState::Connected);
+            let covered = i.caught_up;
+            let (ready, waiting) = std::mem::take(&mut i.held).into_iter().partition(|(n, _)| *n <= covered);
+            i.held = waiting;
+            ready
+        };
+        for (_, send) in ready {
+            send();
         }
-        i.failures = 0;
-        i.caught_up = i.caught_up.max(upto);
-        i.last_error = None;
-        self.set_state(&mut i, LinkState::Connected);
     }
 
     /// A catch-up attempt failed (with the session still up): counts toward the backoff.
@@ -383,11 +401,33 @@ impl Link {
         self.changed_state.notify_all();
     }
 
-    /// With `Policy::Block`: waits until a catch-up has covered mark `n`, or `stop` is set.
-    pub fn wait_caught_up(&self, n: u64, stop: &dyn Fn() -> bool) {
-        let mut i = self.inner.lock();
-        while i.caught_up < n && !stop() {
-            self.changed_state.wait_for(&mut i, Duration::from_millis(200));
+    /// With `Policy::Block`: runs `send` once a catch-up has covered mark `n` (at once if one
+    /// has, or if the link was released), on the thread that completed it.
+    pub fn after_caught_up(&self, n: u64, send: Held) {
+        {
+            let mut i = self.inner.lock();
+            if i.caught_up < n && !i.released {
+                i.held.push((n, send));
+                return;
+            }
+        }
+        send();
+    }
+
+    /// How many replies wait for a catch-up.
+    pub fn held(&self) -> usize {
+        self.inner.lock().held.len()
+    }
+
+    /// At stop: every held reply is sent now, and none is held again.
+    pub fn release_held(&self) {
+        let held = {
+            let mut i = self.inner.lock();
+            i.released = true;
+            std::mem::take(&mut i.held)
+        };
+        for (_, send) in held {
+            send();
         }
     }
 

@@ -32,6 +32,12 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+thread_local! {
+    /// The mark this thread's last operations wait for under `Policy::Block` (0: none): set by
+    /// `hold`, taken by `answer`.
+    static HOLD: std::cell::Cell<u64> = const { std::cell::Cell::new(0) };
+}
+
 /// Above this many regions, a catch-up round runs without the order lock first.
 const LOCKED_CATCH_UP: usize = 256;
 /// Unlocked rounds before the last one is taken under the lock regardless.
@@ -160,11 +166,12 @@ impl Replicator {
         }
         let (value, mut fwd) = op()?;
         if std::mem::take(&mut fwd.resync) {
-            self.link.mark_scope(Scope::full());
+            let n = self.link.mark_scope(Scope::full());
             drop(guard);
             if session.is_some() {
                 self.repair_now("a change could not be forwarded as it was made");
             }
+            self.hold(n);
             return Ok(value);
         }
         if fwd.requests.is_empty() {
@@ -173,15 +180,32 @@ impl Replicator {
         let Some(session) = session else {
             let n = self.link.mark(&fwd.requests);
             drop(guard);
-            if self.link.policy() == Policy::Block {
-                self.link.wait_caught_up(n, &|| self.stop.load(Ordering::Relaxed));
-            }
+            self.hold(n);
             return Ok(value);
         };
         let q = Self::queue(session, fwd);
         drop(guard);
         self.settle(q);
         Ok(value)
+    }
+
+    /// Under `Policy::Block`, the calling thread's operation is not done until a catch-up has
+    /// covered mark `n`: `answer` sends its reply then.
+    fn hold(&self, n: u64) {
+        if self.link.policy() == Policy::Block {
+            HOLD.with(|h| h.set(h.get().max(n)));
+        }
+    }
+
+    /// Sends the reply of the mutation this thread just made: at once, or, when `Policy::Block`
+    /// holds it, from the thread that completes the catch-up past it. The caller's thread is
+    /// free either way, so a blocked mutation never holds a thread that reads need. A thread
+    /// that never calls this (the watcher) simply continues.
+    pub fn answer(&self, send: impl FnOnce() + Send + 'static) {
+        match HOLD.with(|h| h.replace(0)) {
+            0 => send(),
+            n => self.link.after_caught_up(n, Box::new(send)),
+        }
     }
 
     /// Queues requests that change nothing (fsync) in order, without waiting; `finish` waits.
@@ -253,15 +277,17 @@ impl Replicator {
         }
         if let Some(why) = lost {
             // Marked before the session is let go, so the catch-up sees it.
-            self.link.mark_regions(regions);
+            let m = self.link.mark_regions(regions);
             self.link.lost(&session, &why);
+            self.hold(m);
             return;
         }
         self.link.note_forwarded(n, bytes, started.elapsed());
         if let Some(why) = refused {
-            self.link.mark_regions(regions);
+            let m = self.link.mark_regions(regions);
             drop(session);
             self.repair_now(&why);
+            self.hold(m);
         }
     }
 
@@ -407,9 +433,16 @@ impl Replicator {
         }
     }
 
+    /// Sends every reply held for a catch-up now, and holds none from here on (the mount is
+    /// being stopped).
+    pub fn release_held(&self) {
+        self.link.release_held();
+    }
+
     /// Stops the recovery thread (and releases blocked callers).
     pub fn stop(&self) {
         self.stop.store(true, Ordering::Relaxed);
+        self.link.release_held();
         self.link.wake();
     }
 
