@@ -4,6 +4,7 @@
 //! reconcile (`reconcile`: scan, pure plan, apply), the source side (`source`, with the
 //! mount's `Replicator`), the FUSE mount (`fuse`), the mount daemon's start (`daemon`) and watch mode (`watch`).
 
+pub mod change;
 pub mod cli;
 pub mod control;
 pub mod daemon;
@@ -21,6 +22,7 @@ pub mod target;
 pub mod transport;
 pub mod watch;
 
+pub use change::Change;
 pub use fs::{FileSystem, LocalFs, MemFs};
 pub use path::RelPath;
 pub use protocol::{Reply, Request, Response};

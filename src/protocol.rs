@@ -4,13 +4,14 @@
 //! `(id, Response)`; ids increase by one per request, and the target answers in order. The
 //! handshake (`ClientHello` / `ServerHello`) exchanges the version and capabilities first.
 
-use crate::fs::{Attrs, FsError, Kind, SetTime, Time};
+pub use crate::change::Change;
+use crate::fs::{Attrs, FsError, Kind};
 use crate::path::RelPath;
 use crate::reconcile::{Entry, Scope};
 use serde::{de::DeserializeOwned, Deserialize, Serialize};
 use std::io::{self, Read, Write};
 
-pub const PROTOCOL_VERSION: u32 = 4;
+pub const PROTOCOL_VERSION: u32 = 5;
 pub const MAGIC: [u8; 8] = *b"MIRRORFS";
 /// The id of an answer that answers nothing: the target is alive and busy with a long request.
 /// Request ids start at 1.
@@ -55,96 +56,8 @@ pub struct ServerAuth {
 /// A mutation or query for the target. Paths are relative to the target root.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub enum Request {
-    // Creating entries.
-    Create {
-        path: RelPath,
-        perm: u32,
-        exclusive: bool,
-    },
-    Mkdir {
-        path: RelPath,
-        perm: u32,
-    },
-    Mknod {
-        path: RelPath,
-        kind: Kind,
-        perm: u32,
-        rdev: u64,
-    },
-    Symlink {
-        path: RelPath,
-        #[serde(with = "serde_bytes")]
-        target: Vec<u8>,
-    },
-    Link {
-        existing: RelPath,
-        path: RelPath,
-    },
-    // Changing content.
-    /// With `mtime`, the file is then given the mtime the write produced on the source.
-    Write {
-        path: RelPath,
-        offset: u64,
-        #[serde(with = "serde_bytes")]
-        data: Vec<u8>,
-        mtime: Option<Time>,
-    },
-    Truncate {
-        path: RelPath,
-        size: u64,
-    },
-    /// `mode` is fallocate's: 0, FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE | KEEP_SIZE, ...
-    Fallocate {
-        path: RelPath,
-        mode: i32,
-        offset: u64,
-        len: u64,
-    },
-    CopyRange {
-        src: RelPath,
-        src_offset: u64,
-        dst: RelPath,
-        dst_offset: u64,
-        len: u64,
-    },
-    // Changing metadata.
-    SetAttr {
-        path: RelPath,
-        perm: Option<u32>,
-        uid: Option<u32>,
-        gid: Option<u32>,
-        atime: SetTime,
-        mtime: SetTime,
-    },
-    SetXattr {
-        path: RelPath,
-        #[serde(with = "serde_bytes")]
-        name: Vec<u8>,
-        #[serde(with = "serde_bytes")]
-        value: Vec<u8>,
-    },
-    RemoveXattr {
-        path: RelPath,
-        #[serde(with = "serde_bytes")]
-        name: Vec<u8>,
-    },
-    // Removing and moving.
-    Unlink {
-        path: RelPath,
-    },
-    Rmdir {
-        path: RelPath,
-    },
-    Rename {
-        from: RelPath,
-        to: RelPath,
-        flags: u32,
-    },
-    // Durability.
-    Fsync {
-        path: RelPath,
-        datasync: bool,
-    },
+    /// One operation as the source made it (the mount's and the watcher's vocabulary).
+    Change(Change),
     // Reconcile.
     /// Starts a scan of the target, whole or within a scope (a partial reconcile); the first
     /// page of entries comes back.
@@ -235,6 +148,12 @@ pub enum Request {
     },
 }
 
+impl From<Change> for Request {
+    fn from(c: Change) -> Request {
+        Request::Change(c)
+    }
+}
+
 /// The capability of a target that shares this process and can take `Request::StageCopy`.
 pub const LOCAL_COPY: &str = "local-copy";
 
@@ -246,22 +165,7 @@ impl Request {
     /// A short name for logs.
     pub fn name(&self) -> &'static str {
         match self {
-            Request::Create { .. } => "create",
-            Request::Mkdir { .. } => "mkdir",
-            Request::Mknod { .. } => "mknod",
-            Request::Symlink { .. } => "symlink",
-            Request::Link { .. } => "link",
-            Request::Write { .. } => "write",
-            Request::Truncate { .. } => "truncate",
-            Request::Fallocate { .. } => "fallocate",
-            Request::CopyRange { .. } => "copy_range",
-            Request::SetAttr { .. } => "setattr",
-            Request::SetXattr { .. } => "setxattr",
-            Request::RemoveXattr { .. } => "removexattr",
-            Request::Unlink { .. } => "unlink",
-            Request::Rmdir { .. } => "rmdir",
-            Request::Rename { .. } => "rename",
-            Request::Fsync { .. } => "fsync",
+            Request::Change(c) => c.name(),
             Request::Scan { .. } => "scan",
             Request::ScanNext => "scan_next",
             Request::Hash { .. } => "hash",
@@ -283,28 +187,13 @@ impl Request {
     /// The paths a request changes (for the dirty set kept while the target is unreachable).
     pub fn paths(&self) -> Vec<&RelPath> {
         match self {
-            Request::Create { path, .. }
-            | Request::Mkdir { path, .. }
-            | Request::Mknod { path, .. }
-            | Request::Symlink { path, .. }
-            | Request::Write { path, .. }
-            | Request::Truncate { path, .. }
-            | Request::Fallocate { path, .. }
-            | Request::SetAttr { path, .. }
-            | Request::SetXattr { path, .. }
-            | Request::RemoveXattr { path, .. }
-            | Request::Unlink { path }
-            | Request::Rmdir { path }
-            | Request::Fsync { path, .. }
-            | Request::Hash { path }
+            Request::Change(c) => c.paths(),
+            Request::Hash { path }
             | Request::Signature { path, .. }
             | Request::PutFile { path, .. }
             | Request::StageOpen { path, .. }
             | Request::ApplyAttrs { path, .. }
             | Request::RemoveTree { path } => vec![path],
-            Request::Link { existing, path } => vec![existing, path],
-            Request::CopyRange { src, dst, .. } => vec![src, dst],
-            Request::Rename { from, to, .. } => vec![from, to],
             Request::LinkReplace { existing, path } => vec![existing, path],
             Request::Scan { .. }
             | Request::ScanNext
@@ -467,18 +356,18 @@ mod tests {
     fn roundtrip_and_limits() {
         let req = (
             7u64,
-            Request::Write {
+            Request::Change(Change::Write {
                 path: RelPath::new("a/b").unwrap(),
                 offset: 3,
                 data: vec![1, 2, 3],
                 mtime: None,
-            },
+            }),
         );
         let mut buf = Vec::new();
         write_frame(&mut buf, &req).unwrap();
         let (id, back): (u64, Request) = read_frame(&mut &buf[..]).unwrap();
         assert_eq!(id, 7);
-        assert!(matches!(back, Request::Write { offset: 3, .. }));
+        assert!(matches!(back, Request::Change(Change::Write { offset: 3, .. })));
         assert_eq!(peek_id(&buf[4..]), Some(7));
 
         let huge = ((MAX_FRAME + 1) as u32).to_le_bytes();
@@ -493,8 +382,13 @@ mod tests {
 
     #[test]
     fn bad_path_on_the_wire_is_refused() {
+        // `Request::Change(Change::Create { .. })`, with a path no `RelPath` accepts.
         #[derive(Serialize)]
-        enum Fake {
+        enum FakeRequest {
+            Change(FakeChange),
+        }
+        #[derive(Serialize)]
+        enum FakeChange {
             #[allow(dead_code)]
             Create {
                 path: serde_bytes_like::B,
@@ -512,11 +406,11 @@ mod tests {
         }
         let evil = (
             1u64,
-            Fake::Create {
+            FakeRequest::Change(FakeChange::Create {
                 path: serde_bytes_like::B(b"../../etc/passwd"),
                 perm: 0o644,
                 exclusive: false,
-            },
+            }),
         );
         let mut buf = Vec::new();
         write_frame(&mut buf, &evil).unwrap();

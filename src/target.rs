@@ -6,6 +6,7 @@
 //! place only when complete, so a killed target never leaves a half-written file under a real
 //! name).
 
+use crate::change::Change;
 use crate::fs::{FileBytes, FileSystem, FsError, FsResult, SetTime};
 use crate::path::RelPath;
 use crate::protocol::{Reply, Request, Response};
@@ -128,16 +129,16 @@ impl ReplicatorTarget {
             .ok_or_else(|| FsError::msg(libc::EBADF, "stage", &RelPath::root(), format!("no stage {id}")))
     }
 
-    fn apply(&mut self, req: Request) -> Response {
-        let fs = self.fs.clone();
-        let fs = fs.as_ref();
-        match req {
-            Request::Create { path, perm, exclusive } => fs.create(&self.full(&path), perm, exclusive)?,
-            Request::Mkdir { path, perm } => fs.mkdir(&self.full(&path), perm)?,
-            Request::Mknod { path, kind, perm, rdev } => fs.mknod(&self.full(&path), kind, perm, rdev)?,
-            Request::Symlink { path, target } => fs.symlink(&target, &self.full(&path))?,
-            Request::Link { existing, path } => fs.link(&self.full(&existing), &self.full(&path))?,
-            Request::Write {
+    /// Applies one operation as the source made it.
+    fn apply_change(&self, c: Change) -> FsResult<()> {
+        let fs = self.fs.as_ref();
+        match c {
+            Change::Create { path, perm, exclusive } => fs.create(&self.full(&path), perm, exclusive)?,
+            Change::Mkdir { path, perm } => fs.mkdir(&self.full(&path), perm)?,
+            Change::Mknod { path, kind, perm, rdev } => fs.mknod(&self.full(&path), kind, perm, rdev)?,
+            Change::Symlink { path, target } => fs.symlink(&target, &self.full(&path))?,
+            Change::Link { existing, path } => fs.link(&self.full(&existing), &self.full(&path))?,
+            Change::Write {
                 path,
                 offset,
                 data,
@@ -149,21 +150,21 @@ impl ReplicatorTarget {
                     fs.set_times(&p, SetTime::Omit, SetTime::At(t))?;
                 }
             }
-            Request::Truncate { path, size } => fs.truncate(&self.full(&path), size)?,
-            Request::Fallocate {
+            Change::Truncate { path, size } => fs.truncate(&self.full(&path), size)?,
+            Change::Fallocate {
                 path,
                 mode,
                 offset,
                 len,
             } => fs.fallocate(&self.full(&path), mode, offset, len)?,
-            Request::CopyRange {
+            Change::CopyRange {
                 src,
                 src_offset,
                 dst,
                 dst_offset,
                 len,
             } => fs.copy_range(&self.full(&src), src_offset, &self.full(&dst), dst_offset, len)?,
-            Request::SetAttr {
+            Change::SetAttr {
                 path,
                 perm,
                 uid,
@@ -182,7 +183,7 @@ impl ReplicatorTarget {
                     fs.set_times(&p, atime, mtime)?;
                 }
             }
-            Request::SetXattr { name, .. } | Request::RemoveXattr { name, .. }
+            Change::SetXattr { name, .. } | Change::RemoveXattr { name, .. }
                 if crate::session::is_reserved_xattr(&name) =>
             {
                 return Err(FsError::msg(
@@ -192,17 +193,26 @@ impl ReplicatorTarget {
                     format!("{} is mirrorfs's own attribute", String::from_utf8_lossy(&name)),
                 ))
             }
-            Request::SetXattr { path, name, value } => fs.set_xattr(&self.full(&path), &name, &value)?,
-            Request::RemoveXattr { path, name } => fs.remove_xattr(&self.full(&path), &name)?,
+            Change::SetXattr { path, name, value } => fs.set_xattr(&self.full(&path), &name, &value)?,
+            Change::RemoveXattr { path, name } => fs.remove_xattr(&self.full(&path), &name)?,
+            Change::Unlink { path } => fs.unlink(&self.full(&path))?,
+            Change::Rmdir { path } => fs.rmdir(&self.full(&path))?,
+            Change::Rename { from, to, flags } => fs.rename(&self.full(&from), &self.full(&to), flags)?,
+            Change::Fsync { path, datasync } => fs.fsync(&self.full(&path), datasync)?,
+        }
+        Ok(())
+    }
+
+    fn apply(&mut self, req: Request) -> Response {
+        let fs = self.fs.clone();
+        let fs = fs.as_ref();
+        match req {
+            Request::Change(c) => self.apply_change(c)?,
             Request::Claim { known } => {
                 let c = fs.claim_session(known)?;
                 self.epoch = c.generation.map(|_| c.epoch);
                 return Ok(Reply::Claimed(c));
             }
-            Request::Unlink { path } => fs.unlink(&self.full(&path))?,
-            Request::Rmdir { path } => fs.rmdir(&self.full(&path))?,
-            Request::Rename { from, to, flags } => fs.rename(&self.full(&from), &self.full(&to), flags)?,
-            Request::Fsync { path, datasync } => fs.fsync(&self.full(&path), datasync)?,
             Request::Scan { checksum, scope } => {
                 let scope = scope.unwrap_or_else(Scope::full);
                 let snap = scan_scope(fs, &self.root, &scope, ScanOptions { checksum })?;

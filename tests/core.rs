@@ -6,6 +6,7 @@ mod common;
 
 use mirrorfs::fs::{FileSystem, Kind, LocalFs, MemFs, SetTime};
 use mirrorfs::protocol::{self, ClientHello, Reply, Request, Response, ServerHello, MAGIC, PROTOCOL_VERSION};
+use mirrorfs::Change;
 use mirrorfs::{RelPath, ReplicatorSource, ReplicatorTarget};
 use parking_lot::Mutex;
 use std::fs;
@@ -273,58 +274,58 @@ fn escapes_are_refused() {
     }
     let mut e = escape_setup();
     let attempts = vec![
-        Request::Create {
+        Request::Change(Change::Create {
             path: p("link/new"),
             perm: 0o644,
             exclusive: false,
-        },
-        Request::Mkdir {
+        }),
+        Request::Change(Change::Mkdir {
             path: p("link/newdir"),
             perm: 0o755,
-        },
-        Request::Write {
+        }),
+        Request::Change(Change::Write {
             path: p("filelink"),
             offset: 0,
             data: b"pwned".to_vec(),
             mtime: None,
-        },
-        Request::Write {
+        }),
+        Request::Change(Change::Write {
             path: p("link/secret"),
             offset: 0,
             data: b"pwned".to_vec(),
             mtime: None,
-        },
-        Request::Truncate {
+        }),
+        Request::Change(Change::Truncate {
             path: p("filelink"),
             size: 0,
-        },
-        Request::SetAttr {
+        }),
+        Request::Change(Change::SetAttr {
             path: p("filelink"),
             perm: Some(0o777),
             uid: None,
             gid: None,
             atime: SetTime::Omit,
             mtime: SetTime::Omit,
-        },
-        Request::SetXattr {
+        }),
+        Request::Change(Change::SetXattr {
             path: p("link/secret"),
             name: b"user.x".to_vec(),
             value: b"1".to_vec(),
-        },
-        Request::Rename {
+        }),
+        Request::Change(Change::Rename {
             from: p("inside"),
             to: p("link/stolen"),
             flags: 0,
-        },
-        Request::Link {
+        }),
+        Request::Change(Change::Link {
             existing: p("inside"),
             path: p("link/hard"),
-        },
-        Request::Symlink {
+        }),
+        Request::Change(Change::Symlink {
             path: p("link/sym"),
             target: b"/".to_vec(),
-        },
-        Request::Unlink { path: p("link/secret") },
+        }),
+        Request::Change(Change::Unlink { path: p("link/secret") }),
         Request::RemoveTree { path: p("link/secret") },
         Request::PutFile {
             path: p("link/put"),
@@ -347,13 +348,13 @@ fn escapes_are_refused() {
             block_size: 1024,
         },
         Request::Hash { path: p("filelink") },
-        Request::CopyRange {
+        Request::Change(Change::CopyRange {
             src: p("link/secret"),
             src_offset: 0,
             dst: p("inside"),
             dst_offset: 0,
             len: 6,
-        },
+        }),
         Request::RemoveTree { path: RelPath::root() },
     ];
     for req in attempts {
@@ -365,7 +366,10 @@ fn escapes_are_refused() {
     assert_eq!(fs::read(e.root.join("inside")).unwrap(), b"in");
     // Removing the planted link removes the link, not what it points to.
     assert!(e.target.handle_request(Request::RemoveTree { path: p("link") }).is_ok());
-    assert!(e.target.handle_request(Request::Unlink { path: p("filelink") }).is_ok());
+    assert!(e
+        .target
+        .handle_request(Request::Change(Change::Unlink { path: p("filelink") }))
+        .is_ok());
     outside_untouched(&e);
     assert!(!e.root.join("link").exists());
 }
@@ -426,10 +430,10 @@ fn server_answers_bad_frames_and_versions_without_dying() {
         &mut c,
         &(
             6u64,
-            Request::Mkdir {
+            Request::Change(Change::Mkdir {
                 path: p("made"),
                 perm: 0o755,
-            },
+            }),
         ),
     )
     .unwrap();

@@ -11,6 +11,7 @@ use common::{serve, ChildGuard};
 use mirrorfs::protocol::{Reply, Request};
 use mirrorfs::rpc::{Rpc, RpcError};
 use mirrorfs::transport::{self, Endpoint};
+use mirrorfs::Change;
 use mirrorfs::RelPath;
 use std::fs;
 use std::io::Write;
@@ -229,17 +230,19 @@ fn a_newer_session_fences_a_request_delayed_in_an_old_connection() {
         panic!("no claim")
     };
     let f = RelPath::new("f").unwrap();
-    a.call(Request::Create {
+    a.call(Request::Change(Change::Create {
         path: f.clone(),
         perm: 0o644,
         exclusive: true,
-    })
+    }))
     .unwrap();
-    let write = |data: &[u8]| Request::Write {
-        path: f.clone(),
-        offset: 0,
-        data: data.to_vec(),
-        mtime: None,
+    let write = |data: &[u8]| {
+        Request::Change(Change::Write {
+            path: f.clone(),
+            offset: 0,
+            data: data.to_vec(),
+            mtime: None,
+        })
     };
     sh(&format!("kill -STOP {}", old.0.id()));
     let late = a.submit(write(b"late, from the old session"));
@@ -630,7 +633,10 @@ fn a_network_cut_with_block_waits_then_completes() {
     c.ns.set_link(true);
     for (i, w) in writers.into_iter().enumerate() {
         let took = w.join().unwrap().expect("the blocked write completes");
-        assert!(took > Duration::from_secs(8), "write {i} returned only after the cut: {took:?}");
+        assert!(
+            took > Duration::from_secs(8),
+            "write {i} returned only after the cut: {took:?}"
+        );
         assert_eq!(
             fs::read(c.m.dst.join(format!("w{i}/during"))).unwrap(),
             format!("written during the cut by {i}").as_bytes(),

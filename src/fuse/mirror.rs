@@ -11,9 +11,9 @@
 
 use super::handles::{DirHandle, FileHandle, Handles, Served};
 use super::inodes::{Inode, Inodes, ROOT};
+use crate::change::Change;
 use crate::fs::{Kind, SetTime, Time};
 use crate::path::RelPath;
-use crate::protocol::Request;
 use crate::source::{Forward, Replicator};
 use crate::sys::{self, TimeSet};
 use std::ffi::CString;
@@ -85,8 +85,8 @@ fn atime_of(st: &libc::stat) -> Time {
 }
 
 /// A request that stamps `path` with the mtime it has on the source.
-fn stamp(path: RelPath, st: &libc::stat) -> Request {
-    Request::SetAttr {
+fn stamp(path: RelPath, st: &libc::stat) -> Change {
+    Change::SetAttr {
         path,
         perm: None,
         uid: None,
@@ -288,7 +288,7 @@ impl Mirror {
                 return Ok(((), Forward::none()));
             };
             let size = st.st_size as u64;
-            let mut reqs = vec![Request::Truncate {
+            let mut reqs = vec![Change::Truncate {
                 path: path.clone(),
                 size,
             }];
@@ -299,7 +299,7 @@ impl Mirror {
                 if n == 0 {
                     break;
                 }
-                reqs.push(Request::Write {
+                reqs.push(Change::Write {
                     path: path.clone(),
                     offset: off,
                     data: buf[..n].to_vec(),
@@ -352,10 +352,10 @@ impl Mirror {
     }
 
     /// The requests that give a newly made entry its metadata and restamp its directory.
-    fn created(&self, path: &RelPath, st: &libc::stat, dir: RelPath, dst: &libc::stat) -> Vec<Request> {
+    fn created(&self, path: &RelPath, st: &libc::stat, dir: RelPath, dst: &libc::stat) -> Vec<Change> {
         let symlink = st.st_mode & libc::S_IFMT == libc::S_IFLNK;
         vec![
-            Request::SetAttr {
+            Change::SetAttr {
                 path: path.clone(),
                 perm: (!symlink).then_some(st.st_mode & 0o7777),
                 uid: self.owners.then_some(st.st_uid),
@@ -376,7 +376,7 @@ impl Mirror {
         name: &[u8],
         who: Caller,
         make: impl FnOnce(BorrowedFd<'_>, &CString) -> io::Result<T>,
-        first: impl FnOnce(RelPath, &libc::stat) -> Option<Request>,
+        first: impl FnOnce(RelPath, &libc::stat) -> Option<Change>,
     ) -> io::Result<(u64, libc::stat, T)> {
         let p = self.inode(parent)?;
         let cname = name_c(name)?;
@@ -422,12 +422,12 @@ impl Mirror {
             |d, n| sys::mknodat(d, n, mode, rdev),
             |path, st| {
                 Some(match kind {
-                    Kind::File => Request::Create {
+                    Kind::File => Change::Create {
                         path,
                         perm: st.st_mode & 0o7777,
                         exclusive: true,
                     },
-                    _ => Request::Mknod {
+                    _ => Change::Mknod {
                         path,
                         kind,
                         perm: st.st_mode & 0o7777,
@@ -446,7 +446,7 @@ impl Mirror {
             who,
             |d, n| sys::mkdirat(d, n, mode & 0o7777),
             |path, st| {
-                Some(Request::Mkdir {
+                Some(Change::Mkdir {
                     path,
                     perm: st.st_mode & 0o7777,
                 })
@@ -463,7 +463,7 @@ impl Mirror {
             who,
             |d, n| sys::symlinkat(&t, d, n),
             |path, _| {
-                Some(Request::Symlink {
+                Some(Change::Symlink {
                     path,
                     target: target.to_vec(),
                 })
@@ -490,7 +490,7 @@ impl Mirror {
             // O_CREAT without O_EXCL opened a file made behind the mount's back: a repair brings
             // it over whole.
             |path, st| {
-                (st.st_size == 0).then(|| Request::Create {
+                (st.st_size == 0).then(|| Change::Create {
                     path,
                     perm: st.st_mode & 0o7777,
                     exclusive: false,
@@ -522,7 +522,7 @@ impl Mirror {
             let fwd = match (existing, self.inodes.path(newparent)) {
                 (Some(existing), Some(dir)) => {
                     let path = dir.join(newname).map_err(|_| einval())?;
-                    Forward::of(vec![Request::Link { existing, path }, stamp(dir, &dst)])
+                    Forward::of(vec![Change::Link { existing, path }, stamp(dir, &dst)])
                 }
                 _ => Forward::resync(),
             };
@@ -536,7 +536,7 @@ impl Mirror {
     /// cannot be read (the change itself already happened), `fwd` asks for a resync instead.
     fn stamp_or_resync(&self, fwd: &mut Forward, path: RelPath, st: io::Result<libc::stat>) {
         match st {
-            Ok(st) => fwd.requests.push(stamp(path, &st)),
+            Ok(st) => fwd.changes.push(stamp(path, &st)),
             Err(e) => {
                 log::warn!("stat after a change of {path}: {e}; resyncing instead");
                 fwd.resync = true;
@@ -556,9 +556,9 @@ impl Mirror {
             let fwd = match (path, self.inodes.path(parent)) {
                 (Some(path), Some(d)) => {
                     let mut fwd = Forward::of(vec![if dir {
-                        Request::Rmdir { path }
+                        Change::Rmdir { path }
                     } else {
-                        Request::Unlink { path }
+                        Change::Unlink { path }
                     }]);
                     self.stamp_or_resync(&mut fwd, d, sys::fstat(pfd.as_fd()));
                     fwd
@@ -585,7 +585,7 @@ impl Mirror {
             let (Some(from), Some(to)) = (from, to) else {
                 return Ok(((), Forward::none()));
             };
-            let mut fwd = Forward::of(vec![Request::Rename {
+            let mut fwd = Forward::of(vec![Change::Rename {
                 from: from.clone(),
                 to: to.clone(),
                 flags,
@@ -626,7 +626,7 @@ impl Mirror {
             }
             let st = sys::fstat(h.fd.as_fd())?;
             let fwd = match self.inodes.path(h.inode.id) {
-                Some(path) => Forward::of(vec![Request::Write {
+                Some(path) => Forward::of(vec![Change::Write {
                     path,
                     offset,
                     data: data[..done].to_vec(),
@@ -653,7 +653,7 @@ impl Mirror {
             let st = sys::fstat(h.fd.as_fd())?;
             let fwd = match self.inodes.path(h.inode.id) {
                 Some(path) => Forward::of(vec![
-                    Request::Fallocate {
+                    Change::Fallocate {
                         path: path.clone(),
                         mode,
                         offset,
@@ -684,7 +684,7 @@ impl Mirror {
             let fwd = match (self.inodes.path(hi.inode.id), self.inodes.path(ho.inode.id)) {
                 (_, None) => Forward::none(),
                 (Some(src), Some(dst)) => Forward::of(vec![
-                    Request::CopyRange {
+                    Change::CopyRange {
                         src,
                         src_offset: off_in,
                         dst: dst.clone(),
@@ -698,7 +698,7 @@ impl Mirror {
                     let mut data = vec![0u8; n];
                     let got = sys::pread(ho.fd.as_fd(), &mut data, off_out)?;
                     data.truncate(got);
-                    Forward::of(vec![Request::Write {
+                    Forward::of(vec![Change::Write {
                         path: dst,
                         offset: off_out,
                         data,
@@ -774,14 +774,14 @@ impl Mirror {
             };
             let mut reqs = Vec::new();
             if let Some(size) = a.size {
-                reqs.push(Request::Truncate {
+                reqs.push(Change::Truncate {
                     path: path.clone(),
                     size,
                 });
             }
             let symlink = inode.kind == Kind::Symlink;
             let owner = a.uid.is_some() || a.gid.is_some();
-            reqs.push(Request::SetAttr {
+            reqs.push(Change::SetAttr {
                 path,
                 // A chown may have cleared set-ID bits: the resulting mode always goes along.
                 perm: (!symlink && (a.mode.is_some() || owner)).then_some(st.st_mode & 0o7777),
@@ -803,7 +803,7 @@ impl Mirror {
         self.rep.apply(|| {
             sys::fd_setxattr(inode.fd()?.as_fd(), name, value, flags)?;
             let fwd = match self.inodes.path(id) {
-                Some(path) => Forward::of(vec![Request::SetXattr {
+                Some(path) => Forward::of(vec![Change::SetXattr {
                     path,
                     name: name.to_vec(),
                     value: value.to_vec(),
@@ -819,7 +819,7 @@ impl Mirror {
         self.rep.apply(|| {
             sys::fd_removexattr(inode.fd()?.as_fd(), name)?;
             let fwd = match self.inodes.path(id) {
-                Some(path) => Forward::of(vec![Request::RemoveXattr {
+                Some(path) => Forward::of(vec![Change::RemoveXattr {
                     path,
                     name: name.to_vec(),
                 }]),
@@ -846,7 +846,7 @@ impl Mirror {
         std::thread::scope(|s| {
             let source = s.spawn(|| sys::fsync(fd.as_fd(), datasync));
             let ticket = self.rep.start(|| match self.inodes.path(id) {
-                Some(path) => Forward::of(vec![Request::Fsync { path, datasync }]),
+                Some(path) => Forward::of(vec![Change::Fsync { path, datasync }]),
                 None => Forward::none(),
             });
             self.rep.finish(ticket);

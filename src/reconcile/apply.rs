@@ -9,6 +9,7 @@
 
 use super::plan::{Op, Plan};
 use super::scan::{Entry, Snapshot};
+use crate::change::Change;
 use crate::fs::{Attrs, FileSystem, Kind, Meta};
 use crate::path::RelPath;
 use crate::progress::Progress;
@@ -203,8 +204,8 @@ impl Exec<'_> {
         }
     }
 
-    fn send(&mut self, path: &RelPath, req: Request) -> Result<(), RpcError> {
-        self.send_as(path, req, OnError::Report)
+    fn send(&mut self, path: &RelPath, req: impl Into<Request>) -> Result<(), RpcError> {
+        self.send_as(path, req.into(), OnError::Report)
     }
 
     fn send_as(&mut self, path: &RelPath, req: Request, on: OnError) -> Result<(), RpcError> {
@@ -238,7 +239,7 @@ impl Exec<'_> {
             Op::Remove(p) => self.send(p, Request::RemoveTree { path: p.clone() }),
             Op::Mkdir(p) => self.send(
                 p,
-                Request::Mkdir {
+                Change::Mkdir {
                     path: p.clone(),
                     perm: 0o700,
                 },
@@ -261,7 +262,7 @@ impl Exec<'_> {
                 let target = self.entry(p).link.clone().unwrap_or_default();
                 self.send(
                     p,
-                    Request::Symlink {
+                    Change::Symlink {
                         path: p.clone(),
                         target,
                     },
@@ -269,7 +270,7 @@ impl Exec<'_> {
             }
             Op::Mknod(p) => {
                 let m = &self.entry(p).meta;
-                let req = Request::Mknod {
+                let req = Change::Mknod {
                     path: p.clone(),
                     kind: m.kind,
                     perm: m.perm,

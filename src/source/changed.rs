@@ -4,8 +4,8 @@
 //! it rolls up into parent directories, and at worst into the whole tree, so memory stays bounded
 //! however long the outage.
 
+use crate::change::Change;
 use crate::path::RelPath;
-use crate::protocol::Request;
 use crate::reconcile::{Depth, Scope};
 
 /// Regions kept before rolling up (a region costs about a hundred bytes).
@@ -23,14 +23,14 @@ impl Default for Changed {
     }
 }
 
-/// The regions a request changes on the target. A rename covers both subtrees (a directory
+/// The regions a change touches on the target. A rename covers both subtrees (a directory
 /// renamed while the target was away moves everything beneath it), a new directory its whole
 /// subtree; everything else its entry, whose ancestors the scope adds (their mtimes changed).
-pub fn regions(req: &Request) -> Vec<(RelPath, Depth)> {
-    match req {
-        Request::Rename { from, to, .. } => vec![(from.clone(), Depth::Tree), (to.clone(), Depth::Tree)],
-        Request::Mkdir { path, .. } | Request::RemoveTree { path } => vec![(path.clone(), Depth::Tree)],
-        r => r.paths().into_iter().map(|p| (p.clone(), Depth::Entry)).collect(),
+pub fn regions(c: &Change) -> Vec<(RelPath, Depth)> {
+    match c {
+        Change::Rename { from, to, .. } => vec![(from.clone(), Depth::Tree), (to.clone(), Depth::Tree)],
+        Change::Mkdir { path, .. } => vec![(path.clone(), Depth::Tree)],
+        c => c.paths().into_iter().map(|p| (p.clone(), Depth::Entry)).collect(),
     }
 }
 
@@ -47,9 +47,9 @@ impl Changed {
         self.bound();
     }
 
-    pub fn add_requests(&mut self, reqs: &[Request]) {
-        for r in reqs {
-            for (p, d) in regions(r) {
+    pub fn add_changes(&mut self, changes: &[Change]) {
+        for c in changes {
+            for (p, d) in regions(c) {
                 self.scope.add(p, d);
             }
         }
@@ -102,7 +102,7 @@ mod tests {
     #[test]
     fn a_rename_marks_both_subtrees_and_the_set_stays_bounded() {
         let mut c = Changed::new(8);
-        c.add_requests(&[Request::Rename {
+        c.add_changes(&[Change::Rename {
             from: p("a/old"),
             to: p("b/new"),
             flags: 0,

@@ -19,6 +19,7 @@
 //! Lock order: the replicator's order lock, then `inner`, then `changed`.
 
 use super::changed::Changed;
+use crate::change::Change;
 use crate::path::RelPath;
 use crate::protocol::{Reply, Request};
 use crate::reconcile::{Depth, Scope};
@@ -288,8 +289,8 @@ impl Link {
     }
 
     /// Keeps the regions of `reqs` for the catch-up; returns the mark's number.
-    pub fn mark(&self, reqs: &[Request]) -> u64 {
-        self.changed.lock().add_requests(reqs);
+    pub fn mark(&self, changes: &[Change]) -> u64 {
+        self.changed.lock().add_changes(changes);
         self.marks.fetch_add(1, Ordering::Relaxed) + 1
     }
 
@@ -384,7 +385,9 @@ impl Link {
             i.last_error = None;
             self.set_state(&mut i, LinkState::Connected);
             let covered = i.caught_up;
-            let (ready, waiting) = std::mem::take(&mut i.held).into_iter().partition(|(n, _)| *n <= covered);
+            let (ready, waiting) = std::mem::take(&mut i.held)
+                .into_iter()
+                .partition(|(n, _)| *n <= covered);
             i.held = waiting;
             ready
         };

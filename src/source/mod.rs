@@ -5,6 +5,7 @@
 //! keeps one target across sessions (reconnects, catch-up, changed paths) and `replicator`
 //! forwards the mount's changes through it in the source's order.
 
+use crate::change::Change;
 use crate::fs::{FileSystem, FsError, Kind};
 use crate::path::RelPath;
 use crate::progress::Progress;
@@ -257,11 +258,11 @@ impl<R: Rpc> Reconciler for ReplicatorSource<R> {
 
 /// Repeats a rename seen at the source on the target; false when the target refused it.
 pub fn forward_rename(rpc: &dyn Rpc, from: &RelPath, to: &RelPath) -> bool {
-    let req = Request::Rename {
+    let req = Request::Change(Change::Rename {
         from: from.clone(),
         to: to.clone(),
         flags: 0,
-    };
+    });
     match rpc.call(req) {
         Ok(_) => true,
         Err(e) => {

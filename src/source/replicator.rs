@@ -22,6 +22,7 @@ use super::changed;
 use super::link::{is_loss, Link, LinkState, Policy, Session};
 use super::Reconciler;
 use super::{Source, SyncError};
+use crate::change::Change;
 use crate::path::RelPath;
 use crate::protocol::Request;
 use crate::reconcile::{Depth, Report, Scope};
@@ -43,11 +44,11 @@ const LOCKED_CATCH_UP: usize = 256;
 /// Unlocked rounds before the last one is taken under the lock regardless.
 const UNLOCKED_ROUNDS: usize = 3;
 
-/// The requests one source operation produced, to be applied on the target in this order, and
+/// The changes one source operation produced, to be applied on the target in this order, and
 /// whether they fall short of what happened on the source (a path the mount cannot name, a step
 /// that failed after an earlier one took effect): the tree is then resynced from the source.
 pub struct Forward {
-    pub requests: Vec<Request>,
+    pub changes: Vec<Change>,
     pub resync: bool,
 }
 
@@ -55,15 +56,12 @@ impl Forward {
     pub fn none() -> Forward {
         Forward::of(Vec::new())
     }
-    pub fn of(requests: Vec<Request>) -> Forward {
-        Forward {
-            requests,
-            resync: false,
-        }
+    pub fn of(changes: Vec<Change>) -> Forward {
+        Forward { changes, resync: false }
     }
     pub fn resync() -> Forward {
         Forward {
-            requests: Vec::new(),
+            changes: Vec::new(),
             resync: true,
         }
     }
@@ -94,13 +92,6 @@ pub struct Replicator {
     /// writers beside passthrough readers), with their count of such opens: the watcher
     /// leaves them alone.
     deferred: Mutex<HashMap<(u64, u64), usize>>,
-}
-
-fn payload_len(r: &Request) -> u64 {
-    match r {
-        Request::Write { data, .. } => data.len() as u64,
-        _ => 0,
-    }
 }
 
 impl Replicator {
@@ -174,11 +165,11 @@ impl Replicator {
             self.hold(n);
             return Ok(value);
         }
-        if fwd.requests.is_empty() {
+        if fwd.changes.is_empty() {
             return Ok(value);
         }
         let Some(session) = session else {
-            let n = self.link.mark(&fwd.requests);
+            let n = self.link.mark(&fwd.changes);
             drop(guard);
             self.hold(n);
             return Ok(value);
@@ -213,7 +204,7 @@ impl Replicator {
         let _g = self.order.lock();
         let fwd = make();
         match self.link.forwarding() {
-            Some(s) if !fwd.requests.is_empty() => Ticket(Some(Self::queue(s, fwd))),
+            Some(s) if !fwd.changes.is_empty() => Ticket(Some(Self::queue(s, fwd))),
             _ => Ticket(None),
         }
     }
@@ -225,21 +216,21 @@ impl Replicator {
         }
     }
 
-    /// Submits an operation's requests on the session, in order; the caller holds the order
-    /// lock. The regions are kept in case the requests do not all land.
+    /// Submits an operation's changes on the session, in order; the caller holds the order
+    /// lock. The regions are kept in case they do not all land.
     fn queue(session: Arc<Session>, fwd: Forward) -> Queued {
         let mut regions = Vec::new();
         let mut bytes = 0;
-        for r in &fwd.requests {
-            regions.extend(changed::regions(r));
-            bytes += payload_len(r);
+        for c in &fwd.changes {
+            regions.extend(changed::regions(c));
+            bytes += c.payload_len();
         }
         let pending = fwd
-            .requests
+            .changes
             .into_iter()
-            .map(|r| {
-                let what = r.name();
-                (session.rpc.submit(r), what)
+            .map(|c| {
+                let what = c.name();
+                (session.rpc.submit(Request::Change(c)), what)
             })
             .collect();
         Queued {
@@ -461,10 +452,10 @@ impl Replicator {
         if let Some(s) = self.link.forwarding() {
             let p = {
                 let _g = self.order.lock();
-                s.rpc.submit(Request::Fsync {
+                s.rpc.submit(Request::Change(Change::Fsync {
                     path: RelPath::root(),
                     datasync: false,
-                })
+                }))
             };
             if let Err(e) = p.wait() {
                 if is_loss(&e) {
