@@ -922,3 +922,66 @@ fn a_target_that_dies_while_idle_is_noticed() {
     m.wait_status("connected", Duration::from_secs(15));
     m.finish();
 }
+
+/// Sends SIGCONT when dropped, so a test that fails while a process is stopped never leaves
+/// another one waiting on it in the kernel.
+struct Resume(u32);
+
+impl Drop for Resume {
+    fn drop(&mut self) {
+        sh(&format!("kill -CONT {} 2>/dev/null || true", self.0));
+    }
+}
+
+#[test]
+fn a_request_slower_than_the_timeout_is_kept_alive_not_lost() {
+    // The target's own disk stalls: the outer target serves a directory that is itself a
+    // mirrorfs mount whose target is stopped (with on-disconnect=block, its writes wait). A
+    // write through the outer mount then takes several --timeout periods on the target, and the
+    // outer link must see keepalives, not a lost target.
+    let name = "a_request_slower_than_the_timeout_is_kept_alive_not_lost";
+    let inner_opts = Opts {
+        separate: true,
+        extra: &["--timeout", "1", "--on-disconnect", "block"],
+        ..Opts::default()
+    };
+    let Some(inner) = Mount::with(name, inner_opts) else { return };
+    let sock = inner.tmp.path().join("outer.sock");
+    let listen = format!("unix:{}", sock.display());
+    let _outer_target = serve(&inner.mnt, &listen, &[]);
+    let opts = Opts {
+        target: Some(&listen),
+        extra: &["--timeout", "1"],
+        ..Opts::default()
+    };
+    let Some(mut outer) = Mount::with(name, opts) else { return };
+    let _ = fs::remove_dir(&outer.dst);
+    outer.dst = inner.mnt.clone();
+    fs::write(outer.p("before"), b"1").unwrap();
+    converge(&outer, "before the stall");
+
+    let pid = inner.server.as_ref().expect("the inner target").0.id();
+    sh(&format!("kill -STOP {pid}"));
+    let resume = Resume(pid);
+    let p = outer.p("slow");
+    let writer = std::thread::spawn(move || {
+        let t = Instant::now();
+        fs::write(&p, b"written while the target's disk stalled").map(|_| t.elapsed())
+    });
+    std::thread::sleep(Duration::from_secs(4));
+    assert!(!writer.is_finished(), "the write waits for the stalled target");
+    let (_, st) = outer.status();
+    let st = st.expect("listed");
+    assert_eq!(st.link.state, "connected", "a busy target is not a lost one: {st:?}");
+    drop(resume);
+    let took = writer.join().unwrap().expect("the slow write completes");
+    assert!(took > Duration::from_secs(3), "it waited past three --timeout periods: {took:?}");
+    let st = outer.wait_status("connected", Duration::from_secs(10));
+    assert_eq!(st.link.reconnects, 0, "the outer link was never lost: {st:?}");
+    let log = outer.log_text();
+    assert!(!log.contains(" lost "), "the outer link was never lost:\n{log}");
+    converge(&outer, "after the stall");
+    converge(&inner, "the inner mirror after the stall");
+    outer.finish();
+    inner.finish();
+}

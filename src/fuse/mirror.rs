@@ -803,6 +803,8 @@ impl Mirror {
         self.rep.apply(|| {
             sys::fd_setxattr(inode.fd()?.as_fd(), name, value, flags)?;
             let fwd = match self.inodes.path(id) {
+                // mirrorfs's own records (this tree may be another mirror's target) stay here.
+                _ if crate::session::is_reserved_xattr(name) => Forward::none(),
                 Some(path) => Forward::of(vec![Change::SetXattr {
                     path,
                     name: name.to_vec(),
@@ -819,6 +821,7 @@ impl Mirror {
         self.rep.apply(|| {
             sys::fd_removexattr(inode.fd()?.as_fd(), name)?;
             let fwd = match self.inodes.path(id) {
+                _ if crate::session::is_reserved_xattr(name) => Forward::none(),
                 Some(path) => Forward::of(vec![Change::RemoveXattr {
                     path,
                     name: name.to_vec(),
