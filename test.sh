@@ -26,6 +26,10 @@ command -v tar >/dev/null || missing+=(tar)
 command -v ip >/dev/null || missing+=(iproute2)
 command -v mkfs.ext4 >/dev/null || missing+=(e2fsprogs)
 [ -d /usr/include/linux ] || missing+=(linux-libc-dev)
+# The ssh tests run a real sshd on a loopback port, and the ssh client.
+[ -x /usr/sbin/sshd ] || missing+=(openssh-server)
+command -v ssh >/dev/null || missing+=(openssh-client)
+command -v ssh-keygen >/dev/null || missing+=(openssh-client)
 if [ ${#missing[@]} -gt 0 ]; then
   apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}"
 fi

@@ -68,19 +68,11 @@ pub struct MountArgs {
     pub src: PathBuf,
     /// Where to mount; SRC itself when left out.
     pub mountpoint: Option<PathBuf>,
-    /// Target: a local DIR, unix:SOCKET or tcp:HOST:PORT.
-    #[arg(long, short)]
-    pub target: String,
-    /// File holding the shared token for a tcp target.
-    #[arg(long)]
-    pub token_file: Option<PathBuf>,
+    #[command(flatten)]
+    pub reach: Reach,
     /// Stay in the foreground (for systemd and tests) instead of leaving a daemon.
     #[arg(long, short)]
     pub foreground: bool,
-    /// Seconds without progress from the target before it counts as lost (at start: before
-    /// giving up).
-    #[arg(long, default_value_t = 30.0, value_parser = positive_secs)]
-    pub timeout: f64,
     /// What mutating syscalls meet while the target is away: continue (succeed at the source,
     /// caught up later), block (wait until the target is back and caught up), fail (EIO, the
     /// source left unchanged).
@@ -127,19 +119,57 @@ pub struct UmountArgs {
     pub wait_secs: u64,
 }
 
-#[derive(Args, Debug)]
-pub struct TargetArgs {
-    /// The source directory.
-    pub src: PathBuf,
-    /// Target: a local DIR, unix:SOCKET or tcp:HOST:PORT.
+/// Where the target is and how to reach it: the options every command with a target shares.
+#[derive(Args, Debug, Clone)]
+pub struct Reach {
+    /// Target: a local DIR, unix:SOCKET, tcp:HOST:PORT, ssh://[USER@]HOST[:PORT]/PATH, or
+    /// [USER@]HOST:PATH (rsync's form; a relative PATH starts in the remote home).
     #[arg(long, short)]
     pub target: String,
     /// File holding the shared token for a tcp target.
     #[arg(long)]
     pub token_file: Option<PathBuf>,
-    /// Seconds without progress from the target before giving up on it.
+    /// The ssh command for ssh targets, with options of its own, which win over the ones
+    /// mirrorfs adds (like rsync's -e), for example "ssh -F ./cfg -i key".
+    #[arg(long, env = "MIRRORFS_SSH")]
+    pub ssh: Option<String>,
+    /// The mirrorfs command on the far side of an ssh target (like rsync's --rsync-path);
+    /// by default `mirrorfs` on the far PATH.
+    #[arg(long)]
+    pub remote_mirrorfs: Option<String>,
+    /// Seconds without progress from the target before it counts as lost (at start: before
+    /// giving up).
     #[arg(long, default_value_t = 30.0, value_parser = positive_secs)]
     pub timeout: f64,
+}
+
+impl Reach {
+    pub fn limit(&self) -> std::time::Duration {
+        std::time::Duration::from_secs_f64(self.timeout)
+    }
+
+    /// The connector for the checked endpoint `ep` (see `check_target`).
+    pub fn connector(
+        &self,
+        ep: Endpoint,
+        local: crate::transport::LocalMode,
+    ) -> Result<crate::transport::Connector, String> {
+        let shown = ep.to_string();
+        let ssh = crate::transport::ssh::SshOptions::new(self.ssh.as_deref(), self.remote_mirrorfs.as_deref())?;
+        Ok(
+            crate::transport::Connector::new(ep, self.token_file.as_deref(), Some(self.limit()), local)
+                .map_err(|e| format!("target {shown}: {e}"))?
+                .with_ssh(ssh),
+        )
+    }
+}
+
+#[derive(Args, Debug)]
+pub struct TargetArgs {
+    /// The source directory.
+    pub src: PathBuf,
+    #[command(flatten)]
+    pub reach: Reach,
     /// No progress bar and no summary.
     #[arg(long, short)]
     pub quiet: bool,

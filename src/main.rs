@@ -39,17 +39,19 @@ fn main() -> ExitCode {
 
 fn connect(a: &TargetArgs) -> Result<(Arc<LocalFs>, Arc<dyn mirrorfs::rpc::Rpc>), String> {
     let src = cli::check_source(&a.src)?;
-    let ep = cli::check_target(&a.target, &src)?;
+    let ep = cli::check_target(&a.reach.target, &src)?;
     let fs = Arc::new(LocalFs::new(&src).map_err(|e| format!("source: {e}"))?);
-    let limit = Some(std::time::Duration::from_secs_f64(a.timeout));
-    let client = transport::open_target(&ep, a.token_file.as_deref(), limit, transport::LocalMode::Threaded)
+    let client = a
+        .reach
+        .connector(ep.clone(), transport::LocalMode::Threaded)?
+        .connect()
         .map_err(|e| format!("target {ep}: {e}"))?;
     Ok((fs, client))
 }
 
 fn sync(a: SyncArgs) -> Result<ExitCode, String> {
     let src = cli::check_source(&a.target.src)?;
-    if let Some(dir) = cli::create_missing_target(&a.target.target, &src)? {
+    if let Some(dir) = cli::create_missing_target(&a.target.reach.target, &src)? {
         if !a.target.quiet {
             eprintln!("created directory {}", dir.display());
         }
@@ -154,8 +156,7 @@ fn mount(a: MountArgs) -> Result<ExitCode, String> {
     let rep = replicator(
         &src,
         ep.clone(),
-        a.token_file.as_deref(),
-        a.timeout,
+        &a.reach,
         a.on_disconnect,
         transport::LocalMode::Inline,
         SyncOptions {
@@ -233,7 +234,7 @@ fn check_mount(
     let src = cli::check_source(&a.src)?;
     let mountpoint =
         std::fs::canonicalize(mountpoint).map_err(|e| format!("mountpoint {}: {e}", mountpoint.display()))?;
-    let ep = cli::check_target(&a.target, &src)?;
+    let ep = cli::check_target(&a.reach.target, &src)?;
     if mountpoint != src && mountpoint.starts_with(&src) {
         return Err(format!(
             "mountpoint {} lies inside the source {}; the mount would serve itself",
@@ -285,17 +286,14 @@ fn start_mount_watch(src: &std::path::Path) -> Option<(std::os::fd::OwnedFd, mir
 fn replicator(
     src: &std::path::Path,
     ep: transport::Endpoint,
-    token_file: Option<&std::path::Path>,
-    timeout: f64,
+    reach: &cli::Reach,
     policy: mirrorfs::source::Policy,
     local: transport::LocalMode,
     opts: SyncOptions,
 ) -> Result<Arc<mirrorfs::source::Replicator>, String> {
     use mirrorfs::source::{Link, Replicator, Source};
     let shown = ep.to_string();
-    let limit = std::time::Duration::from_secs_f64(timeout);
-    let connector =
-        transport::Connector::new(ep, token_file, Some(limit), local).map_err(|e| format!("target {shown}: {e}"))?;
+    let connector = reach.connector(ep, local)?;
     let link = Link::open(connector, policy).map_err(|e| format!("target {shown}: {e}"))?;
     let fs = Arc::new(LocalFs::new(src).map_err(|e| format!("source: {e}"))?);
     let rep = Arc::new(Replicator::new(Source::new(fs, RelPath::root(), opts), link));
@@ -476,7 +474,7 @@ fn umount(a: UmountArgs) -> Result<ExitCode, String> {
 fn watch(a: WatchArgs) -> Result<ExitCode, String> {
     use mirrorfs::watch::{Watch, WatchOptions};
     let src = cli::check_source(&a.target.src)?;
-    let ep = cli::check_target(&a.target.target, &src)?;
+    let ep = cli::check_target(&a.target.reach.target, &src)?;
     let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
     for sig in [signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT] {
         signal_hook::flag::register(sig, stop.clone()).map_err(|e| format!("signals: {e}"))?;
@@ -486,8 +484,7 @@ fn watch(a: WatchArgs) -> Result<ExitCode, String> {
     let rep = replicator(
         &src,
         ep,
-        a.target.token_file.as_deref(),
-        a.target.timeout,
+        &a.target.reach,
         mirrorfs::source::Policy::Continue,
         transport::LocalMode::Threaded,
         SyncOptions {

@@ -945,7 +945,9 @@ fn a_request_slower_than_the_timeout_is_kept_alive_not_lost() {
         extra: &["--timeout", "1", "--on-disconnect", "block"],
         ..Opts::default()
     };
-    let Some(inner) = Mount::with(name, inner_opts) else { return };
+    let Some(inner) = Mount::with(name, inner_opts) else {
+        return;
+    };
     let sock = inner.tmp.path().join("outer.sock");
     let listen = format!("unix:{}", sock.display());
     let _outer_target = serve(&inner.mnt, &listen, &[]);
@@ -954,7 +956,9 @@ fn a_request_slower_than_the_timeout_is_kept_alive_not_lost() {
         extra: &["--timeout", "1"],
         ..Opts::default()
     };
-    let Some(mut outer) = Mount::with(name, opts) else { return };
+    let Some(mut outer) = Mount::with(name, opts) else {
+        return;
+    };
     let _ = fs::remove_dir(&outer.dst);
     outer.dst = inner.mnt.clone();
     fs::write(outer.p("before"), b"1").unwrap();
@@ -975,7 +979,10 @@ fn a_request_slower_than_the_timeout_is_kept_alive_not_lost() {
     assert_eq!(st.link.state, "connected", "a busy target is not a lost one: {st:?}");
     drop(resume);
     let took = writer.join().unwrap().expect("the slow write completes");
-    assert!(took > Duration::from_secs(3), "it waited past three --timeout periods: {took:?}");
+    assert!(
+        took > Duration::from_secs(3),
+        "it waited past three --timeout periods: {took:?}"
+    );
     let st = outer.wait_status("connected", Duration::from_secs(10));
     assert_eq!(st.link.reconnects, 0, "the outer link was never lost: {st:?}");
     let log = outer.log_text();

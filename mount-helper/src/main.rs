@@ -4,8 +4,9 @@
 //! `mount.mirrorfs SPEC DIR [-sfnv] [-N NS] [-o OPTIONS] [-t TYPE]`, turns the options into a
 //! `mirrorfs mount` command line and runs it (which returns once the mount is live).
 //!
-//! mirrorfs options: `target=` (required), `token_file=`, `timeout=`, `on_disconnect=`, `log_file=`, `threads=`,
-//! `no_passthrough`, `allow_mass_delete`, `no_watch`. Generic options mount(8) or fstab add (`rw`,
+//! mirrorfs options: `target=` (required), `token_file=`, `ssh=`, `remote_mirrorfs=`, `timeout=`,
+//! `on_disconnect=`, `log_file=`, `threads=`, `no_passthrough`, `allow_mass_delete`, `no_watch`.
+//! A value with commas is written in double quotes; fstab writes a space as `\040`. Generic options mount(8) or fstab add (`rw`,
 //! `defaults`, `auto`, `noauto`, `user`, `nofail`, `_netdev`, `x-*`, …) are ignored; anything else
 //! is an error, unless `-s` (sloppy) was given.
 
@@ -34,8 +35,7 @@ fn parse_call(args: &[String]) -> Result<Call, String> {
             "-o" | "-t" | "-N" => {
                 let v = args.get(i + 1).ok_or_else(|| format!("{a} needs a value"))?;
                 if a == "-o" {
-                    c.options
-                        .extend(v.split(',').filter(|s| !s.is_empty()).map(str::to_string));
+                    c.options.extend(split_options(v)?);
                 }
                 i += 2;
                 continue;
@@ -61,8 +61,32 @@ fn parse_call(args: &[String]) -> Result<Call, String> {
             c.dir = dir.clone();
             Ok(c)
         }
-        _ => Err("usage: mount.mirrorfs SRC DIR [-sfnv] [-o target=DIR|unix:PATH|tcp:HOST:PORT,...]".into()),
+        _ => Err("usage: mount.mirrorfs SRC DIR [-sfnv] [-o target=DIR|unix:PATH|tcp:HOST:PORT|HOST:PATH,...]".into()),
     }
+}
+
+/// Splits mount options at commas, except inside double quotes, which are removed
+/// (libmount's rule): `ssh="ssh -F /etc/m/ssh_config",target=backup:/srv/m`.
+fn split_options(v: &str) -> Result<Vec<String>, String> {
+    let (mut out, mut cur, mut quoted) = (Vec::new(), String::new(), false);
+    for c in v.chars() {
+        match c {
+            '"' => quoted = !quoted,
+            ',' if !quoted => {
+                if !cur.is_empty() {
+                    out.push(std::mem::take(&mut cur));
+                }
+            }
+            c => cur.push(c),
+        }
+    }
+    if quoted {
+        return Err(format!("an unclosed \" in the options {v:?}"));
+    }
+    if !cur.is_empty() {
+        out.push(cur);
+    }
+    Ok(out)
 }
 
 /// Options mount(8) and fstab pass that mean nothing to mirrorfs.
@@ -113,6 +137,8 @@ fn mirrorfs_args(c: &Call) -> Result<Vec<String>, String> {
         match k {
             "target" => target = Some(flag("target")?),
             "token_file" => args.extend(flag("token-file")?),
+            "ssh" => args.extend(flag("ssh")?),
+            "remote_mirrorfs" => args.extend(flag("remote-mirrorfs")?),
             "timeout" => args.extend(flag("timeout")?),
             "on_disconnect" => args.extend(flag("on-disconnect")?),
             "log_file" => args.extend(flag("log-file")?),
@@ -123,10 +149,11 @@ fn mirrorfs_args(c: &Call) -> Result<Vec<String>, String> {
             "ro" => return Err("mirrorfs mounts are read-write; drop the ro option".into()),
             _ if generic(o) => {}
             _ if c.sloppy => {}
-            _ => return Err(format!("unknown option {o:?} (mirrorfs options: target=, token_file=, timeout=, on_disconnect=, log_file=, threads=, no_passthrough, allow_mass_delete, no_watch)")),
+            _ => return Err(format!("unknown option {o:?} (mirrorfs options: target=, token_file=, ssh=, remote_mirrorfs=, timeout=, on_disconnect=, log_file=, threads=, no_passthrough, allow_mass_delete, no_watch)")),
         }
     }
-    let target = target.ok_or("the target option is required: -o target=DIR|unix:PATH|tcp:HOST:PORT")?;
+    let target = target
+        .ok_or("the target option is required: -o target=DIR|unix:PATH|tcp:HOST:PORT|ssh://HOST/PATH|HOST:PATH")?;
     args.extend(target);
     args.push("--quiet".into());
     Ok(args)
@@ -242,6 +269,26 @@ mod tests {
                     "--quiet",
                 ]),
             ),
+            (
+                &[
+                    "/s",
+                    "/s",
+                    "-o",
+                    "target=backup:/srv/m,ssh=\"ssh -F /etc/m/cfg -o Ciphers=aes128-ctr,aes256-ctr\",remote_mirrorfs=/opt/mirrorfs",
+                ],
+                Ok(&[
+                    "mount",
+                    "/s",
+                    "--ssh",
+                    "ssh -F /etc/m/cfg -o Ciphers=aes128-ctr,aes256-ctr",
+                    "--remote-mirrorfs",
+                    "/opt/mirrorfs",
+                    "--target",
+                    "backup:/srv/m",
+                    "--quiet",
+                ]),
+            ),
+            (&["/s", "/m", "-o", "target=h:/m,ssh=\"ssh"], Err("unclosed")),
             (&["/s", "/m", "-o", "rw"], Err("target option is required")),
             (&["/s", "/m", "-o", "target=/b,colour=red"], Err("unknown option")),
             (

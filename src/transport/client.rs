@@ -75,15 +75,19 @@ pub struct Client {
     timeout: Option<Duration>,
     shutdown: Box<dyn Fn(bool) + Send + Sync>,
     reader: Option<JoinHandle<()>>,
-    server: Option<JoinHandle<()>>,
+    /// Run once the stream is closed: joins an in-process target's thread, or reaps ssh.
+    finish: Option<Finish>,
 }
+
+/// What ends a connection's other half (see `Client::finish`).
+pub type Finish = Box<dyn FnOnce() + Send + Sync>;
 
 impl Client {
     pub(crate) fn over_stream<S: super::Stream>(
         s: S,
         key: Option<auth::Key>,
         timeout: Option<Duration>,
-        server: Option<JoinHandle<()>>,
+        finish: Option<Finish>,
     ) -> Result<Client, TransportError> {
         let r = s.try_clone_stream().map_err(|e| TransportError::io("socket", e))?;
         let shut = s.try_clone_stream().map_err(|e| TransportError::io("socket", e))?;
@@ -104,7 +108,7 @@ impl Client {
                     shut.shutdown_write()
                 }
             }),
-            server,
+            finish,
         );
         lim.set_read_limit(None);
         c
@@ -117,7 +121,7 @@ impl Client {
         key: Option<auth::Key>,
         timeout: Option<Duration>,
         shutdown: Box<dyn Fn(bool) + Send + Sync>,
-        server: Option<JoinHandle<()>>,
+        finish: Option<Finish>,
     ) -> Result<Client, TransportError> {
         let mut r = BufReader::with_capacity(1 << 20, r);
         let mut w = BufWriter::with_capacity(1 << 20, w);
@@ -203,7 +207,7 @@ impl Client {
             timeout,
             shutdown,
             reader: Some(reader),
-            server,
+            finish,
         })
     }
 }
@@ -306,8 +310,8 @@ impl Drop for Client {
         if let Some(h) = self.reader.take() {
             let _ = h.join();
         }
-        if let Some(h) = self.server.take() {
-            let _ = h.join();
+        if let Some(f) = self.finish.take() {
+            f();
         }
     }
 }

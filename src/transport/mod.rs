@@ -1,12 +1,15 @@
 //! Transports: where a target is and how to reach it. `Endpoint` parses `unix:PATH`,
-//! `tcp:HOST:PORT` or a plain local directory (served in-process over a socket pair, through the
-//! same code as a remote target). `client` holds the pipelined connection (`Client`, an `Rpc`),
-//! `server` the accept loops and the per-connection request loop, `auth` the token challenge.
+//! `tcp:HOST:PORT`, `ssh://[user@]host[:port]/path` or rsync's `[user@]host:path`, or a plain
+//! local directory (served in-process). `Connector` opens sessions to one endpoint, again and
+//! again. `client` holds the pipelined connection (`Client`, an `Rpc`), `server` the accept
+//! loops and the per-connection request loop, `auth` the token challenge, `ssh` the spawned
+//! `ssh` whose standard input and output carry a connection.
 
 pub mod auth;
 pub mod client;
 pub mod local;
 pub mod server;
+pub mod ssh;
 
 pub use client::Client;
 pub use server::{listen, serve_stream};
@@ -21,6 +24,8 @@ pub enum Endpoint {
     Local(PathBuf),
     Unix(PathBuf),
     Tcp(String),
+    /// Another machine, through the system's ssh and `mirrorfs serve --stdio` there.
+    Ssh(ssh::SshTarget),
 }
 
 impl Endpoint {
@@ -42,7 +47,14 @@ impl Endpoint {
         if s.is_empty() {
             return Err(TransportError::BadEndpoint(s.into(), "empty target"));
         }
-        Ok(Endpoint::Local(s.into()))
+        let bad = |(why, whole): (&'static str, String)| TransportError::BadEndpoint(whole, why);
+        if s.starts_with("ssh://") {
+            return ssh::parse_url(s).map(Endpoint::Ssh).map_err(bad);
+        }
+        match ssh::parse_short(s) {
+            Some(r) => r.map(Endpoint::Ssh).map_err(bad),
+            None => Ok(Endpoint::Local(s.into())),
+        }
     }
 }
 
@@ -52,6 +64,7 @@ impl fmt::Display for Endpoint {
             Endpoint::Local(p) => write!(f, "{}", p.display()),
             Endpoint::Unix(p) => write!(f, "unix:{}", p.display()),
             Endpoint::Tcp(a) => write!(f, "tcp:{a}"),
+            Endpoint::Ssh(t) => write!(f, "{t}"),
         }
     }
 }
@@ -72,6 +85,9 @@ pub enum TransportError {
     Auth(String),
     #[error("protocol error: {0}")]
     Protocol(String),
+    /// A session over ssh that did not start, explained (see `ssh::explain`).
+    #[error("{0}")]
+    Ssh(String),
 }
 
 impl TransportError {
@@ -147,6 +163,7 @@ pub struct Connector {
     key: Option<auth::Key>,
     timeout: Option<Duration>,
     local: LocalMode,
+    ssh: ssh::SshOptions,
 }
 
 impl Connector {
@@ -165,7 +182,14 @@ impl Connector {
             key,
             timeout,
             local,
+            ssh: ssh::SshOptions::default(),
         })
+    }
+
+    /// How an `ssh` endpoint is reached (`--ssh`, `--remote-mirrorfs`).
+    pub fn with_ssh(mut self, o: ssh::SshOptions) -> Connector {
+        self.ssh = o;
+        self
     }
 
     pub fn endpoint(&self) -> &Endpoint {
@@ -205,7 +229,31 @@ impl Connector {
                     .name("target".into())
                     .spawn(move || serve_stream(Box::new(b), Box::new(b2), fs, None))
                     .map_err(|e| TransportError::io("spawn target thread", e))?;
-                Client::over_stream(a, key, timeout, Some(server))
+                Client::over_stream(
+                    a,
+                    key,
+                    timeout,
+                    Some(Box::new(move || {
+                        let _ = server.join();
+                    })),
+                )
+            }
+            Endpoint::Ssh(t) => {
+                let (stream, process) = ssh::spawn(t, &self.ssh, timeout)?;
+                let process = std::sync::Arc::new(parking_lot::Mutex::new(Some(process)));
+                let p2 = process.clone();
+                let finish: client::Finish = Box::new(move || {
+                    if let Some(p) = p2.lock().take() {
+                        p.finish()
+                    }
+                });
+                Client::over_stream(stream, key, timeout, Some(finish)).map_err(|e| {
+                    let p = process.lock().take();
+                    match p {
+                        Some(p) => p.explain(t, &self.ssh, e),
+                        None => e,
+                    }
+                })
             }
             Endpoint::Unix(path) => {
                 let s = std::os::unix::net::UnixStream::connect(path)

@@ -5,6 +5,7 @@
 
 pub mod mnt;
 pub mod netns;
+pub mod sshd;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::ffi::OsStr;
