@@ -74,23 +74,34 @@ pub fn dir() -> PathBuf {
 
 /// Makes the directory (mode 0700) or checks that an existing one is ours and closed to others.
 fn ensure_dir(d: &Path) -> Result<(), ControlError> {
-    let err = |e: String| ControlError::Dir(d.display().to_string(), e);
-    match std::fs::create_dir(d) {
-        Ok(()) => std::fs::set_permissions(d, std::fs::Permissions::from_mode(0o700)).map_err(|e| err(e.to_string())),
+    ensure_private_dir(d).map_err(|e| ControlError::Dir(d.display().to_string(), e.to_string()))
+}
+
+/// Makes `d` (and its parents) with mode 0700 from the start, or checks that an existing `d` is
+/// a real directory of ours, and closes it to others.
+pub fn ensure_private_dir(d: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::DirBuilderExt;
+    if let Some(parent) = d.parent() {
+        if !parent.as_os_str().is_empty() && !parent.exists() {
+            std::fs::DirBuilder::new().recursive(true).mode(0o700).create(parent)?;
+        }
+    }
+    match std::fs::DirBuilder::new().mode(0o700).create(d) {
+        Ok(()) => Ok(()),
         Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
-            let m = std::fs::symlink_metadata(d).map_err(|e| err(e.to_string()))?;
+            let m = std::fs::symlink_metadata(d)?;
             if !m.is_dir() {
-                return Err(err("exists and is not a directory".into()));
+                return Err(std::io::Error::other("exists and is not a directory"));
             }
             if m.uid() != crate::sys::geteuid() {
-                return Err(err(format!("belongs to uid {}, not to us", m.uid())));
+                return Err(std::io::Error::other(format!("belongs to uid {}, not to us", m.uid())));
             }
             if m.mode() & 0o077 != 0 {
-                std::fs::set_permissions(d, std::fs::Permissions::from_mode(0o700)).map_err(|e| err(e.to_string()))?;
+                std::fs::set_permissions(d, std::fs::Permissions::from_mode(0o700))?;
             }
             Ok(())
         }
-        Err(e) => Err(err(e.to_string())),
+        Err(e) => Err(e),
     }
 }
 

@@ -122,8 +122,18 @@ fn serve(a: ServeArgs) -> Result<ExitCode, String> {
             .map(transport::auth::load_key)
             .transpose()
             .map_err(|e| e.to_string())?;
-        transport::serve_stream(Box::new(std::io::stdin()), Box::new(std::io::stdout()), fs, key);
-        return Ok(ExitCode::SUCCESS);
+        // One connection per process: a peer that stalls its handshake ends the process.
+        let cutoff: transport::server::Cutoff = Box::new(|| std::process::exit(1));
+        return match transport::serve_stream(
+            Box::new(std::io::stdin()),
+            Box::new(std::io::stdout()),
+            fs,
+            key,
+            Some(cutoff),
+        ) {
+            Ok(()) => Ok(ExitCode::SUCCESS),
+            Err(e) => Err(format!("serve --stdio: {e}")),
+        };
     }
     let l = Listen::parse(a.listen.as_deref().unwrap_or_default())?;
     transport::listen(&l, &a.dir, a.token_file.as_deref(), |addr| {
@@ -139,7 +149,10 @@ fn mount(a: MountArgs) -> Result<ExitCode, String> {
     let mountpoint = a.mountpoint.clone().unwrap_or_else(|| a.src.clone());
     let daemon_log = std::env::var_os(daemon::DAEMON_ENV).map(std::path::PathBuf::from);
     if !a.foreground && daemon_log.is_none() {
-        let log = a.log_file.clone().unwrap_or_else(|| daemon::default_log(&mountpoint));
+        let log = match a.log_file.clone() {
+            Some(l) => l,
+            None => daemon::default_log(&mountpoint).map_err(|e| e.to_string())?,
+        };
         let pid = daemon::spawn(&log).map_err(|e| e.to_string())?;
         eprintln!(
             "mirrorfs: {} mounted at {} (daemon pid {pid}); log: {}",
@@ -180,7 +193,10 @@ fn mount(a: MountArgs) -> Result<ExitCode, String> {
         mountpoint.display()
     );
     match &daemon_log {
-        Some(log) => daemon::ready(log).map_err(|e| e.to_string())?,
+        Some(log) => {
+            daemon::ready(log).map_err(|e| e.to_string())?;
+            daemon::cap_log(log.clone());
+        }
         None => eprintln!(
             "mirrorfs: {} mounted at {}; stop with `umount {}` or Ctrl-C",
             src.display(),

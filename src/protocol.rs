@@ -18,6 +18,8 @@ pub const MAGIC: [u8; 8] = *b"MIRRORFS";
 pub const KEEPALIVE_ID: u64 = 0;
 /// Largest frame accepted: generous for a chunk of scan entries or a delta segment.
 pub const MAX_FRAME: usize = 64 << 20;
+/// Largest frame accepted before the handshake is done: hellos and token proofs are tiny.
+pub const HANDSHAKE_FRAME: usize = 4 << 10;
 /// Content travels in pieces of at most this size.
 pub const DATA_CHUNK: usize = 8 << 20;
 
@@ -309,6 +311,12 @@ pub fn write_frame<T: Serialize>(w: &mut impl Write, value: &T) -> Result<usize,
 
 /// Reads one frame's payload. A clean EOF before the length is `Closed`.
 pub fn read_payload(r: &mut impl Read) -> Result<Vec<u8>, FrameError> {
+    read_payload_max(r, MAX_FRAME)
+}
+
+/// Reads one frame of at most `max` bytes. A length field alone buys little memory: past the
+/// first MiB, the rest of a large frame is allocated only once that first MiB has arrived.
+pub fn read_payload_max(r: &mut impl Read, max: usize) -> Result<Vec<u8>, FrameError> {
     let mut len = [0u8; 4];
     match r.read_exact(&mut len) {
         Ok(()) => {}
@@ -316,11 +324,16 @@ pub fn read_payload(r: &mut impl Read) -> Result<Vec<u8>, FrameError> {
         Err(e) => return Err(e.into()),
     }
     let len = u32::from_le_bytes(len) as usize;
-    if len > MAX_FRAME {
+    if len > max {
         return Err(FrameError::TooLarge(len));
     }
-    let mut buf = vec![0u8; len];
+    const FIRST: usize = 1 << 20;
+    let mut buf = vec![0u8; len.min(FIRST)];
     r.read_exact(&mut buf)?;
+    if len > FIRST {
+        buf.resize(len, 0);
+        r.read_exact(&mut buf[FIRST..])?;
+    }
     Ok(buf)
 }
 
@@ -346,6 +359,11 @@ pub fn peek_id(payload: &[u8]) -> Option<u64> {
 
 pub fn read_frame<T: DeserializeOwned>(r: &mut impl Read) -> Result<T, FrameError> {
     decode(&read_payload(r)?)
+}
+
+/// A handshake frame (hello, auth): at most `HANDSHAKE_FRAME` bytes, from a peer not yet trusted.
+pub fn read_handshake<T: DeserializeOwned>(r: &mut impl Read) -> Result<T, FrameError> {
+    decode(&read_payload_max(r, HANDSHAKE_FRAME)?)
 }
 
 #[cfg(test)]

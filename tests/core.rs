@@ -12,6 +12,7 @@ use parking_lot::Mutex;
 use std::fs;
 use std::io::Write;
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 fn p(s: &str) -> RelPath {
     RelPath::new(s).unwrap()
@@ -583,4 +584,127 @@ fn memfs_refused_delta_of_a_link_group_leader() {
     assert_eq!(r.delta_files, 0, "{r:?}");
     assert!(r.problems.is_empty(), "{:?}", r.problems);
     mem_equal(&src, &dst);
+}
+
+fn proc_status(pid: u32, key: &str) -> u64 {
+    let s = fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let line = s
+        .lines()
+        .find(|l| l.starts_with(key))
+        .unwrap_or_else(|| panic!("no {key}"));
+    line.split_whitespace().nth(1).unwrap().parse().unwrap()
+}
+
+/// Until a peer has sent its hello (and, with a token, its proof), it gets little: a first frame
+/// of a few KiB, a deadline, and a share of a capped number of connections.
+#[test]
+fn serve_gives_an_unproven_peer_little() {
+    use std::io::Read;
+    use std::os::unix::net::UnixStream;
+    let d = tempfile::tempdir().unwrap();
+    let dir = d.path().join("t");
+    fs::create_dir(&dir).unwrap();
+    let sock = d.path().join("s.sock");
+    let listen = format!("unix:{}", sock.display());
+    let server = common::serve(&dir, &listen, &[]);
+    let pid = server.0.id();
+
+    // Ten peers announce a 60 MiB first frame: each is closed at once, and nothing is allocated.
+    for _ in 0..10 {
+        let mut c = UnixStream::connect(&sock).unwrap();
+        c.write_all(&(60u32 << 20).to_le_bytes()).unwrap();
+        c.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        let mut b = [0u8; 1];
+        assert_eq!(c.read(&mut b).unwrap(), 0, "closed, not waiting for 60 MiB");
+    }
+    assert!(proc_status(pid, "VmRSS:") < 48 << 10, "serve's memory stays small");
+
+    // Two hundred idle peers: at most MAX_CONNECTIONS are let in, the rest are told why.
+    let t = Instant::now();
+    let mut peers: Vec<UnixStream> = (0..200).map(|_| UnixStream::connect(&sock).unwrap()).collect();
+    std::thread::sleep(Duration::from_millis(500));
+    let mut refused = 0;
+    for c in &mut peers {
+        c.set_read_timeout(Some(Duration::from_millis(20))).unwrap();
+        if let Ok(sh) = protocol::read_frame::<ServerHello>(c) {
+            assert!(sh.refusal.unwrap().contains("connections at most"));
+            refused += 1;
+        }
+    }
+    let limit = mirrorfs::transport::server::MAX_CONNECTIONS;
+    assert!(refused >= 200 - limit, "only {refused} of 200 refused");
+    let threads = proc_status(pid, "Threads:");
+    assert!(threads <= 2 * limit as u64 + 4, "{threads} threads for idle peers");
+    // The ones let in are closed at the handshake deadline.
+    for c in &mut peers {
+        c.set_read_timeout(Some(Duration::from_secs(15))).unwrap();
+        let mut b = [0u8; 64];
+        loop {
+            match c.read(&mut b) {
+                Ok(0) => break,
+                Ok(_) => continue,
+                Err(e) => panic!("a stalled peer was not closed after {:?}: {e}", t.elapsed()),
+            }
+        }
+    }
+    assert!(t.elapsed() < Duration::from_secs(20), "{:?}", t.elapsed());
+    assert_eq!(fs::read_dir(&dir).unwrap().count(), 0, "the target is untouched");
+    // serve survives all of it and serves the next client.
+    let src = d.path().join("src");
+    fs::create_dir(&src).unwrap();
+    fs::write(src.join("f"), b"still serving").unwrap();
+    common::sync(&src, &listen, &["-q"]);
+    common::assert_same_tree(&src, &dir);
+}
+
+#[test]
+fn serve_stdio_fed_garbage_exits_non_zero() {
+    let d = tempfile::tempdir().unwrap();
+    for input in [
+        &b"GET / HTTP/1.1\r\n\r\n"[..],
+        &(60u32 << 20).to_le_bytes()[..],
+        &b""[..],
+    ] {
+        let mut child = std::process::Command::new(common::bin())
+            .args(["serve", "--stdio"])
+            .arg(d.path())
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        child.stdin.take().unwrap().write_all(input).unwrap();
+        let out = child.wait_with_output().unwrap();
+        assert!(!out.status.success(), "{input:?} accepted");
+        assert!(
+            String::from_utf8_lossy(&out.stderr).contains("serve --stdio"),
+            "says why: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+}
+
+#[test]
+fn serves_unix_socket_is_private_even_under_umask_0() {
+    use std::os::unix::fs::PermissionsExt;
+    let d = tempfile::tempdir().unwrap();
+    let sock = d.path().join("s.sock");
+    let child = std::process::Command::new("sh")
+        .arg("-c")
+        .arg(format!(
+            "umask 0; exec {} serve {} --listen unix:{}",
+            common::bin(),
+            d.path().display(),
+            sock.display()
+        ))
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let _g = common::ChildGuard(child);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !sock.exists() {
+        assert!(Instant::now() < deadline, "serve did not bind");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    assert_eq!(fs::symlink_metadata(&sock).unwrap().permissions().mode() & 0o777, 0o600);
 }

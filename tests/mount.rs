@@ -12,7 +12,7 @@ use std::fs::{self, File, OpenOptions};
 use std::io::{ErrorKind, Read, Seek, SeekFrom, Write};
 use std::os::fd::AsFd;
 use std::os::unix::fs::{symlink, FileExt, MetadataExt, OpenOptionsExt, PermissionsExt};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
@@ -531,7 +531,7 @@ fn daemon_mode_returns_once_live_and_logs_to_a_file() {
         return;
     }
     let tmp = tempfile::tempdir().unwrap();
-    let (src, dst, log) = (tmp.path().join("src"), tmp.path().join("dst"), tmp.path().join("d.log"));
+    let (src, dst) = (tmp.path().join("src"), tmp.path().join("dst"));
     fs::create_dir(&src).unwrap();
     fs::create_dir(&dst).unwrap();
     fs::write(src.join("pre"), b"existing").unwrap();
@@ -540,8 +540,6 @@ fn daemon_mode_returns_once_live_and_logs_to_a_file() {
         .arg(&src)
         .arg("--target")
         .arg(&dst)
-        .arg("--log-file")
-        .arg(&log)
         .output()
         .unwrap();
     let err = String::from_utf8_lossy(&out.stderr);
@@ -553,7 +551,22 @@ fn daemon_mode_returns_once_live_and_logs_to_a_file() {
     }
     let _g = Unmount(&src);
     assert!(out.status.success(), "{err}");
-    assert!(err.contains(&log.display().to_string()), "prints the log path: {err}");
+    // The default log: in a directory only root can enter, made 0600, never in a shared /tmp.
+    let log = PathBuf::from(err.split("log: ").nth(1).expect("prints the log path").trim());
+    struct Remove(PathBuf);
+    impl Drop for Remove {
+        fn drop(&mut self) {
+            let _ = fs::remove_file(&self.0);
+        }
+    }
+    let _rm = Remove(log.clone());
+    assert!(log.starts_with("/var/log/mirrorfs"), "{}", log.display());
+    use std::os::unix::fs::PermissionsExt;
+    assert_eq!(fs::metadata(&log).unwrap().permissions().mode() & 0o7777, 0o600);
+    assert_eq!(
+        fs::metadata("/var/log/mirrorfs").unwrap().permissions().mode() & 0o7777,
+        0o700
+    );
     assert!(mounted(&src), "live when the command returns");
     fs::write(src.join("via-daemon"), b"d").unwrap();
     let pid: u32 = err
@@ -910,4 +923,40 @@ fn separate_mountpoint_source_written_directly() {
     fs::remove_file(m.src.join("own6")).unwrap();
     converge(&m, "direct writes to the source");
     m.finish();
+}
+
+#[test]
+fn a_log_path_planted_as_a_symlink_is_refused() {
+    if !common::mnt::fuse_ready("a_log_path_planted_as_a_symlink_is_refused") {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let (src, dst) = (tmp.path().join("src"), tmp.path().join("dst"));
+    fs::create_dir(&src).unwrap();
+    fs::create_dir(&dst).unwrap();
+    let victim = tmp.path().join("root-only");
+    fs::write(&victim, b"precious").unwrap();
+    let log = tmp.path().join("planted.log");
+    std::os::unix::fs::symlink(&victim, &log).unwrap();
+    let out = Command::new(bin())
+        .arg("mount")
+        .arg(&src)
+        .args(["--target"])
+        .arg(&dst)
+        .arg("--log-file")
+        .arg(&log)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    if mounted(&src) {
+        let _ = mirrorfs::fuse::unmount(&src, true);
+        panic!("mounted with a planted log: {err}");
+    }
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(err.contains("symlink"), "{err}");
+    assert_eq!(
+        fs::read(&victim).unwrap(),
+        b"precious",
+        "nothing written through the link"
+    );
 }

@@ -143,7 +143,7 @@ impl Client {
         };
         protocol::write_frame(&mut w, &hello).map_err(proto)?;
         w.flush().map_err(|e| TransportError::io("handshake", e))?;
-        let sh: ServerHello = protocol::read_frame(&mut r).map_err(|e| match e {
+        let sh: ServerHello = protocol::read_handshake(&mut r).map_err(|e| match e {
             protocol::FrameError::Malformed(_) | protocol::FrameError::TooLarge(_) => TransportError::NotMirrorfs,
             e => proto(e),
         })?;
@@ -169,7 +169,7 @@ impl Client {
             };
             protocol::write_frame(&mut w, &ca).map_err(proto)?;
             w.flush().map_err(|e| TransportError::io("handshake", e))?;
-            let sa: ServerAuth = protocol::read_frame(&mut r).map_err(proto)?;
+            let sa: ServerAuth = protocol::read_handshake(&mut r).map_err(proto)?;
             if !sa.ok {
                 return Err(TransportError::Auth("the target rejected our token".into()));
             }

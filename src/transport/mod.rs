@@ -227,7 +227,9 @@ impl Connector {
                 let b2 = b.try_clone().map_err(|e| TransportError::io("socketpair", e))?;
                 let server = std::thread::Builder::new()
                     .name("target".into())
-                    .spawn(move || serve_stream(Box::new(b), Box::new(b2), fs, None))
+                    .spawn(move || {
+                        let _ = serve_stream(Box::new(b), Box::new(b2), fs, None, None);
+                    })
                     .map_err(|e| TransportError::io("spawn target thread", e))?;
                 Client::over_stream(
                     a,

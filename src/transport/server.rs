@@ -23,29 +23,52 @@ use std::sync::Arc;
 /// --timeout" on the source means a stuck target, not a big scan or a slow fsync.
 const KEEPALIVE_TICK: std::time::Duration = std::time::Duration::from_millis(250);
 
-/// Serves one connection until it closes. Errors are logged, never returned.
+/// How long a peer has to finish its handshake (hello and, with a token, its proof).
+pub const HANDSHAKE_DEADLINE: std::time::Duration = std::time::Duration::from_secs(10);
+/// Connections served at once by one `serve`; more are refused at once.
+pub const MAX_CONNECTIONS: usize = 32;
+
+/// Makes a stalled handshake's read fail: shuts the socket down, or ends a `--stdio` process.
+pub type Cutoff = Box<dyn FnOnce() + Send>;
+
+/// Serves one connection until it closes. Before the handshake is done the peer gets little:
+/// frames of a few KiB and `HANDSHAKE_DEADLINE`, after which `cutoff` runs. Returns an error
+/// when the handshake failed or the peer sent what is not a request stream; a clean close is
+/// `Ok`. Errors are logged too.
 pub fn serve_stream(
     r: Box<dyn Read + Send>,
     w: Box<dyn Write + Send>,
     fs: Arc<dyn FileSystem>,
     key: Option<auth::Key>,
-) {
+    cutoff: Option<Cutoff>,
+) -> Result<(), TransportError> {
     let mut r = BufReader::with_capacity(1 << 20, r);
     let mut w = BufWriter::with_capacity(1 << 20, w);
-    match handshake(&mut r, &mut w, key) {
-        Ok(()) => {}
-        Err(e) => {
-            log::warn!("connection refused: {e}");
-            let _ = w.flush();
-            return;
-        }
+    let (shook, deadline) = crossbeam_channel::bounded::<()>(1);
+    if let Some(cutoff) = cutoff {
+        std::thread::Builder::new()
+            .name("handshake-deadline".into())
+            .spawn(move || {
+                if let Err(crossbeam_channel::RecvTimeoutError::Timeout) = deadline.recv_timeout(HANDSHAKE_DEADLINE) {
+                    log::warn!("a peer did not finish its handshake within {HANDSHAKE_DEADLINE:?}; closing");
+                    cutoff();
+                }
+            })
+            .map_err(|e| TransportError::io("spawn", e))?;
+    }
+    let shaken = handshake(&mut r, &mut w, key);
+    let _ = shook.send(());
+    if let Err(e) = shaken {
+        log::warn!("connection refused: {e}");
+        let _ = w.flush();
+        return Err(e);
     }
     let w = parking_lot::Mutex::new(w);
     // (requests begun, a request is running); the keepalive thread reads them.
     let started = AtomicU64::new(0);
     let busy = AtomicBool::new(false);
     let done = AtomicBool::new(false);
-    std::thread::scope(|scope| {
+    let served = std::thread::scope(|scope| {
         scope.spawn(|| {
             let mut seen = u64::MAX;
             while !done.load(Ordering::Relaxed) {
@@ -62,10 +85,12 @@ pub fn serve_stream(
                 seen = now;
             }
         });
-        serve_requests(&mut r, &w, fs, &started, &busy);
+        let r = serve_requests(&mut r, &w, fs, &started, &busy);
         done.store(true, Ordering::Relaxed);
+        r
     });
     let _ = w.lock().flush();
+    served
 }
 
 /// The request loop of one connection, after its handshake.
@@ -75,15 +100,15 @@ fn serve_requests(
     fs: Arc<dyn FileSystem>,
     started: &AtomicU64,
     busy: &AtomicBool,
-) {
+) -> Result<(), TransportError> {
     let mut target = ReplicatorTarget::new(fs, RelPath::root()).fenced();
     loop {
         let payload = match protocol::read_payload(r) {
             Ok(p) => p,
-            Err(FrameError::Closed) => break,
+            Err(FrameError::Closed) => return Ok(()),
             Err(e) => {
                 log::error!("closing connection: {e}");
-                break;
+                return Err(TransportError::Protocol(e.to_string()));
             }
         };
         let mut fenced = false;
@@ -111,23 +136,23 @@ fn serve_requests(
                 }
                 None => {
                     log::error!("closing connection: malformed frame without a request id: {e}");
-                    break;
+                    return Err(TransportError::Protocol(format!("a frame that is not a request: {e}")));
                 }
             },
         };
         let mut w = w.lock();
         if let Err(e) = protocol::write_frame(&mut *w, &answer) {
             log::error!("closing connection: cannot answer: {e}");
-            break;
+            return Err(TransportError::Protocol(e.to_string()));
         }
         if fenced {
             log::warn!("closing a connection whose session a newer one replaced");
-            break;
+            return Ok(());
         }
         if r.buffer().is_empty() {
             if let Err(e) = w.flush() {
                 log::error!("closing connection: {e}");
-                break;
+                return Err(TransportError::io("answer", e));
             }
         }
     }
@@ -135,7 +160,11 @@ fn serve_requests(
 
 fn handshake(r: &mut impl BufRead, w: &mut impl Write, key: Option<auth::Key>) -> Result<(), TransportError> {
     let proto = |e: FrameError| TransportError::Protocol(e.to_string());
-    let ch: ClientHello = protocol::read_frame(r).map_err(|_| TransportError::NotMirrorfs)?;
+    let ch: ClientHello = protocol::read_handshake(r).map_err(|e| match e {
+        FrameError::Closed => TransportError::Protocol("the peer closed before its hello".into()),
+        FrameError::Io(e) => TransportError::io("reading the hello", e),
+        _ => TransportError::NotMirrorfs,
+    })?;
     if ch.magic != MAGIC {
         return Err(TransportError::NotMirrorfs);
     }
@@ -164,7 +193,7 @@ fn handshake(r: &mut impl BufRead, w: &mut impl Write, key: Option<auth::Key>) -
     protocol::write_frame(w, &hello).map_err(proto)?;
     w.flush().map_err(|e| TransportError::io("handshake", e))?;
     if let (Some(key), Some(challenge)) = (key, challenge) {
-        let ca: ClientAuth = protocol::read_frame(r).map_err(proto)?;
+        let ca: ClientAuth = protocol::read_handshake(r).map_err(proto)?;
         let ok = auth::verify(&auth::proof(&key, b"client", &challenge, &ca.nonce), &ca.proof);
         let sa = ServerAuth {
             ok,
@@ -244,10 +273,12 @@ pub fn listen(
     match l {
         Listen::Unix(path) => {
             replace_stale_socket(path)?;
-            let lis =
-                UnixListener::bind(path).map_err(|e| TransportError::io(format!("bind {}", path.display()), e))?;
-            use std::os::unix::fs::PermissionsExt;
-            let _ = std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600));
+            // Made 0600 from the moment it exists (no window before a chmod): serve binds
+            // before it starts any other thread, so the process-wide umask touches nothing else.
+            let old = crate::sys::set_umask(0o177);
+            let bound = UnixListener::bind(path);
+            crate::sys::set_umask(old);
+            let lis = bound.map_err(|e| TransportError::io(format!("bind {}", path.display()), e))?;
             ready(format!("unix:{}", path.display()));
             accept_loop(lis.incoming(), &dir, key);
         }
@@ -287,32 +318,71 @@ fn replace_stale_socket(path: &Path) -> Result<(), TransportError> {
     std::fs::remove_file(path).map_err(|e| TransportError::io(format!("removing {}", path.display()), e))
 }
 
-/// Serves every accepted connection on its own thread.
+/// Serves every accepted connection on its own thread, at most `MAX_CONNECTIONS` at once: one
+/// more is told so and closed.
 fn accept_loop<S: super::Stream>(
     incoming: impl Iterator<Item = std::io::Result<S>>,
     dir: &Path,
     key: Option<auth::Key>,
 ) {
+    let open = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     for s in incoming {
         let s = match s {
             Ok(s) => s,
             Err(e) => {
                 log::warn!("accept: {e}");
+                // Out of file descriptors, say: do not spin.
+                std::thread::sleep(std::time::Duration::from_millis(10));
                 continue;
             }
         };
+        if open.load(Ordering::Relaxed) >= MAX_CONNECTIONS {
+            log::warn!("refusing a connection: {MAX_CONNECTIONS} are open already");
+            refuse(
+                s,
+                &format!("the target serves {MAX_CONNECTIONS} connections at most; try again later"),
+            );
+            continue;
+        }
         let fs: Arc<dyn FileSystem> = match crate::fs::LocalFs::new(dir) {
             Ok(fs) => Arc::new(fs),
             Err(e) => {
                 log::error!("refusing a connection: target directory {}: {e}", dir.display());
+                refuse(s, &format!("target directory: {e}"));
                 continue;
             }
         };
-        match s.try_clone_stream() {
-            Ok(r) => {
-                std::thread::spawn(move || serve_stream(Box::new(r), Box::new(s), fs, key));
+        let (r, cut) = match (s.try_clone_stream(), s.try_clone_stream()) {
+            (Ok(r), Ok(cut)) => (r, cut),
+            (Err(e), _) | (_, Err(e)) => {
+                log::warn!("accept: {e}");
+                continue;
             }
-            Err(e) => log::warn!("accept: {e}"),
+        };
+        open.fetch_add(1, Ordering::Relaxed);
+        let open = open.clone();
+        let served = std::thread::Builder::new().name("connection".into()).spawn(move || {
+            let cutoff: Cutoff = Box::new(move || cut.shutdown_both());
+            let _ = serve_stream(Box::new(r), Box::new(s), fs, key, Some(cutoff));
+            open.fetch_sub(1, Ordering::Relaxed);
+        });
+        if let Err(e) = served {
+            log::warn!("accept: no thread for a connection: {e}");
         }
     }
+}
+
+/// Tells a peer why it is not served (a hello with a refusal) and closes; never blocks long.
+fn refuse<S: super::Stream>(mut s: S, why: &str) {
+    s.set_write_limit(Some(std::time::Duration::from_millis(200)));
+    let hello = ServerHello {
+        magic: MAGIC,
+        version: PROTOCOL_VERSION,
+        capabilities: Vec::new(),
+        is_root: false,
+        challenge: None,
+        refusal: Some(why.to_string()),
+    };
+    let _ = protocol::write_frame(&mut s, &hello);
+    s.shutdown_write();
 }
