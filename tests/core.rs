@@ -708,3 +708,155 @@ fn serves_unix_socket_is_private_even_under_umask_0() {
     }
     assert_eq!(fs::symlink_metadata(&sock).unwrap().permissions().mode() & 0o777, 0o600);
 }
+
+/// While requests stream in, another process keeps swapping a directory of the target for a
+/// symlink to a directory outside it (atomically, with RENAME_EXCHANGE). Nothing outside the
+/// root may ever change.
+#[test]
+fn a_directory_swapped_for_a_symlink_mid_stream_changes_nothing_outside() {
+    use mirrorfs::rpc::Rpc;
+    use std::os::fd::AsFd;
+    let d = tempfile::tempdir().unwrap();
+    let (root, outside) = (d.path().join("root"), d.path().join("outside"));
+    for dir in [root.join("d/sub"), outside.join("sub")] {
+        fs::create_dir_all(&dir).unwrap();
+    }
+    for dir in [root.join("d"), outside.clone()] {
+        fs::write(dir.join("victim"), b"original content").unwrap();
+        fs::write(dir.join("sub/inner"), b"inner").unwrap();
+    }
+    std::os::unix::fs::symlink(&outside, root.join("evil")).unwrap();
+    let reference = d.path().join("reference");
+    assert!(std::process::Command::new("cp")
+        .arg("-a")
+        .arg(&outside)
+        .arg(&reference)
+        .status()
+        .unwrap()
+        .success());
+    let sock = d.path().join("s.sock");
+    let listen = format!("unix:{}", sock.display());
+    let _server = common::serve(&root, &listen, &[]);
+
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let swaps = {
+        let (stop, root) = (stop.clone(), root.clone());
+        std::thread::spawn(move || {
+            let dir = fs::File::open(&root).unwrap();
+            let (a, b) = (c"d", c"evil");
+            let mut n = 0u64;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                mirrorfs::sys::renameat2(dir.as_fd(), a, dir.as_fd(), b, libc::RENAME_EXCHANGE).unwrap();
+                n += 1;
+            }
+            n
+        })
+    };
+    let c = mirrorfs::transport::connect(&mirrorfs::transport::Endpoint::Unix(sock.clone()), None, None).unwrap();
+    let attrs = mirrorfs::fs::Attrs {
+        perm: 0o777,
+        owner: Some((65534, 65534)),
+        mtime: Default::default(),
+        xattrs: vec![(b"user.pwned".to_vec(), b"1".to_vec())],
+    };
+    let t = Instant::now();
+    let (mut rounds, mut applied, mut refused) = (0, 0, 0);
+    while t.elapsed() < Duration::from_secs(3) {
+        let i = rounds;
+        let ch = |c: Change| Request::Change(c);
+        let batch = vec![
+            ch(Change::Create {
+                path: p(&format!("d/f{i}")),
+                perm: 0o666,
+                exclusive: false,
+            }),
+            ch(Change::Write {
+                path: p("d/victim"),
+                offset: 0,
+                data: b"pwned".to_vec(),
+                mtime: None,
+            }),
+            ch(Change::Truncate {
+                path: p("d/victim"),
+                size: 1,
+            }),
+            ch(Change::SetAttr {
+                path: p("d/victim"),
+                perm: Some(0o777),
+                uid: Some(65534),
+                gid: None,
+                atime: SetTime::Omit,
+                mtime: SetTime::Now,
+            }),
+            ch(Change::SetXattr {
+                path: p("d/victim"),
+                name: b"user.pwned".to_vec(),
+                value: b"1".to_vec(),
+            }),
+            ch(Change::Fallocate {
+                path: p("d/victim"),
+                mode: 0,
+                offset: 0,
+                len: 1 << 20,
+            }),
+            ch(Change::Mkdir {
+                path: p(&format!("d/m{i}")),
+                perm: 0o777,
+            }),
+            ch(Change::Symlink {
+                path: p(&format!("d/s{i}")),
+                target: b"/".to_vec(),
+            }),
+            ch(Change::Link {
+                existing: p("d/victim"),
+                path: p(&format!("d/l{i}")),
+            }),
+            ch(Change::Rename {
+                from: p("d/victim"),
+                to: p(&format!("d/r{i}")),
+                flags: 0,
+            }),
+            ch(Change::Unlink { path: p("d/victim") }),
+            Request::RemoveTree { path: p("d/sub") },
+            Request::PutFile {
+                path: p("d/victim"),
+                chunks: vec![(0, b"put".to_vec())],
+                size: 3,
+                attrs: attrs.clone(),
+            },
+            Request::ApplyAttrs {
+                path: p("d/victim"),
+                kind: Kind::File,
+                attrs: attrs.clone(),
+            },
+            Request::LinkReplace {
+                existing: p(&format!("d/f{i}")),
+                path: p("d/victim"),
+            },
+            ch(Change::CopyRange {
+                src: p(&format!("d/f{i}")),
+                src_offset: 0,
+                dst: p("d/victim"),
+                dst_offset: 0,
+                len: 3,
+            }),
+        ];
+        let pending: Vec<_> = batch.into_iter().map(|r| c.submit(r)).collect();
+        for p in pending {
+            match p.wait() {
+                Ok(_) => applied += 1,
+                Err(_) => refused += 1,
+            }
+        }
+        rounds += 1;
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let n = swaps.join().unwrap();
+    assert!(n > 1000 && rounds > 20, "the race ran: {n} swaps, {rounds} rounds");
+    assert!(
+        applied > 0 && refused > 0,
+        "both sides of the race were met: {applied} applied, {refused} refused"
+    );
+    let diff = common::tree_diff(&reference, &outside);
+    assert!(diff.is_empty(), "outside the root changed:\n{}", diff.join("\n"));
+}
