@@ -57,6 +57,11 @@ impl Kind {
     pub fn is_special(self) -> bool {
         matches!(self, Kind::Fifo | Kind::Socket | Kind::CharDev | Kind::BlockDev)
     }
+
+    /// A device node: only a privileged process can make one.
+    pub fn is_device(self) -> bool {
+        matches!(self, Kind::CharDev | Kind::BlockDev)
+    }
 }
 
 /// A point in time with nanoseconds.

@@ -69,6 +69,9 @@ fn sync(a: SyncArgs) -> Result<ExitCode, String> {
     for p in &r.problems {
         eprintln!("mirrorfs: {p}");
     }
+    if !r.not_mirrored.is_empty() && !a.target.quiet {
+        eprintln!("note: {}", r.not_mirrored);
+    }
     if !a.target.quiet {
         eprintln!(
             "synced in {:.2}s: {} operations, {} files sent ({} as deltas), {} content bytes, {} bytes on the wire{}",
@@ -95,9 +98,13 @@ fn sync(a: SyncArgs) -> Result<ExitCode, String> {
 fn verify(a: TargetArgs) -> Result<ExitCode, String> {
     let (fs, client) = connect(&a)?;
     // Building a source reconciles; verify must not change anything, so it uses the parts.
-    let diffs = mirrorfs::source::verify_only(fs, RelPath::root(), &client).map_err(|e| e.to_string())?;
+    let (diffs, not_mirrored) =
+        mirrorfs::source::verify_only(fs, RelPath::root(), &client).map_err(|e| e.to_string())?;
     for d in &diffs {
         println!("{d}");
+    }
+    if !not_mirrored.is_empty() && !a.quiet {
+        eprintln!("note: {not_mirrored}");
     }
     if !a.quiet {
         eprintln!("{} differences", diffs.len());
@@ -320,6 +327,9 @@ fn replicator(
         log::warn!("startup walk: {p}");
     }
     log::info!("startup walk: {} operations, {} files sent", r.ops, r.files_sent);
+    if !r.not_mirrored.is_empty() {
+        log::warn!("{}", r.not_mirrored);
+    }
     if !r.problems.is_empty() {
         // What the walk could not copy is behind: the recovery retries it.
         rep.link().mark_scope(mirrorfs::reconcile::Scope::full());

@@ -51,6 +51,7 @@ fn mem_equal(a: &MemFs, b: &MemFs) {
         &mirrorfs::reconcile::PlanOptions {
             checksum: true,
             owners: true,
+            devices: true,
             allow_mass_delete: true,
             root_unlisted: false,
         },

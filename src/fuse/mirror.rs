@@ -368,15 +368,17 @@ impl Mirror {
     }
 
     /// Shared by create, mknod, mkdir and symlink: `make` creates `name` in the parent's fd and
-    /// returns what the caller keeps (an open fd for create); `first` is the request that creates
-    /// it on the target, or `None` when the entry must come over by a repair instead.
+    /// returns what the caller keeps (an open fd for create); `first` is the change that creates
+    /// it on the target, `Some(None)` when the target cannot hold it (a device node on a target
+    /// without root: only the directory's stamp goes), or `None` when the entry must come over
+    /// by a repair instead.
     fn make<T>(
         &self,
         parent: u64,
         name: &[u8],
         who: Caller,
         make: impl FnOnce(BorrowedFd<'_>, &CString) -> io::Result<T>,
-        first: impl FnOnce(RelPath, &libc::stat) -> Option<Change>,
+        first: impl FnOnce(RelPath, &libc::stat) -> Option<Option<Change>>,
     ) -> io::Result<(u64, libc::stat, T)> {
         let p = self.inode(parent)?;
         let cname = name_c(name)?;
@@ -394,11 +396,12 @@ impl Mirror {
                     let (id, st) = self.enter(parent, d, &cname)?;
                     let fwd = match (self.inodes.path(id), self.inodes.path(parent)) {
                         (Some(path), Some(dir)) => match first(path.clone(), &st) {
-                            Some(req) => {
+                            Some(Some(req)) => {
                                 let mut reqs = vec![req];
                                 reqs.extend(self.created(&path, &st, dir, &dst));
                                 Forward::of(reqs)
                             }
+                            Some(None) => Forward::of(vec![stamp(dir, &dst)]),
                             None => Forward::resync(),
                         },
                         _ => Forward::none(),
@@ -422,17 +425,19 @@ impl Mirror {
             |d, n| sys::mknodat(d, n, mode, rdev),
             |path, st| {
                 Some(match kind {
-                    Kind::File => Change::Create {
+                    Kind::File => Some(Change::Create {
                         path,
                         perm: st.st_mode & 0o7777,
                         exclusive: true,
-                    },
-                    _ => Change::Mknod {
+                    }),
+                    // Only a target with root can make one; the planner counts it instead.
+                    k if k.is_device() && !self.owners => None,
+                    _ => Some(Change::Mknod {
                         path,
                         kind,
                         perm: st.st_mode & 0o7777,
                         rdev: st.st_rdev,
-                    },
+                    }),
                 })
             },
         )
@@ -446,10 +451,10 @@ impl Mirror {
             who,
             |d, n| sys::mkdirat(d, n, mode & 0o7777),
             |path, st| {
-                Some(Change::Mkdir {
+                Some(Some(Change::Mkdir {
                     path,
                     perm: st.st_mode & 0o7777,
-                })
+                }))
             },
         )
         .map(|(id, st, ())| (id, st))
@@ -463,10 +468,10 @@ impl Mirror {
             who,
             |d, n| sys::symlinkat(&t, d, n),
             |path, _| {
-                Some(Change::Symlink {
+                Some(Some(Change::Symlink {
                     path,
                     target: target.to_vec(),
-                })
+                }))
             },
         )
         .map(|(id, st, ())| (id, st))
@@ -490,11 +495,11 @@ impl Mirror {
             // O_CREAT without O_EXCL opened a file made behind the mount's back: a repair brings
             // it over whole.
             |path, st| {
-                (st.st_size == 0).then(|| Change::Create {
+                (st.st_size == 0).then_some(Some(Change::Create {
                     path,
                     perm: st.st_mode & 0o7777,
                     exclusive: false,
-                })
+                }))
             },
         )?;
         let inode = self.inode(id)?;

@@ -49,6 +49,8 @@ pub struct Report {
     pub wire_bytes: u64,
     /// Per-path failures, in words.
     pub problems: Vec<String>,
+    /// What the target cannot hold (no root there): counted, not a failure.
+    pub not_mirrored: super::NotMirrored,
 }
 
 struct Exec<'a> {

@@ -10,6 +10,6 @@ pub mod scan;
 pub mod scope;
 
 pub use apply::{execute, ApplyOptions, Report};
-pub use plan::{describe, plan, Op, Plan, PlanError, PlanOptions};
+pub use plan::{describe, plan, NotMirrored, Op, Plan, PlanError, PlanOptions};
 pub use scan::{scan, scan_scope, Entries, Entry, ScanOptions, Snapshot};
 pub use scope::{Depth, Scope};

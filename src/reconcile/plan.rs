@@ -55,6 +55,9 @@ pub struct PlanOptions {
     pub checksum: bool,
     /// Compare and set uid/gid (only meaningful when the target runs as root).
     pub owners: bool,
+    /// The target can make device nodes (it runs as root). Without, source devices are left
+    /// out and counted in `Plan::not_mirrored`.
+    pub devices: bool,
     /// Let an empty source empty a non-empty target.
     pub allow_mass_delete: bool,
     /// The snapshots are partial and do not list the root's children: the mass-delete guard has
@@ -74,6 +77,43 @@ pub enum PlanError {
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Plan {
     pub ops: Vec<Op>,
+    pub not_mirrored: NotMirrored,
+}
+
+/// What a target without privileges cannot hold, counted rather than reported per path (and
+/// never a difference nor a failure): owners other than its own user, device nodes.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct NotMirrored {
+    pub owners: usize,
+    pub devices: usize,
+}
+
+impl NotMirrored {
+    pub fn is_empty(&self) -> bool {
+        self.owners == 0 && self.devices == 0
+    }
+
+    pub fn add(&mut self, o: NotMirrored) {
+        self.owners += o.owners;
+        self.devices += o.devices;
+    }
+}
+
+impl std::fmt::Display for NotMirrored {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let mut parts = Vec::new();
+        if self.owners > 0 {
+            parts.push(format!("the owners of {} entries", self.owners));
+        }
+        if self.devices > 0 {
+            parts.push(format!("{} device nodes", self.devices));
+        }
+        write!(
+            f,
+            "the target runs without root, so {} are not mirrored (serve --fake-super keeps them)",
+            parts.join(" and ")
+        )
+    }
 }
 
 fn inode(e: &Entry) -> (u64, u64) {
@@ -114,6 +154,9 @@ pub fn plan(src: &Snapshot, dst: &Snapshot, opts: &PlanOptions) -> Result<Plan, 
         return Err(PlanError::MassDelete(dst.entries.len() - 1));
     }
     let mut ops = Vec::new();
+    let mut not_mirrored = NotMirrored::default();
+    // Without owners, a new entry gets the target's user: the target root's owner.
+    let target_owner = dst.get(&RelPath::root()).map(|e| (e.meta.uid, e.meta.gid));
     // Target directories whose listing changes, so their mtime must be set again at the end.
     let mut touched: HashSet<RelPath> = HashSet::new();
     // Target paths removed or replaced: the target's entries beneath them are gone.
@@ -164,6 +207,21 @@ pub fn plan(src: &Snapshot, dst: &Snapshot, opts: &PlanOptions) -> Result<Plan, 
             continue;
         }
         let mut t = if gone(&replaced, p) { None } else { t0 };
+        if !opts.owners {
+            let theirs = t.map(|te| (te.meta.uid, te.meta.gid)).or(target_owner);
+            if theirs.is_some_and(|o| o != (s.meta.uid, s.meta.gid)) {
+                not_mirrored.owners += 1;
+            }
+        }
+        if !opts.devices && s.meta.kind.is_device() {
+            // Left out: whatever else the target has there goes, as the source has none of it.
+            not_mirrored.devices += 1;
+            if t.is_some_and(|te| te.meta.kind != s.meta.kind || te.meta.rdev != s.meta.rdev) {
+                push(&mut ops, &mut touched, Op::Remove(p.clone()));
+                replaced.insert(p.clone());
+            }
+            continue;
+        }
         if let Some(te) = t {
             let same_kind = te.meta.kind == s.meta.kind;
             let same_node = match s.meta.kind {
@@ -261,7 +319,7 @@ pub fn plan(src: &Snapshot, dst: &Snapshot, opts: &PlanOptions) -> Result<Plan, 
             ops.push(Op::Attrs(p.clone()));
         }
     }
-    Ok(Plan { ops })
+    Ok(Plan { ops, not_mirrored })
 }
 
 /// Explains in words how the target differs from the source for one planned operation.
@@ -392,6 +450,16 @@ mod tests {
                 "p" => Entry {
                     path,
                     meta: meta(Kind::Fifo, ino),
+                    link: None,
+                    xattrs: vec![],
+                    hash: None,
+                },
+                "c" => Entry {
+                    path,
+                    meta: Meta {
+                        rdev: 0x0103,
+                        ..meta(Kind::CharDev, ino)
+                    },
                     link: None,
                     xattrs: vec![],
                     hash: None,
@@ -590,6 +658,39 @@ mod tests {
         dst.entries.get_mut(&p("x")).unwrap().hash = Some([1; 32]);
         dst.entries.get_mut(&p("x")).unwrap().meta.mtime = Time::new(5, 0);
         assert_eq!(show(&plan(&src, &dst, &opts).unwrap().ops), ["attrs x"]);
+    }
+
+    #[test]
+    fn a_target_without_root_leaves_out_devices_and_owners_and_counts_them() {
+        // The source's entries belong to root, the target's to its user 1000.
+        let src = snap(&["c:null", "f:x:3:100", "p:fifo", "f:old:1:1"]);
+        let mut dst = snap(&["f:x:3:100", "p:fifo", "f:null:1:1"]);
+        let paths: Vec<RelPath> = dst.entries.keys().cloned().collect();
+        for k in paths {
+            let m = &mut dst.entries.get_mut(&k).unwrap().meta;
+            (m.uid, m.gid) = (1000, 1000);
+        }
+        let unprivileged = PlanOptions {
+            allow_mass_delete: true,
+            ..Default::default()
+        };
+        let p = plan(&src, &dst, &unprivileged).unwrap();
+        // The device is not made; a file where it should be goes. Owners are not compared.
+        assert_eq!(show(&p.ops), ["rm null", "put old", "attrs ."]);
+        assert_eq!(p.not_mirrored, NotMirrored { owners: 4, devices: 1 });
+        assert!(p
+            .not_mirrored
+            .to_string()
+            .contains("the owners of 4 entries and 1 device nodes"));
+        let root = PlanOptions {
+            owners: true,
+            devices: true,
+            allow_mass_delete: true,
+            ..Default::default()
+        };
+        let p = plan(&src, &dst, &root).unwrap();
+        assert!(show(&p.ops).contains(&"mknod null".to_string()), "{:?}", show(&p.ops));
+        assert!(p.not_mirrored.is_empty());
     }
 
     #[test]

@@ -74,6 +74,7 @@ impl Source {
         PlanOptions {
             checksum,
             owners: rpc.target_info().is_root,
+            devices: rpc.target_info().is_root,
             allow_mass_delete: self.opts.allow_mass_delete,
             root_unlisted: false,
         }
@@ -162,6 +163,7 @@ impl Source {
             owners: rpc.target_info().is_root,
         };
         let mut report = reconcile::execute(self.fs.as_ref(), &self.root, src, plan, rpc, &apply, &progress)?;
+        report.not_mirrored = plan.not_mirrored;
         progress.finish();
         report
             .problems
@@ -172,7 +174,7 @@ impl Source {
     /// Every difference between source and the target behind `rpc`, in words, comparing
     /// content by hash. Changes nothing.
     pub fn verify(&self, rpc: &dyn Rpc) -> Result<Vec<String>, SyncError> {
-        verify_only(self.fs.clone(), self.root.clone(), rpc)
+        verify_only(self.fs.clone(), self.root.clone(), rpc).map(|(d, _)| d)
     }
 
     /// The source's entry at `p` (relative to the replicated root).
@@ -273,19 +275,24 @@ pub fn forward_rename(rpc: &dyn Rpc, from: &RelPath, to: &RelPath) -> bool {
 }
 
 /// Lists the differences without changing anything (building a `ReplicatorSource` would
-/// reconcile first).
-pub fn verify_only(fs: Arc<dyn FileSystem>, root: RelPath, rpc: &dyn Rpc) -> Result<Vec<String>, SyncError> {
+/// reconcile first), and what a target without root cannot hold (not differences).
+pub fn verify_only(
+    fs: Arc<dyn FileSystem>,
+    root: RelPath,
+    rpc: &dyn Rpc,
+) -> Result<(Vec<String>, reconcile::NotMirrored), SyncError> {
     let (src, dst) = scan_both(fs.as_ref(), &root, rpc, true, None)?;
     let opts = PlanOptions {
         checksum: true,
         owners: rpc.target_info().is_root,
+        devices: rpc.target_info().is_root,
         allow_mass_delete: true,
         root_unlisted: false,
     };
     let plan = reconcile::plan(&src, &dst, &opts)?;
     let mut out: Vec<String> = plan.ops.iter().map(|op| reconcile::describe(op, &src, &dst)).collect();
     out.extend(src.problems.iter().map(|p| format!("could not read source: {p}")));
-    Ok(out)
+    Ok((out, plan.not_mirrored))
 }
 
 /// Scans both sides at once: the source's scan runs on a helper thread while the target's is

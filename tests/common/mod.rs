@@ -153,9 +153,39 @@ fn walk(root: &Path) -> (BTreeMap<Vec<u8>, Node>, BTreeSet<BTreeSet<Vec<u8>>>) {
 /// Every difference between two trees: content, kind, mode, owner, mtime (ns), symlink
 /// targets, device numbers, xattrs and hard-link groups.
 pub fn tree_diff(a: &Path, b: &Path) -> Vec<String> {
-    let (na, ga) = walk(a);
+    diff_trees(a, b, None)
+}
+
+/// `tree_diff` for a target served without root by the user `owner` (uid, gid): every entry
+/// of the target belongs to that user, and the source's device nodes are absent; everything
+/// else is compared as ever.
+pub fn tree_diff_unprivileged(a: &Path, b: &Path, owner: (u32, u32)) -> Vec<String> {
+    diff_trees(a, b, Some(owner))
+}
+
+fn diff_trees(a: &Path, b: &Path, unprivileged: Option<(u32, u32)>) -> Vec<String> {
+    let (mut na, ga) = walk(a);
     let (nb, gb) = walk(b);
     let mut out = Vec::new();
+    if let Some((uid, gid)) = unprivileged {
+        let devices: Vec<Vec<u8>> = na
+            .iter()
+            .filter(|(_, n)| n.kind == "chardev" || n.kind == "blockdev")
+            .map(|(p, _)| p.clone())
+            .collect();
+        for p in devices {
+            na.remove(&p);
+            if nb.contains_key(&p) {
+                out.push(format!(
+                    "a device node made by a target without root: {:?}",
+                    String::from_utf8_lossy(&p)
+                ));
+            }
+        }
+        for n in na.values_mut() {
+            (n.uid, n.gid) = (uid, gid);
+        }
+    }
     for (p, x) in &na {
         let name = String::from_utf8_lossy(p);
         match nb.get(p) {
@@ -196,7 +226,12 @@ pub fn tree_diff(a: &Path, b: &Path) -> Vec<String> {
         }
     }
     for p in nb.keys().filter(|p| !na.contains_key(*p)) {
-        out.push(format!("extra in target: {:?}", String::from_utf8_lossy(p)));
+        if !out
+            .iter()
+            .any(|o| o.contains("device node made") && o.contains(&*String::from_utf8_lossy(p)))
+        {
+            out.push(format!("extra in target: {:?}", String::from_utf8_lossy(p)));
+        }
     }
     if ga != gb {
         out.push(format!("hard-link groups differ: {ga:?} vs {gb:?}"));

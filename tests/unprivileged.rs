@@ -1,0 +1,168 @@
+//! A far side without root: `serve` runs as the unprivileged user `tests` (through setpriv, as
+//! a backup account would). It mirrors everything it can; owners and device nodes it cannot
+//! make are counted once, are not failures and not differences, and a mount over it reaches
+//! `connected` and exits 0.
+
+mod common;
+
+use common::mnt::{Mount, Opts};
+use common::{bin, rich_tree, tree_diff_unprivileged, ChildGuard};
+use std::fs;
+use std::os::unix::fs::PermissionsExt;
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+const USER: &str = "tests";
+
+fn ids() -> Option<(u32, u32)> {
+    let id = |flag: &str| -> Option<u32> {
+        let o = Command::new("id").args([flag, USER]).output().ok()?;
+        String::from_utf8_lossy(&o.stdout).trim().parse().ok()
+    };
+    Some((id("-u")?, id("-g")?))
+}
+
+/// `mirrorfs serve DIR --listen unix:SOCK` as the user `tests`.
+fn serve_unprivileged(test: &str, dir: &Path, sock: &Path) -> Option<(ChildGuard, (u32, u32))> {
+    let Some(owner) = ids() else {
+        common::mnt::skip(test, "there is no user `tests` (test.sh makes it)");
+        return None;
+    };
+    if Command::new("setpriv").arg("--version").output().is_err() {
+        common::mnt::skip(test, "setpriv (util-linux) is missing");
+        return None;
+    }
+    std::os::unix::fs::chown(dir, Some(owner.0), Some(owner.1)).unwrap();
+    std::os::unix::fs::chown(sock.parent().unwrap(), Some(owner.0), Some(owner.1)).unwrap();
+    let child = Command::new("setpriv")
+        .args(["--reuid", USER, "--regid", USER, "--clear-groups", "--"])
+        .arg(bin())
+        .arg("serve")
+        .arg(dir)
+        .arg("--listen")
+        .arg(format!("unix:{}", sock.display()))
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("setpriv");
+    let g = ChildGuard(child);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while std::os::unix::net::UnixStream::connect(sock).is_err() {
+        assert!(Instant::now() < deadline, "serve as {USER} did not come up");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    Some((g, owner))
+}
+
+/// A temp dir the unprivileged user can pass through.
+fn open_tempdir() -> tempfile::TempDir {
+    let t = tempfile::tempdir().unwrap();
+    fs::set_permissions(t.path(), fs::Permissions::from_mode(0o755)).unwrap();
+    t
+}
+
+#[test]
+fn sync_to_a_target_without_root_mirrors_what_it_can_and_counts_the_rest() {
+    let name = "sync_to_a_target_without_root_mirrors_what_it_can_and_counts_the_rest";
+    let tmp = open_tempdir();
+    let (src, dst, run) = (tmp.path().join("src"), tmp.path().join("dst"), tmp.path().join("run"));
+    for d in [&src, &dst, &run] {
+        fs::create_dir(d).unwrap();
+    }
+    rich_tree(&src);
+    let sock = run.join("t.sock");
+    let Some((_server, owner)) = serve_unprivileged(name, &dst, &sock) else {
+        return;
+    };
+    let target = format!("unix:{}", sock.display());
+    let out = Command::new(bin())
+        .args(["sync"])
+        .arg(&src)
+        .args(["--target", &target])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "a target without root is not a failure: {err}");
+    // Said once, with counts, not once per file.
+    assert_eq!(err.matches("not mirrored").count(), 1, "{err}");
+    assert!(err.contains("device nodes") && err.contains("the owners of"), "{err}");
+    assert!(!err.contains("Operation not permitted"), "no per-file refusals: {err}");
+    let d = tree_diff_unprivileged(&src, &dst, owner);
+    assert!(
+        d.is_empty(),
+        "the target differs beyond owners and devices:\n{}",
+        d.join("\n")
+    );
+    // Set-ID bits survive: the files belong to the serving user, who may set them.
+    let mode = |p: &str| fs::symlink_metadata(dst.join(p)).unwrap().permissions().mode() & 0o7777;
+    assert_eq!(mode("setuid"), 0o4755);
+    assert_eq!(mode("setgid"), 0o2750);
+
+    // verify lists no difference (and says what is not mirrored), and a second sync sends nothing.
+    let out = Command::new(bin())
+        .arg("verify")
+        .arg(&src)
+        .args(["--target", &target])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success(),
+        "verify: {}{err}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    assert!(err.contains("0 differences") && err.contains("not mirrored"), "{err}");
+    let out = common::sync(&src, &target, &[]);
+    assert_eq!(common::field(&out, "operations"), 0, "{out}");
+}
+
+#[test]
+fn a_mount_over_a_target_without_root_stays_connected() {
+    let name = "a_mount_over_a_target_without_root_stays_connected";
+    if !common::mnt::fuse_ready(name) {
+        return;
+    }
+    let far = open_tempdir();
+    let (dst, run) = (far.path().join("dst"), far.path().join("run"));
+    fs::create_dir(&dst).unwrap();
+    fs::create_dir(&run).unwrap();
+    let sock = run.join("t.sock");
+    let Some((_server, owner)) = serve_unprivileged(name, &dst, &sock) else {
+        return;
+    };
+    let target = format!("unix:{}", sock.display());
+    let opts = Opts {
+        target: Some(&target),
+        before: Some(&|src: &Path| rich_tree(src)),
+        ..Opts::default()
+    };
+    let Some(mut m) = Mount::with(name, opts) else { return };
+    let _ = fs::remove_dir(&m.dst);
+    m.dst = dst.clone();
+    // Through the mount: a device node, a chown, a setgid directory, ordinary files.
+    let mk = |what: &str| {
+        let ok = Command::new("sh").arg("-c").arg(what).status().unwrap().success();
+        assert!(ok, "{what}");
+    };
+    mk(&format!("mknod '{}' c 1 5", m.p("zero").display()));
+    mk(&format!("chown 4321:8765 '{}'", m.p("owned").display()));
+    fs::create_dir(m.p("shared")).unwrap();
+    fs::set_permissions(m.p("shared"), fs::Permissions::from_mode(0o2775)).unwrap();
+    fs::write(m.p("shared/doc"), b"written through the mount").unwrap();
+    let st = m.wait_status("connected", Duration::from_secs(10));
+    assert_eq!(st.link.repairs, 0, "no refusal, no repair: {st:?}");
+    assert!(st.link.last_error.is_none(), "{st:?}");
+    let d = tree_diff_unprivileged(&m.src, &dst, owner);
+    assert!(d.is_empty(), "while mounted:\n{}", d.join("\n"));
+    let log = m.log_text();
+    assert_eq!(
+        log.matches("not mirrored").count(),
+        1,
+        "said once, at the start:\n{log}"
+    );
+    let st = m.unmount();
+    assert!(st.success(), "the daemon exits 0: {st}\n{}", m.log_text());
+    let d = tree_diff_unprivileged(&m.src, &dst, owner);
+    assert!(d.is_empty(), "after unmount:\n{}", d.join("\n"));
+}
