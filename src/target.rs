@@ -15,6 +15,9 @@ use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
+/// Most blocks a signature may have (12 bytes each): with the source's block size rule, files
+/// up to 128 GiB.
+const MAX_SIGNATURE_BLOCKS: usize = 1 << 20;
 /// Entries per scan page.
 const SCAN_PAGE: usize = 8192;
 /// Prefix of the temporary names; leftovers from a killed target are removed by the next
@@ -234,6 +237,17 @@ impl ReplicatorTarget {
                     ));
                 }
                 let data = fs.map_file(&self.full(&path))?;
+                // The source picks about sqrt(size) bytes per block; a peer asking for tiny
+                // blocks of a huge file would make the answer huge.
+                let blocks = data.len().div_ceil(block_size as usize);
+                if blocks > MAX_SIGNATURE_BLOCKS {
+                    return Err(FsError::msg(
+                        libc::EFBIG,
+                        "signature",
+                        &path,
+                        format!("{blocks} blocks of {block_size} bytes: more than {MAX_SIGNATURE_BLOCKS}"),
+                    ));
+                }
                 let sig = fast_rsync::Signature::calculate(
                     &data,
                     fast_rsync::SignatureOptions {

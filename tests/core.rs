@@ -861,3 +861,26 @@ fn a_directory_swapped_for_a_symlink_mid_stream_changes_nothing_outside() {
     let diff = common::tree_diff(&reference, &outside);
     assert!(diff.is_empty(), "outside the root changed:\n{}", diff.join("\n"));
 }
+
+/// Found by the fuzzer: tiny blocks asked of a huge (sparse) file would make a huge signature.
+#[test]
+fn a_signature_is_bounded_whatever_block_size_is_asked() {
+    let d = tempfile::tempdir().unwrap();
+    let fs: Arc<dyn FileSystem> = Arc::new(LocalFs::new(d.path()).unwrap());
+    let mut t = ReplicatorTarget::new(fs, RelPath::root());
+    let f = fs::File::create(d.path().join("huge")).unwrap();
+    f.set_len(1 << 30).unwrap();
+    let r = t.handle_request(Request::Signature {
+        path: p("huge"),
+        block_size: 64,
+    });
+    assert_eq!(r.unwrap_err().errno, libc::EFBIG);
+    // The source's own rule (about sqrt(size) per block) is served.
+    let block_size = mirrorfs::reconcile::apply::block_size(1 << 30);
+    assert!(t
+        .handle_request(Request::Signature {
+            path: p("huge"),
+            block_size
+        })
+        .is_ok());
+}

@@ -1,6 +1,7 @@
 //! `ReplicatorTarget::handle_request` on a scratch root that holds a symlink to a directory
 //! outside it: the input is a stream of `(id, Request)` frames, applied in order. Nothing may
-//! panic, and nothing outside the root may change (checked after every input).
+//! panic, and nothing outside the root may change (checked after every input). The root is
+//! made afresh for every input, so each finding reproduces from its input alone.
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
@@ -17,16 +18,20 @@ struct Scratch {
 
 fn scratch() -> &'static Scratch {
     static S: OnceLock<Scratch> = OnceLock::new();
-    S.get_or_init(|| {
+    let s = S.get_or_init(|| {
         let base = std::env::temp_dir().join(format!("mirrorfs-fuzz-{}", std::process::id()));
         let (root, outside) = (base.join("root"), base.join("outside"));
         let _ = std::fs::remove_dir_all(&base);
-        std::fs::create_dir_all(&root).unwrap();
         std::fs::create_dir_all(outside.join("sub")).unwrap();
         std::fs::write(outside.join("x"), b"outside").unwrap();
-        std::os::unix::fs::symlink(&outside, root.join("link")).unwrap();
         Scratch { root, outside }
-    })
+    });
+    // A fresh root: what an earlier input left (a huge sparse file, say) cannot carry over.
+    let _ = std::fs::remove_dir_all(&s.root);
+    std::fs::create_dir_all(s.root.join("d")).unwrap();
+    std::fs::write(s.root.join("a"), b"a").unwrap();
+    std::os::unix::fs::symlink(&s.outside, s.root.join("link")).unwrap();
+    s
 }
 
 /// The outside directory as it was made: its names, and x's content and mode.
