@@ -185,6 +185,10 @@ pub struct SyncArgs {
     /// Allow an empty source to empty a non-empty target.
     #[arg(long)]
     pub allow_mass_delete: bool,
+    /// The source was written by `serve --fake-super`: restore what its records say (owners,
+    /// modes, device nodes, symlinks).
+    #[arg(long)]
+    pub fake_super: bool,
 }
 
 #[derive(Args, Debug)]
@@ -201,6 +205,10 @@ pub struct ServeArgs {
     /// File holding the shared token clients must prove they know.
     #[arg(long)]
     pub token_file: Option<PathBuf>,
+    /// Without root: keep owners, full modes and device nodes (and symlinks and special files,
+    /// as regular files) in `user.mirrorfs.stat` records, as rsync's --fake-super does.
+    #[arg(long)]
+    pub fake_super: bool,
 }
 
 /// A source directory, checked.

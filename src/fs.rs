@@ -4,6 +4,7 @@
 //! writes it receives, for logic tests). This module owns the shared value types (`Meta`, `Kind`,
 //! `Time`, `Attrs`) and the typed error `FsError`, which also travels on the wire.
 
+pub mod fake;
 pub mod local;
 pub mod mem;
 
@@ -292,6 +293,11 @@ pub trait FileSystem: Send + Sync {
     fn set_xattr(&self, p: &RelPath, name: &[u8], value: &[u8]) -> FsResult<()>;
     fn remove_xattr(&self, p: &RelPath, name: &[u8]) -> FsResult<()>;
     fn fsync(&self, p: &RelPath, datasync: bool) -> FsResult<()>;
+
+    /// Keeps owners, full modes and special files in records (`--fake-super`, see `fake`).
+    fn fake_super(&self) -> bool {
+        false
+    }
 
     /// Starts a session on the root and fences the older ones (see `session`). By default the
     /// file system keeps no record: the claim says so, and nothing is fenced.

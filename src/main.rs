@@ -37,10 +37,14 @@ fn main() -> ExitCode {
     }
 }
 
-fn connect(a: &TargetArgs) -> Result<(Arc<LocalFs>, Arc<dyn mirrorfs::rpc::Rpc>), String> {
+fn connect(a: &TargetArgs, fake_super: bool) -> Result<(Arc<LocalFs>, Arc<dyn mirrorfs::rpc::Rpc>), String> {
     let src = cli::check_source(&a.src)?;
     let ep = cli::check_target(&a.reach.target, &src)?;
-    let fs = Arc::new(LocalFs::new(&src).map_err(|e| format!("source: {e}"))?);
+    let fs = Arc::new(
+        LocalFs::new(&src)
+            .map_err(|e| format!("source: {e}"))?
+            .with_fake_super(fake_super),
+    );
     let client = a
         .reach
         .connector(ep.clone(), transport::LocalMode::Threaded)?
@@ -56,7 +60,7 @@ fn sync(a: SyncArgs) -> Result<ExitCode, String> {
             eprintln!("created directory {}", dir.display());
         }
     }
-    let (fs, client) = connect(&a.target)?;
+    let (fs, client) = connect(&a.target, a.fake_super)?;
     let opts = SyncOptions {
         checksum: a.checksum,
         allow_mass_delete: a.allow_mass_delete,
@@ -96,7 +100,7 @@ fn sync(a: SyncArgs) -> Result<ExitCode, String> {
 }
 
 fn verify(a: TargetArgs) -> Result<ExitCode, String> {
-    let (fs, client) = connect(&a)?;
+    let (fs, client) = connect(&a, false)?;
     // Building a source reconciles; verify must not change anything, so it uses the parts.
     let (diffs, not_mirrored) =
         mirrorfs::source::verify_only(fs, RelPath::root(), &client).map_err(|e| e.to_string())?;
@@ -122,7 +126,11 @@ fn serve(a: ServeArgs) -> Result<ExitCode, String> {
         return Err(format!("target directory {} is not a directory", a.dir.display()));
     }
     if a.stdio {
-        let fs: Arc<dyn mirrorfs::FileSystem> = Arc::new(LocalFs::new(&a.dir).map_err(|e| e.to_string())?);
+        let fs: Arc<dyn mirrorfs::FileSystem> = Arc::new(
+            LocalFs::new(&a.dir)
+                .map_err(|e| e.to_string())?
+                .with_fake_super(a.fake_super),
+        );
         let key = a
             .token_file
             .as_deref()
@@ -143,7 +151,7 @@ fn serve(a: ServeArgs) -> Result<ExitCode, String> {
         };
     }
     let l = Listen::parse(a.listen.as_deref().unwrap_or_default())?;
-    transport::listen(&l, &a.dir, a.token_file.as_deref(), |addr| {
+    transport::listen(&l, &a.dir, a.token_file.as_deref(), a.fake_super, |addr| {
         log::info!("serving {} on {addr}", a.dir.display());
         eprintln!("mirrorfs: serving {} on {addr}", a.dir.display());
     })

@@ -28,6 +28,16 @@ pub struct TargetInfo {
     pub capabilities: Vec<String>,
 }
 
+/// The capability of a target that keeps what needs root in records (`serve --fake-super`).
+pub const FAKE_SUPER: &str = "fake-super";
+
+impl TargetInfo {
+    /// The target can hold owners and device nodes: it runs as root, or keeps them in records.
+    pub fn keeps_owners(&self) -> bool {
+        self.is_root || self.capabilities.iter().any(|c| c == FAKE_SUPER)
+    }
+}
+
 /// Something that flushes buffered requests so that a waiter's request reaches the target, and
 /// tells when the target last showed progress (answered anything).
 pub trait Flush: Send + Sync {

@@ -25,6 +25,10 @@ fn ids() -> Option<(u32, u32)> {
 
 /// `mirrorfs serve DIR --listen unix:SOCK` as the user `tests`.
 fn serve_unprivileged(test: &str, dir: &Path, sock: &Path) -> Option<(ChildGuard, (u32, u32))> {
+    serve_unprivileged_with(test, dir, sock, &[])
+}
+
+fn serve_unprivileged_with(test: &str, dir: &Path, sock: &Path, extra: &[&str]) -> Option<(ChildGuard, (u32, u32))> {
     let Some(owner) = ids() else {
         common::mnt::skip(test, "there is no user `tests` (test.sh makes it)");
         return None;
@@ -42,6 +46,7 @@ fn serve_unprivileged(test: &str, dir: &Path, sock: &Path) -> Option<(ChildGuard
         .arg(dir)
         .arg("--listen")
         .arg(format!("unix:{}", sock.display()))
+        .args(extra)
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
@@ -165,4 +170,139 @@ fn a_mount_over_a_target_without_root_stays_connected() {
     assert!(st.success(), "the daemon exits 0: {st}\n{}", m.log_text());
     let d = tree_diff_unprivileged(&m.src, &dst, owner);
     assert!(d.is_empty(), "after unmount:\n{}", d.join("\n"));
+}
+
+#[test]
+fn fake_super_keeps_what_needs_root_and_a_restore_brings_it_back() {
+    let name = "fake_super_keeps_what_needs_root_and_a_restore_brings_it_back";
+    let tmp = open_tempdir();
+    let (src, dst, run) = (tmp.path().join("src"), tmp.path().join("dst"), tmp.path().join("run"));
+    for d in [&src, &dst, &run] {
+        fs::create_dir(d).unwrap();
+    }
+    rich_tree(&src);
+    // A large file too: it travels staged to the target, and by kernel copy in the restore.
+    let big: Vec<u8> = (0..(3u32 << 20)).map(|i| (i % 251) as u8).collect();
+    fs::write(src.join("big"), &big).unwrap();
+    std::os::unix::fs::chown(src.join("big"), Some(777), Some(888)).unwrap();
+    fs::set_permissions(src.join("big"), fs::Permissions::from_mode(0o6711)).unwrap();
+    let sock = run.join("t.sock");
+    let Some((_server, owner)) = serve_unprivileged_with(name, &dst, &sock, &["--fake-super"]) else {
+        return;
+    };
+    let target = format!("unix:{}", sock.display());
+    let out = common::sync(&src, &target, &[]);
+    assert!(
+        !out.contains("not mirrored"),
+        "a fake-super target keeps everything: {out}"
+    );
+
+    // On the target's disk: every entry is the serving user's, a device node is an empty
+    // regular file, a symlink a regular file holding its target; the records say the rest.
+    let record = |p: &str| {
+        String::from_utf8(
+            xattr::get(dst.join(p), "user.mirrorfs.stat")
+                .unwrap()
+                .expect("a record"),
+        )
+        .unwrap()
+    };
+    let meta = |p: &str| fs::symlink_metadata(dst.join(p)).unwrap();
+    use std::os::unix::fs::MetadataExt;
+    assert!(meta("chardev").is_file() && meta("chardev").len() == 0);
+    assert!(
+        record("chardev").starts_with("20") && record("chardev").contains(" 1,3 "),
+        "{}",
+        record("chardev")
+    );
+    assert!(meta("dangling").is_file());
+    assert_eq!(
+        fs::read(dst.join("dangling")).unwrap(),
+        fs::read_link(src.join("dangling"))
+            .unwrap()
+            .as_os_str()
+            .as_encoded_bytes()
+    );
+    assert!(
+        record("dangling").starts_with("120777") && record("dangling").ends_with(" 42:43"),
+        "{}",
+        record("dangling")
+    );
+    assert!(record("owned").ends_with(" 1234:5678"), "{}", record("owned"));
+    assert!(record("setuid").starts_with("104755"), "{}", record("setuid"));
+    assert_eq!((meta("owned").uid(), meta("owned").gid()), owner);
+
+    // Through the target, the tree is the source's: verify finds nothing, a re-run sends nothing.
+    let o = Command::new(bin())
+        .arg("verify")
+        .arg(&src)
+        .args(["--target", &target])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "{}{err}", String::from_utf8_lossy(&o.stdout));
+    assert!(err.contains("0 differences") && !err.contains("not mirrored"), "{err}");
+    let out = common::sync(&src, &target, &[]);
+    assert_eq!(common::field(&out, "operations"), 0, "{out}");
+
+    // The restore: read the backup with --fake-super, as root, into a fresh directory.
+    let restore = tmp.path().join("restore");
+    let out = Command::new(bin())
+        .arg("sync")
+        .arg(&dst)
+        .arg("--target")
+        .arg(&restore)
+        .args(["--fake-super", "-q"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    common::assert_same_tree(&src, &restore);
+}
+
+#[test]
+fn a_mount_over_a_fake_super_target_keeps_owners_and_devices() {
+    let name = "a_mount_over_a_fake_super_target_keeps_owners_and_devices";
+    if !common::mnt::fuse_ready(name) {
+        return;
+    }
+    let far = open_tempdir();
+    let (dst, run) = (far.path().join("dst"), far.path().join("run"));
+    fs::create_dir(&dst).unwrap();
+    fs::create_dir(&run).unwrap();
+    let sock = run.join("t.sock");
+    let Some((_server, _)) = serve_unprivileged_with(name, &dst, &sock, &["--fake-super"]) else {
+        return;
+    };
+    let target = format!("unix:{}", sock.display());
+    let opts = Opts {
+        target: Some(&target),
+        before: Some(&|src: &Path| rich_tree(src)),
+        ..Opts::default()
+    };
+    let Some(mut m) = Mount::with(name, opts) else { return };
+    let _ = fs::remove_dir(&m.dst);
+    m.dst = dst.clone();
+    let mk = |what: &str| {
+        let ok = Command::new("sh").arg("-c").arg(what).status().unwrap().success();
+        assert!(ok, "{what}");
+    };
+    mk(&format!("mknod '{}' b 7 9", m.p("loop9").display()));
+    mk(&format!("chown 4321:8765 '{}'", m.p("owned").display()));
+    std::os::unix::fs::symlink("../somewhere", m.p("new-link")).unwrap();
+    let st = m.wait_status("connected", Duration::from_secs(10));
+    assert_eq!(st.link.repairs, 0, "{st:?}");
+    // Seen through the records (a restore reads them so), the target equals the source.
+    let restore = far.path().join("restore");
+    let out = Command::new(bin())
+        .arg("sync")
+        .arg(&dst)
+        .arg("--target")
+        .arg(&restore)
+        .args(["--fake-super", "-q"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    common::assert_same_tree(&m.src, &restore);
+    let st = m.unmount();
+    assert!(st.success(), "{st}\n{}", m.log_text());
 }

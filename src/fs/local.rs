@@ -5,6 +5,7 @@
 //! following it. Content is read and written through fds opened `O_NONBLOCK`, so a fifo at a path
 //! never blocks the caller.
 
+use super::fake::{self, Record};
 use super::{Attrs, DirEntry, FileBytes, FileData, FileSystem, FsError, FsResult, Kind, Meta, SetTime, Xattr};
 use crate::path::RelPath;
 use crate::sys;
@@ -20,6 +21,8 @@ pub struct LocalFs {
     direct: bool,
     /// The root opened for reading, for the session lock (`flock` needs more than `O_PATH`).
     lock: std::sync::OnceLock<OwnedFd>,
+    /// `--fake-super`: owners, full modes and special files are kept in records (see `fake`).
+    fake: bool,
 }
 
 /// The directory holding an entry: the root itself, or a resolved subdirectory.
@@ -64,7 +67,78 @@ impl LocalFs {
             root_path: root.to_path_buf(),
             direct: false,
             lock: std::sync::OnceLock::new(),
+            fake: false,
         })
+    }
+
+    /// rsync's `--fake-super`: what needs root (owners, set-ID bits, device nodes, and the
+    /// symlinks and special files that cannot hold a user xattr) is written into records and
+    /// read back from them (`fake`).
+    pub fn with_fake_super(mut self, on: bool) -> LocalFs {
+        self.fake = on;
+        self
+    }
+
+    /// The record of `name` in `dir`, if it has one.
+    fn record(dir: BorrowedFd<'_>, name: &[u8]) -> Option<Record> {
+        sys::lgetxattr(dir, name, fake::XATTR)
+            .ok()
+            .and_then(|v| Record::parse(&v))
+    }
+
+    fn write_record(dir: BorrowedFd<'_>, name: &[u8], r: &Record) -> io::Result<()> {
+        sys::lsetxattr(dir, name, fake::XATTR, &r.encode(), 0)
+    }
+
+    /// Changes an entry's record (made from what the entry shows, when it has none yet) and
+    /// gives the real entry the permissions the record allows.
+    fn update_record(&self, p: &RelPath, op: &str, f: impl FnOnce(&mut Record)) -> FsResult<()> {
+        let (dir, name) = self.at(p, op)?;
+        let real = sys::fstatat(dir.fd(), &name, false).map_err(|e| FsError::io(e, op, p))?;
+        let real = Meta::from_stat(&real);
+        if !matches!(real.kind, Kind::File | Kind::Dir) {
+            return Err(FsError::msg(
+                libc::EPERM,
+                op,
+                p,
+                "no record can be kept on a real special file",
+            ));
+        }
+        let mut r = Self::record(dir.fd(), name.as_bytes()).unwrap_or_else(|| Record::of(&real));
+        f(&mut r);
+        Self::write_record(dir.fd(), name.as_bytes(), &r).map_err(|e| FsError::io(e, op, p))?;
+        let want = r.real_perm();
+        if real.perm != want {
+            // As `set_perm`: through O_PATH, so a symlink swapped in meanwhile is refused.
+            let fd = self.open(p, libc::O_PATH, op)?;
+            sys::chmod_opath(fd.as_fd(), want).map_err(|e| FsError::io(e, op, p))?;
+        }
+        Ok(())
+    }
+
+    /// Makes a regular file standing for a symlink or special file, with its record.
+    fn make_stand_in(&self, p: &RelPath, op: &str, content: &[u8], r: Record) -> FsResult<()> {
+        let (dir, name) = self.at(p, op)?;
+        let fd = sys::openat(
+            dir.fd(),
+            &name,
+            WR | libc::O_CREAT | libc::O_EXCL | libc::O_NOFOLLOW,
+            0o600,
+        )
+        .map_err(|e| FsError::io(e, op, p))?;
+        let st = Meta::from_stat(&sys::fstat(fd.as_fd()).map_err(|e| FsError::io(e, op, p))?);
+        let r = Record {
+            uid: st.uid,
+            gid: st.gid,
+            ..r
+        };
+        let done =
+            sys::pwrite_all(fd.as_fd(), content, 0).and_then(|_| Self::write_record(dir.fd(), name.as_bytes(), &r));
+        if let Err(e) = done {
+            let _ = sys::unlinkat(dir.fd(), &name, false);
+            return Err(FsError::io(e, op, p));
+        }
+        Ok(())
     }
 
     /// Large aligned writes bypass the page cache (`O_DIRECT`). It pays where the CPU is the
@@ -129,14 +203,22 @@ impl LocalFs {
         Ok(self.open_regular(p, WR, op)?.0)
     }
 
-    fn entry(dir: BorrowedFd<'_>, name: &[u8], xattrs: bool) -> io::Result<DirEntry> {
+    fn entry(dir: BorrowedFd<'_>, name: &[u8], xattrs: bool, fake: bool) -> io::Result<DirEntry> {
         let c = sys::cstr(name)?;
-        let meta = Meta::from_stat(&sys::fstatat(dir, &c, false)?);
-        let link = if meta.kind == Kind::Symlink {
+        let mut meta = Meta::from_stat(&sys::fstatat(dir, &c, false)?);
+        let mut link = if meta.kind == Kind::Symlink {
             Some(sys::readlinkat(dir, &c)?)
         } else {
             None
         };
+        if fake && matches!(meta.kind, Kind::File | Kind::Dir) {
+            if let Some(r) = Self::record(dir, name) {
+                if meta.kind == Kind::File && r.kind() == Kind::Symlink {
+                    link = Some(Self::stand_in_content(dir, &c, meta.size)?);
+                }
+                r.apply(&mut meta);
+            }
+        }
         let xattrs = if xattrs { read_xattrs(dir, name)? } else { Vec::new() };
         Ok(DirEntry {
             name: name.to_vec(),
@@ -144,6 +226,20 @@ impl LocalFs {
             link,
             xattrs,
         })
+    }
+}
+
+impl LocalFs {
+    /// The link target a stand-in file holds (at most PATH_MAX bytes are believed).
+    fn stand_in_content(dir: BorrowedFd<'_>, name: &std::ffi::CStr, size: u64) -> io::Result<Vec<u8>> {
+        if size > libc::PATH_MAX as u64 {
+            return Err(io::Error::from_raw_os_error(libc::ENAMETOOLONG));
+        }
+        let fd = sys::openat(dir, name, RD | libc::O_NOFOLLOW, 0)?;
+        let mut buf = vec![0u8; size as usize];
+        let n = sys::pread(fd.as_fd(), &mut buf, 0)?;
+        buf.truncate(n);
+        Ok(buf)
     }
 }
 
@@ -196,9 +292,15 @@ fn read_xattrs(dir: BorrowedFd<'_>, name: &[u8]) -> io::Result<Vec<Xattr>> {
 impl FileSystem for LocalFs {
     fn stat(&self, p: &RelPath) -> FsResult<Meta> {
         let (dir, name) = self.at(p, "stat")?;
-        sys::fstatat(dir.fd(), &name, false)
+        let mut m = sys::fstatat(dir.fd(), &name, false)
             .map(|st| Meta::from_stat(&st))
-            .map_err(|e| FsError::io(e, "stat", p))
+            .map_err(|e| FsError::io(e, "stat", p))?;
+        if self.fake && matches!(m.kind, Kind::File | Kind::Dir) {
+            if let Some(r) = Self::record(dir.fd(), name.as_bytes()) {
+                r.apply(&mut m);
+            }
+        }
+        Ok(m)
     }
 
     fn read_dir(&self, p: &RelPath, xattrs: bool) -> FsResult<Vec<DirEntry>> {
@@ -207,7 +309,7 @@ impl FileSystem for LocalFs {
         let names = sys::read_dir_names(list_fd).map_err(|e| FsError::io(e, "readdir", p))?;
         let mut out = Vec::with_capacity(names.len());
         for name in names {
-            match Self::entry(fd.as_fd(), &name, xattrs) {
+            match Self::entry(fd.as_fd(), &name, xattrs, self.fake) {
                 Ok(e) => out.push(e),
                 // Vanished between listing and stat: it is simply not there any more.
                 Err(e) if e.raw_os_error() == Some(libc::ENOENT) => {}
@@ -222,6 +324,13 @@ impl FileSystem for LocalFs {
 
     fn read_link(&self, p: &RelPath) -> FsResult<Vec<u8>> {
         let (dir, name) = self.at(p, "readlink")?;
+        if self.fake {
+            if Self::record(dir.fd(), name.as_bytes()).is_some_and(|r| r.kind() == Kind::Symlink) {
+                let st = sys::fstatat(dir.fd(), &name, false).map_err(|e| FsError::io(e, "readlink", p))?;
+                return Self::stand_in_content(dir.fd(), &name, st.st_size as u64)
+                    .map_err(|e| FsError::io(e, "readlink", p));
+            }
+        }
         sys::readlinkat(dir.fd(), &name).map_err(|e| FsError::io(e, "readlink", p))
     }
 
@@ -270,7 +379,16 @@ impl FileSystem for LocalFs {
                 o += n as u64;
             }
         }
-        let after = Meta::from_stat(&sys::fstat(fd.as_fd()).map_err(err)?);
+        let mut after = Meta::from_stat(&sys::fstat(fd.as_fd()).map_err(err)?);
+        let mut before = before;
+        if self.fake {
+            let mut buf = [0u8; 128];
+            let r = sys::fd_getxattr(fd.as_fd(), fake::XATTR, &mut buf).ok();
+            if let Some(r) = r.and_then(|n| Record::parse(&buf[..n])) {
+                r.apply(&mut before);
+                r.apply(&mut after);
+            }
+        }
         Ok(FileData { before, chunks, after })
     }
 
@@ -332,11 +450,29 @@ impl FileSystem for LocalFs {
                 format!("cannot mknod a {kind:?}"),
             ));
         }
+        if self.fake {
+            let r = Record {
+                mode: kind.type_bits() | (perm & 0o7777),
+                rdev,
+                uid: 0,
+                gid: 0,
+            };
+            return self.make_stand_in(p, "mknod", b"", r);
+        }
         let (dir, name) = self.at(p, "mknod")?;
         sys::mknodat(dir.fd(), &name, kind.type_bits() | perm, rdev).map_err(|e| FsError::io(e, "mknod", p))
     }
 
     fn symlink(&self, target: &[u8], p: &RelPath) -> FsResult<()> {
+        if self.fake {
+            let r = Record {
+                mode: libc::S_IFLNK | 0o777,
+                rdev: 0,
+                uid: 0,
+                gid: 0,
+            };
+            return self.make_stand_in(p, "symlink", target, r);
+        }
         let (dir, name) = self.at(p, "symlink")?;
         let t = sys::cstr(target).map_err(|e| FsError::io(e, "symlink", p))?;
         sys::symlinkat(&t, dir.fd(), &name).map_err(|e| FsError::io(e, "symlink", p))
@@ -371,12 +507,21 @@ impl FileSystem for LocalFs {
     }
 
     fn set_perm(&self, p: &RelPath, perm: u32) -> FsResult<()> {
+        if self.fake {
+            return self.update_record(p, "chmod", |r| r.mode = (r.mode & libc::S_IFMT) | (perm & 0o7777));
+        }
         // O_PATH with no symlink resolution: a symlink at the path is refused, never followed.
         let fd = self.open(p, libc::O_PATH, "chmod")?;
         sys::chmod_opath(fd.as_fd(), perm).map_err(|e| FsError::io(e, "chmod", p))
     }
 
     fn set_owner(&self, p: &RelPath, uid: Option<u32>, gid: Option<u32>) -> FsResult<()> {
+        if self.fake {
+            return self.update_record(p, "chown", |r| {
+                r.uid = uid.unwrap_or(r.uid);
+                r.gid = gid.unwrap_or(r.gid);
+            });
+        }
         let (dir, name) = self.at(p, "chown")?;
         sys::fchownat(dir.fd(), &name, uid.unwrap_or(u32::MAX), gid.unwrap_or(u32::MAX))
             .map_err(|e| FsError::io(e, "chown", p))
@@ -410,6 +555,10 @@ impl FileSystem for LocalFs {
     fn fsync(&self, p: &RelPath, datasync: bool) -> FsResult<()> {
         let fd = self.open(p, RD, "fsync")?;
         sys::fsync(fd.as_fd(), datasync).map_err(|e| FsError::io(e, "fsync", p))
+    }
+
+    fn fake_super(&self) -> bool {
+        self.fake
     }
 
     fn claim_session(&self, known: Option<[u8; 16]>) -> FsResult<crate::session::Claim> {
@@ -486,10 +635,23 @@ impl FileSystem for LocalFs {
             if end != size {
                 sys::ftruncate(fd.as_fd(), size)?;
             }
-            if let Some((uid, gid)) = attrs.owner {
-                sys::fchown(fd.as_fd(), uid, gid)?;
+            if self.fake {
+                let st = Meta::from_stat(&sys::fstat(fd.as_fd())?);
+                let (uid, gid) = attrs.owner.unwrap_or((st.uid, st.gid));
+                let r = Record {
+                    mode: libc::S_IFREG | (attrs.perm & 0o7777),
+                    rdev: 0,
+                    uid,
+                    gid,
+                };
+                Self::write_record(dir.fd(), tname.as_bytes(), &r)?;
+                sys::fchmod(fd.as_fd(), r.real_perm())?;
+            } else {
+                if let Some((uid, gid)) = attrs.owner {
+                    sys::fchown(fd.as_fd(), uid, gid)?;
+                }
+                sys::fchmod(fd.as_fd(), attrs.perm)?;
             }
-            sys::fchmod(fd.as_fd(), attrs.perm)?;
             for (name, value) in &attrs.xattrs {
                 sys::lsetxattr(dir.fd(), tname.as_bytes(), name, value, 0)?;
             }

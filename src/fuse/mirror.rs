@@ -98,7 +98,7 @@ fn stamp(path: RelPath, st: &libc::stat) -> Change {
 
 impl Mirror {
     pub fn new(inodes: Inodes, rep: Arc<Rep>) -> Mirror {
-        let owners = rep.link().info().is_root;
+        let owners = rep.link().info().keeps_owners();
         Mirror {
             inodes,
             files: Handles::default(),

@@ -73,8 +73,8 @@ impl Source {
     fn plan_options(&self, rpc: &dyn Rpc, checksum: bool) -> PlanOptions {
         PlanOptions {
             checksum,
-            owners: rpc.target_info().is_root,
-            devices: rpc.target_info().is_root,
+            owners: rpc.target_info().keeps_owners(),
+            devices: rpc.target_info().keeps_owners(),
             allow_mass_delete: self.opts.allow_mass_delete,
             root_unlisted: false,
         }
@@ -160,7 +160,7 @@ impl Source {
             .sum();
         let progress = Progress::new(progress, total);
         let apply = ApplyOptions {
-            owners: rpc.target_info().is_root,
+            owners: rpc.target_info().keeps_owners(),
         };
         let mut report = reconcile::execute(self.fs.as_ref(), &self.root, src, plan, rpc, &apply, &progress)?;
         report.not_mirrored = plan.not_mirrored;
@@ -284,8 +284,8 @@ pub fn verify_only(
     let (src, dst) = scan_both(fs.as_ref(), &root, rpc, true, None)?;
     let opts = PlanOptions {
         checksum: true,
-        owners: rpc.target_info().is_root,
-        devices: rpc.target_info().is_root,
+        owners: rpc.target_info().keeps_owners(),
+        devices: rpc.target_info().keeps_owners(),
         allow_mass_delete: true,
         root_unlisted: false,
     };

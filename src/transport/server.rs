@@ -56,7 +56,7 @@ pub fn serve_stream(
             })
             .map_err(|e| TransportError::io("spawn", e))?;
     }
-    let shaken = handshake(&mut r, &mut w, key);
+    let shaken = handshake(&mut r, &mut w, key, fs.fake_super());
     let _ = shook.send(());
     if let Err(e) = shaken {
         log::warn!("connection refused: {e}");
@@ -158,7 +158,12 @@ fn serve_requests(
     }
 }
 
-fn handshake(r: &mut impl BufRead, w: &mut impl Write, key: Option<auth::Key>) -> Result<(), TransportError> {
+fn handshake(
+    r: &mut impl BufRead,
+    w: &mut impl Write,
+    key: Option<auth::Key>,
+    fake_super: bool,
+) -> Result<(), TransportError> {
     let proto = |e: FrameError| TransportError::Protocol(e.to_string());
     let ch: ClientHello = protocol::read_handshake(r).map_err(|e| match e {
         FrameError::Closed => TransportError::Protocol("the peer closed before its hello".into()),
@@ -168,10 +173,14 @@ fn handshake(r: &mut impl BufRead, w: &mut impl Write, key: Option<auth::Key>) -
     if ch.magic != MAGIC {
         return Err(TransportError::NotMirrorfs);
     }
+    let mut capabilities = vec!["delta".to_string(), "stage".to_string()];
+    if fake_super {
+        capabilities.push(crate::rpc::FAKE_SUPER.into());
+    }
     let mut hello = ServerHello {
         magic: MAGIC,
         version: PROTOCOL_VERSION,
-        capabilities: vec!["delta".into(), "stage".into()],
+        capabilities,
         is_root: crate::fs::running_as_root(),
         challenge: None,
         refusal: None,
@@ -259,6 +268,7 @@ pub fn listen(
     l: &Listen,
     dir: &Path,
     token_file: Option<&Path>,
+    fake_super: bool,
     ready: impl FnOnce(String),
 ) -> Result<(), TransportError> {
     check_listen(l, token_file.is_some()).map_err(TransportError::Io)?;
@@ -280,13 +290,13 @@ pub fn listen(
             crate::sys::set_umask(old);
             let lis = bound.map_err(|e| TransportError::io(format!("bind {}", path.display()), e))?;
             ready(format!("unix:{}", path.display()));
-            accept_loop(lis.incoming(), &dir, key);
+            accept_loop(lis.incoming(), &dir, key, fake_super);
         }
         Listen::Tcp(addr) => {
             let lis = TcpListener::bind(addr).map_err(|e| TransportError::io(format!("bind {addr}"), e))?;
             let local = lis.local_addr().map_err(|e| TransportError::io("bind", e))?;
             ready(format!("tcp:{local}"));
-            accept_loop(lis.incoming(), &dir, key);
+            accept_loop(lis.incoming(), &dir, key, fake_super);
         }
     }
     Ok(())
@@ -324,6 +334,7 @@ fn accept_loop<S: super::Stream>(
     incoming: impl Iterator<Item = std::io::Result<S>>,
     dir: &Path,
     key: Option<auth::Key>,
+    fake_super: bool,
 ) {
     let open = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     for s in incoming {
@@ -345,7 +356,7 @@ fn accept_loop<S: super::Stream>(
             continue;
         }
         let fs: Arc<dyn FileSystem> = match crate::fs::LocalFs::new(dir) {
-            Ok(fs) => Arc::new(fs),
+            Ok(fs) => Arc::new(fs.with_fake_super(fake_super)),
             Err(e) => {
                 log::error!("refusing a connection: target directory {}: {e}", dir.display());
                 refuse(s, &format!("target directory: {e}"));
