@@ -44,6 +44,10 @@ getent group nogroup >/dev/null || groupadd -r nogroup
 # pjdfstest needs the user `tests` and the group `tests`; a machine may have one without the other.
 getent group tests >/dev/null || groupadd tests
 id tests >/dev/null 2>&1 || useradd -g tests -d / -s /usr/sbin/nologin -c 'pjdfstest user' tests
+# The ssh tests log in as an account without root on the "far side": it needs a shell, and a
+# password field that is not locked (sshd refuses a locked account without PAM).
+id mirrorfs-far >/dev/null 2>&1 || useradd -m -s /bin/sh -c 'mirrorfs far-side test user' mirrorfs-far
+usermod -p '*' mirrorfs-far
 
 cargo build --release --workspace --locked
 # mount -t mirrorfs and /etc/fstab find the helper here.

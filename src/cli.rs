@@ -137,6 +137,10 @@ pub struct Reach {
     /// by default `mirrorfs` on the far PATH.
     #[arg(long)]
     pub remote_mirrorfs: Option<String>,
+    /// An option for the far side's `serve` of an ssh target, like rsync's -M (repeatable):
+    /// --remote-option=--fake-super.
+    #[arg(long, allow_hyphen_values = true)]
+    pub remote_option: Vec<String>,
     /// Seconds without progress from the target before it counts as lost (at start: before
     /// giving up).
     #[arg(long, default_value_t = 30.0, value_parser = positive_secs)]
@@ -155,7 +159,8 @@ impl Reach {
         local: crate::transport::LocalMode,
     ) -> Result<crate::transport::Connector, String> {
         let shown = ep.to_string();
-        let ssh = crate::transport::ssh::SshOptions::new(self.ssh.as_deref(), self.remote_mirrorfs.as_deref())?;
+        let mut ssh = crate::transport::ssh::SshOptions::new(self.ssh.as_deref(), self.remote_mirrorfs.as_deref())?;
+        ssh.remote_options = self.remote_option.clone();
         Ok(
             crate::transport::Connector::new(ep, self.token_file.as_deref(), Some(self.limit()), local)
                 .map_err(|e| format!("target {shown}: {e}"))?

@@ -228,6 +228,11 @@ fn each_ssh_failure_says_what_to_do() {
         "ssh's own line, no silent acceptance: {e}"
     );
 
+    let changed = with("ssh_config_changed_host");
+    let e = sync_fails(&src, &target, &["--ssh", &changed, "--remote-mirrorfs", bin()]);
+    assert!(e.contains("host key of mirror-test has changed"), "{e}");
+    assert!(e.contains("ssh said: "), "ssh's own line: {e}");
+
     let e = sync_fails(
         &src,
         &target,
@@ -298,4 +303,86 @@ fn each_ssh_failure_says_what_to_do() {
         far.read_dir().unwrap().next().is_none(),
         "the failed attempts wrote nothing"
     );
+}
+
+/// The far account of the non-root tests: a user with a shell (test.sh makes it).
+const FAR_USER: &str = "mirrorfs-far";
+
+fn far_ids() -> Option<(u32, u32)> {
+    let id = |flag: &str| -> Option<u32> {
+        let o = Command::new("id").args([flag, FAR_USER]).output().ok()?;
+        String::from_utf8_lossy(&o.stdout).trim().parse().ok()
+    };
+    Some((id("-u")?, id("-g")?))
+}
+
+#[test]
+fn a_far_side_without_root_over_ssh_with_and_without_fake_super() {
+    let name = "a_far_side_without_root_over_ssh_with_and_without_fake_super";
+    let Some(sshd) = Sshd::start(name) else { return };
+    let Some(owner) = far_ids() else {
+        common::mnt::skip(name, &format!("there is no user {FAR_USER} (test.sh makes it)"));
+        return;
+    };
+    use std::os::unix::fs::PermissionsExt;
+    let tmp = tempfile::tempdir().unwrap();
+    fs::set_permissions(tmp.path(), fs::Permissions::from_mode(0o755)).unwrap();
+    let (src, plain, fake) = (
+        tmp.path().join("src"),
+        tmp.path().join("plain"),
+        tmp.path().join("fake"),
+    );
+    fs::create_dir(&src).unwrap();
+    rich_tree(&src);
+    for d in [&plain, &fake] {
+        fs::create_dir(d).unwrap();
+        std::os::unix::fs::chown(d, Some(owner.0), Some(owner.1)).unwrap();
+    }
+    let ssh = sshd.ssh_cmd("ssh_config");
+    let to = |d: &Path| format!("ssh://{FAR_USER}@{HOST}{}", d.display());
+
+    // Without --fake-super: what the account cannot hold is counted once, and is no failure.
+    let o = run(&[
+        "sync",
+        src.to_str().unwrap(),
+        "--target",
+        &to(&plain),
+        "--ssh",
+        &ssh,
+        "--remote-mirrorfs",
+        bin(),
+    ]);
+    let err = stderr(&o);
+    assert!(o.status.success(), "{err}");
+    assert_eq!(err.matches("not mirrored").count(), 1, "{err}");
+    let d = common::tree_diff_unprivileged(&src, &plain, owner);
+    assert!(d.is_empty(), "{}", d.join("\n"));
+
+    // With it (passed to the far serve by --remote-option), everything is kept, and a restore
+    // gives back the source exactly.
+    let o = run(&[
+        "sync",
+        src.to_str().unwrap(),
+        "--target",
+        &to(&fake),
+        "--ssh",
+        &ssh,
+        "--remote-mirrorfs",
+        bin(),
+        "--remote-option=--fake-super",
+    ]);
+    let err = stderr(&o);
+    assert!(o.status.success(), "{err}");
+    assert!(!err.contains("not mirrored"), "{err}");
+    let restore = tmp.path().join("restore");
+    let o = run(&[
+        "sync",
+        "--fake-super",
+        fake.to_str().unwrap(),
+        "--target",
+        restore.to_str().unwrap(),
+        "-q",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_same_tree(&src, &restore);
 }

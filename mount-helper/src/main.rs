@@ -4,7 +4,7 @@
 //! `mount.mirrorfs SPEC DIR [-sfnv] [-N NS] [-o OPTIONS] [-t TYPE]`, turns the options into a
 //! `mirrorfs mount` command line and runs it (which returns once the mount is live).
 //!
-//! mirrorfs options: `target=` (required), `token_file=`, `ssh=`, `remote_mirrorfs=`, `timeout=`,
+//! mirrorfs options: `target=` (required), `token_file=`, `ssh=`, `remote_mirrorfs=`, `remote_option=`, `timeout=`,
 //! `on_disconnect=`, `log_file=`, `threads=`, `no_passthrough`, `allow_mass_delete`, `no_watch`.
 //! A value with commas is written in double quotes; fstab writes a space as `\040`. Generic options mount(8) or fstab add (`rw`,
 //! `defaults`, `auto`, `noauto`, `user`, `nofail`, `_netdev`, `x-*`, …) are ignored; anything else
@@ -139,6 +139,10 @@ fn mirrorfs_args(c: &Call) -> Result<Vec<String>, String> {
             "token_file" => args.extend(flag("token-file")?),
             "ssh" => args.extend(flag("ssh")?),
             "remote_mirrorfs" => args.extend(flag("remote-mirrorfs")?),
+            "remote_option" => {
+                let v = v.filter(|v| !v.is_empty()).ok_or("option remote_option needs a value")?;
+                args.push(format!("--remote-option={v}"));
+            }
             "timeout" => args.extend(flag("timeout")?),
             "on_disconnect" => args.extend(flag("on-disconnect")?),
             "log_file" => args.extend(flag("log-file")?),
@@ -149,7 +153,7 @@ fn mirrorfs_args(c: &Call) -> Result<Vec<String>, String> {
             "ro" => return Err("mirrorfs mounts are read-write; drop the ro option".into()),
             _ if generic(o) => {}
             _ if c.sloppy => {}
-            _ => return Err(format!("unknown option {o:?} (mirrorfs options: target=, token_file=, ssh=, remote_mirrorfs=, timeout=, on_disconnect=, log_file=, threads=, no_passthrough, allow_mass_delete, no_watch)")),
+            _ => return Err(format!("unknown option {o:?} (mirrorfs options: target=, token_file=, ssh=, remote_mirrorfs=, remote_option=, timeout=, on_disconnect=, log_file=, threads=, no_passthrough, allow_mass_delete, no_watch)")),
         }
     }
     let target = target
@@ -274,7 +278,7 @@ mod tests {
                     "/s",
                     "/s",
                     "-o",
-                    "target=backup:/srv/m,ssh=\"ssh -F /etc/m/cfg -o Ciphers=aes128-ctr,aes256-ctr\",remote_mirrorfs=/opt/mirrorfs",
+                    "target=backup:/srv/m,ssh=\"ssh -F /etc/m/cfg -o Ciphers=aes128-ctr,aes256-ctr\",remote_mirrorfs=/opt/mirrorfs,remote_option=--fake-super",
                 ],
                 Ok(&[
                     "mount",
@@ -283,6 +287,7 @@ mod tests {
                     "ssh -F /etc/m/cfg -o Ciphers=aes128-ctr,aes256-ctr",
                     "--remote-mirrorfs",
                     "/opt/mirrorfs",
+                    "--remote-option=--fake-super",
                     "--target",
                     "backup:/srv/m",
                     "--quiet",

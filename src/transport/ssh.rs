@@ -174,6 +174,8 @@ pub fn parse_short(s: &str) -> Option<Result<SshTarget, Bad>> {
 pub struct SshOptions {
     pub command: Vec<String>,
     pub remote_mirrorfs: String,
+    /// Options for the far `serve`, each quoted for the far shell (`--remote-option`).
+    pub remote_options: Vec<String>,
 }
 
 impl Default for SshOptions {
@@ -181,6 +183,7 @@ impl Default for SshOptions {
         SshOptions {
             command: vec!["ssh".into()],
             remote_mirrorfs: "mirrorfs".into(),
+            remote_options: Vec::new(),
         }
     }
 }
@@ -292,7 +295,14 @@ pub fn argv(t: &SshTarget, o: &SshOptions, timeout: Option<Duration>) -> Vec<Str
         a.extend(["-l".into(), u.clone()]);
     }
     a.push(t.host.clone());
-    a.push(format!("{} serve --stdio {}", o.remote_mirrorfs, quote(&t.path)));
+    let mut remote = format!("{} serve --stdio", o.remote_mirrorfs);
+    for opt in &o.remote_options {
+        remote.push(' ');
+        remote.push_str(&quote(opt));
+    }
+    remote.push_str(" -- ");
+    remote.push_str(&quote(&t.path));
+    a.push(remote);
     a
 }
 
@@ -530,7 +540,8 @@ mod tests {
 
     #[test]
     fn command_lines() {
-        let o = SshOptions::new(Some("ssh -F cfg -o ConnectTimeout=9"), Some("/opt/mirrorfs")).unwrap();
+        let mut o = SshOptions::new(Some("ssh -F cfg -o ConnectTimeout=9"), Some("/opt/mirrorfs")).unwrap();
+        o.remote_options = vec!["--fake-super".into()];
         let a = argv(
             &t(Some("u"), "h", Some(2222), "/srv/my data"),
             &o,
@@ -557,7 +568,7 @@ mod tests {
                 "-l",
                 "u",
                 "h",
-                "/opt/mirrorfs serve --stdio '/srv/my data'",
+                "/opt/mirrorfs serve --stdio --fake-super -- '/srv/my data'",
             ]
         );
         // The user's ConnectTimeout comes first, so ssh keeps it.

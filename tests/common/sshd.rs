@@ -61,6 +61,9 @@ impl Sshd {
         let host_pub = std::fs::read_to_string(d.join("host_key.pub")).unwrap();
         std::fs::write(d.join("known_hosts"), format!("[127.0.0.1]:{port} {host_pub}")).unwrap();
         std::fs::write(d.join("empty_known_hosts"), "").unwrap();
+        // The host as another key knew it: what a changed host key looks like.
+        let other_pub = std::fs::read_to_string(d.join("other_key.pub")).unwrap();
+        std::fs::write(d.join("changed_known_hosts"), format!("[127.0.0.1]:{port} {other_pub}")).unwrap();
         let config = |name: &str, key: &str, known: &str| {
             std::fs::write(
                 d.join(name),
@@ -76,6 +79,7 @@ impl Sshd {
         config("ssh_config", "id_ed25519", "known_hosts");
         config("ssh_config_wrong_key", "other_key", "known_hosts");
         config("ssh_config_unknown_host", "id_ed25519", "empty_known_hosts");
+        config("ssh_config_changed_host", "id_ed25519", "changed_known_hosts");
         let child = Command::new(sshd)
             .args(["-D", "-e", "-f"])
             .arg(d.join("sshd_config"))
