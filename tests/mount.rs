@@ -787,12 +787,20 @@ fn a_writer_beside_a_passthrough_reader_works_and_replicates_at_close() {
                 b"first line\nsecond line\n",
                 "replicated at fsync"
             );
+            let forwarded = || m.status().1.expect("listed").link.forwarded_bytes;
+            let before = forwarded();
             w.write_all(b"third line\n").unwrap();
             drop(w);
             assert_eq!(
                 fs::read(m.dst.join("log")).unwrap(),
                 fs::read(m.p("log")).unwrap(),
                 "replicated at close"
+            );
+            let size = fs::metadata(m.p("log")).unwrap().len();
+            assert_eq!(
+                forwarded() - before,
+                size,
+                "sent once at close (a flush, then a release), not twice"
             );
             got.clear();
             reader.read_to_string(&mut got).unwrap();

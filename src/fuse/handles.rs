@@ -30,6 +30,16 @@ pub struct FileHandle {
     pub push_at_close: bool,
     /// Keeps the kernel's backing id alive while this passthrough handle is open.
     pub backing: Option<Arc<fuser::BackingId>>,
+    /// The version of the file (size, mtime, ctime) the last push sent: flush and release of
+    /// an unchanged file send nothing again.
+    pub pushed: parking_lot::Mutex<Option<Version>>,
+}
+
+/// What tells one content of a file from another, short of reading it.
+pub type Version = (i64, i64, i64, i64, i64);
+
+pub fn version(st: &libc::stat) -> Version {
+    (st.st_size, st.st_mtime, st.st_mtime_nsec, st.st_ctime, st.st_ctime_nsec)
 }
 
 pub struct DirHandle {

@@ -271,46 +271,71 @@ impl Mirror {
             served,
             push_at_close,
             backing: held.clone(),
+            pushed: parking_lot::Mutex::new(None),
         });
         Ok((fh, held))
     }
 
-    /// Sends the whole file behind a passthrough writer to the target (see `push_at_close`).
+    /// Sends the whole file behind a passthrough writer to the target (see `push_at_close`),
+    /// unless this version of it was sent already (a close is a flush and then a release), in
+    /// pieces of `PUSH_PIECE` each queued on its own, so memory stays bounded whatever the size.
     pub fn push(&self, fh: u64) -> io::Result<()> {
+        const PUSH_PIECE: u64 = 8 << 20;
         let Some(h) = self.files.get(fh).filter(|h| h.push_at_close) else {
             return Ok(());
         };
         // The writer's own fd may be write-only: read through one of our own.
         let rfd = sys::reopen(h.inode.fd()?.as_fd(), libc::O_RDONLY)?;
-        self.rep.apply_unrefused(|| {
-            let st = sys::fstat(rfd.as_fd())?;
-            let Some(path) = self.inodes.path(h.inode.id) else {
-                return Ok(((), Forward::none()));
-            };
-            let size = st.st_size as u64;
-            let mut reqs = vec![Change::Truncate {
-                path: path.clone(),
-                size,
-            }];
-            let mut off = 0u64;
-            let mut buf = vec![0u8; 1 << 20];
-            while off < size {
-                let n = sys::pread(rfd.as_fd(), &mut buf, off)?;
-                if n == 0 {
-                    break;
+        let mut pushed = h.pushed.lock();
+        let first = sys::fstat(rfd.as_fd())?;
+        if *pushed == Some(super::handles::version(&first)) {
+            return Ok(());
+        }
+        let size = first.st_size as u64;
+        let mut off = 0u64;
+        let mut buf = vec![0u8; 1 << 20];
+        loop {
+            let last = self.rep.apply_unrefused(|| {
+                let Some(path) = self.inodes.path(h.inode.id) else {
+                    return Ok((true, Forward::none()));
+                };
+                let mut reqs = Vec::new();
+                if off == 0 {
+                    reqs.push(Change::Truncate {
+                        path: path.clone(),
+                        size,
+                    });
                 }
-                reqs.push(Change::Write {
-                    path: path.clone(),
-                    offset: off,
-                    data: buf[..n].to_vec(),
-                    mtime: None,
-                });
-                off += n as u64;
+                let end = (off + PUSH_PIECE).min(size);
+                while off < end {
+                    let want = ((end - off) as usize).min(buf.len());
+                    let n = sys::pread(rfd.as_fd(), &mut buf[..want], off)?;
+                    if n == 0 {
+                        off = size;
+                        break;
+                    }
+                    reqs.push(Change::Write {
+                        path: path.clone(),
+                        offset: off,
+                        data: buf[..n].to_vec(),
+                        mtime: None,
+                    });
+                    off += n as u64;
+                }
+                let last = off >= size;
+                if last {
+                    let st = sys::fstat(rfd.as_fd())?;
+                    // Changed while it was read: not this version, so the next push sends again.
+                    let v = super::handles::version(&st);
+                    *pushed = (v == super::handles::version(&first)).then_some(v);
+                    reqs.push(stamp(path, &st));
+                }
+                Ok::<_, io::Error>((last, Forward::of(reqs)))
+            })?;
+            if last {
+                return Ok(());
             }
-            let st = sys::fstat(rfd.as_fd())?;
-            reqs.push(stamp(path, &st));
-            Ok::<_, io::Error>(((), Forward::of(reqs)))
-        })
+        }
     }
 
     pub fn release(&self, fh: u64) {
@@ -510,6 +535,7 @@ impl Mirror {
             writable: flags & libc::O_ACCMODE != libc::O_RDONLY,
             served: Served::Cached,
             push_at_close: false,
+            pushed: parking_lot::Mutex::new(None),
             backing: None,
         });
         Ok((id, st, fh))
