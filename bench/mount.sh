@@ -1,56 +1,77 @@
 #!/usr/bin/env bash
 # Benchmark of the mount: the same workloads on the native filesystem, on bindfs (Debian's FUSE
 # passthrough, no replication) and on a mirrorfs mount replicating to a local target on the same
-# disk, side by side in one run. Each figure is the median of ROUNDS runs, the three alternating.
-# Throughput workloads print speed relative to native (1.00 = native speed, higher is better);
-# tree copy and compile print time relative to native (lower is better).
+# disk, side by side in one run. Each figure is the median of ROUNDS runs, the configs
+# alternating. Every config of every round runs on a freshly made ext4 (a loop file): on a
+# filesystem where a big tree was just deleted, ext4 skips the freed inodes one by one and charges
+# whoever runs next. Throughput workloads print speed relative to native (1.00 = native speed,
+# higher is better); tree and compile workloads print time relative to native (lower is better).
 #
 #   bench/mount.sh
 #   ROUNDS=5 WORK=/var/tmp/mb bench/mount.sh
+#   WORKLOADS="cpa tarx rmrf" bench/mount.sh      # a subset (seqwrite seqread randwrite cpa
+#                                                 # tarx rmrf compile)
 #   BASE=/path/to/older/mirrorfs bench/mount.sh   # adds that build as a fourth config, to
 #                                                 # compare two versions in one run
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROUNDS=${ROUNDS:-3}
-WORK=${WORK:-/tmp/mirrorfs-mbench}
+WORK=${WORK:-/var/tmp/mirrorfs-mbench}
+WORKLOADS=${WORKLOADS:-seqwrite seqread randwrite cpa tarx rmrf compile}
+IMG_GIB=${IMG_GIB:-6}
 need=()
 command -v bindfs >/dev/null || need+=(bindfs)
 command -v fio >/dev/null || need+=(fio)
 command -v python3 >/dev/null || need+=(python3)
+command -v mkfs.ext4 >/dev/null || need+=(e2fsprogs)
 if [ ${#need[@]} -gt 0 ]; then apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}"; fi
 cargo build --release -q
 M=$PWD/target/release/mirrorfs
+has() { [[ " $WORKLOADS " == *" $1 "* ]]; }
 
-cleanup() {
-  umount "$WORK/bmnt" 2>/dev/null || true
-  "$M" umount "$WORK/msrc" 2>/dev/null || umount -l "$WORK/msrc" 2>/dev/null || true
-  umount "$WORK/basesrc" 2>/dev/null || umount -l "$WORK/basesrc" 2>/dev/null || true
+FS=$WORK/fs
+teardown() {
+  umount "$FS/bmnt" 2>/dev/null || umount -l "$FS/bmnt" 2>/dev/null || true
+  for m in "$FS/msrc" "$FS/basesrc"; do
+    [ -d "$m" ] && { "$M" umount "$m" >/dev/null 2>&1 || umount -l "$m" 2>/dev/null || true; }
+  done
+  umount "$FS" 2>/dev/null || umount -l "$FS" 2>/dev/null || true
+  rm -f "$WORK/fs.img"
 }
-trap cleanup EXIT
-cleanup
+trap teardown EXIT
+teardown
 rm -rf "$WORK"
-mkdir -p "$WORK"/{native,bsrc,bmnt,msrc,mdst}
-bindfs "$WORK/bsrc" "$WORK/bmnt"
-"$M" mount "$WORK/msrc" --target "$WORK/mdst" -q --log-file "$WORK/mirrorfs.log" >/dev/null 2>&1
-declare -A DIR=([native]=$WORK/native [bindfs]=$WORK/bmnt [mirrorfs]=$WORK/msrc)
-CONFIGS=(native bindfs mirrorfs)
-if [ -n "${BASE:-}" ]; then
-  mkdir -p "$WORK"/{basesrc,basedst}
-  "$BASE" mount "$WORK/basesrc" --target "$WORK/basedst" -q --log-file "$WORK/base.log" >/dev/null 2>&1
-  DIR[base]=$WORK/basesrc
-  CONFIGS+=(base)
-fi
+mkdir -p "$WORK/fs"
 
-# A tree of 20,000 small files (1-8 KiB) in 200 directories, for cp -a.
-python3 - "$WORK/smalltree" <<'PY'
-import os, random, sys
-root = sys.argv[1]; random.seed(1)
-for d in range(200):
-    p = os.path.join(root, f"d{d:03}"); os.makedirs(p)
-    for f in range(100):
-        with open(os.path.join(p, f"f{f:03}"), "wb") as fh:
-            fh.write(os.urandom(random.randint(1024, 8192)))
-PY
+# fresh CONFIG: a new ext4 at $FS, and the config's directory D inside it.
+fresh() {
+  teardown
+  truncate -s "${IMG_GIB}G" "$WORK/fs.img"
+  mkfs.ext4 -q -F -E lazy_itable_init=1,lazy_journal_init=1 "$WORK/fs.img"
+  mount -o loop "$WORK/fs.img" "$FS"
+  case $1 in
+    native) mkdir "$FS/native"; D=$FS/native ;;
+    bindfs) mkdir "$FS/bsrc" "$FS/bmnt"; bindfs "$FS/bsrc" "$FS/bmnt"; D=$FS/bmnt ;;
+    mirrorfs)
+      mkdir "$FS/msrc" "$FS/mdst"
+      "$M" mount "$FS/msrc" --target "$FS/mdst" -q --log-file "$WORK/mirrorfs.log" >/dev/null 2>&1
+      D=$FS/msrc ;;
+    base)
+      mkdir "$FS/basesrc" "$FS/basedst"
+      "$BASE" mount "$FS/basesrc" --target "$FS/basedst" -q --log-file "$WORK/base.log" >/dev/null 2>&1
+      D=$FS/basesrc ;;
+  esac
+}
+
+CONFIGS=(native bindfs mirrorfs)
+[ -n "${BASE:-}" ] && CONFIGS+=(base)
+
+# The tree: the Rust docs from the toolchain (about 50,000 files of generated docs), kept
+# outside the filesystems under test, and a tar of it for tar -x.
+DOCS=$(rustc --print sysroot)/share/doc
+cp -a "$DOCS" "$WORK/tree"
+tar -C "$WORK" -cf "$WORK/tree.tar" tree
+echo "tree: $(find "$WORK/tree" -type f | wc -l) files, $(du -sh "$WORK/tree" | cut -f1)"
 # A real crate with no dependencies to build: regex-syntax from the cargo registry, with a
 # lockfile made once (online) so the timed builds run offline.
 CRATE=""
@@ -63,39 +84,54 @@ fi
 now() { date +%s.%N; }
 median() { sort -g | awk '{a[NR]=$1} END {print a[int((NR+1)/2)]}'; }
 
-# bench NAME PREP CMD: PREP and CMD are run with D set to the config's directory; only CMD is timed.
+# bench NAME PREP CMD: for every round and config, a fresh filesystem, then PREP (untimed) and
+# CMD (timed), both with D set to the config's directory. The config that goes first rotates.
 declare -A T
 bench() {
-  local name=$1 prep=$2 cmd=$3 c t0 t1
+  local name=$1 prep=$2 cmd=$3 c t0 t1 round=0 i n=${#CONFIGS[@]}
   declare -A runs=()
   for _ in $(seq "$ROUNDS"); do
-    for c in "${CONFIGS[@]}"; do
-      D=${DIR[$c]}
+    for i in $(seq 0 $((n - 1))); do
+      c=${CONFIGS[$(((i + round) % n))]}
+      fresh "$c"
       eval "$prep" >/dev/null 2>&1
+      sync
       t0=$(now); eval "$cmd" >/dev/null 2>&1; t1=$(now)
       runs[$c]+="$(awk -v a="$t0" -v b="$t1" 'BEGIN { printf "%.6f", b - a }') "
+      if [ "$c" = mirrorfs ] && ! diff -rq "$FS/msrc" "$FS/mdst" >/dev/null 2>&1; then
+        echo "WARNING: $name: the mirrorfs target differs from its source" >&2
+      fi
     done
+    round=$((round + 1))
   done
-  for c in "${CONFIGS[@]}"; do T[$name,$c]=$(printf '%s\n' ${runs[$c]} | median); done
+  for c in "${CONFIGS[@]}"; do
+    T[$name,$c]=$(printf '%s\n' ${runs[$c]} | median)
+    echo "$name $c: ${runs[$c]}" >&2
+  done
 }
 
-bench seqwrite 'rm -f $D/seq; sync' 'dd if=/dev/zero of=$D/seq bs=1M count=1024 conv=fsync status=none'
-bench seqread 'sync; echo 3 > /proc/sys/vm/drop_caches' 'dd if=$D/seq of=/dev/null bs=1M status=none'
-bench randwrite 'rm -f $D/rand; fio --name=l --filename=$D/rand --size=64m --rw=write --bs=1m --end_fsync=1 >/dev/null; sync' \
+drop() { sync; echo 3 > /proc/sys/vm/drop_caches; }
+has seqwrite && bench seqwrite ':' 'dd if=/dev/zero of=$D/seq bs=1M count=1024 conv=fsync status=none'
+has seqread && bench seqread 'dd if=/dev/zero of=$D/seq bs=1M count=1024 conv=fsync status=none; drop' \
+  'dd if=$D/seq of=/dev/null bs=1M status=none'
+has randwrite && bench randwrite 'fio --name=l --filename=$D/rand --size=64m --rw=write --bs=1m --end_fsync=1' \
   'fio --name=r --filename=$D/rand --size=64m --rw=randwrite --bs=4k --ioengine=psync --end_fsync=1 --randrepeat=1'
-bench cpa 'rm -rf $D/tree; sync' 'cp -a $WORK/smalltree $D/tree'
-if [ -n "$CRATE" ]; then
-  bench compile 'rm -rf $D/crate; cp -a '"$CRATE"' $D/crate; sync' \
+has cpa && bench cpa ':' 'cp -a $WORK/tree $D/tree'
+has tarx && bench tarx ':' 'tar -C $D -xf $WORK/tree.tar'
+has rmrf && bench rmrf 'cp -a $WORK/tree $D/tree' 'rm -rf $D/tree'
+if has compile && [ -n "$CRATE" ]; then
+  bench compile 'cp -a '"$CRATE"' $D/crate' \
     'cargo build --offline -q --manifest-path $D/crate/Cargo.toml --target-dir $D/crate/target'
 fi
 
-cleanup
+teardown
 trap - EXIT
-echo "# mirrorfs mount vs bindfs vs native: median of $ROUNDS, $(nproc) cores"
+echo "# mirrorfs mount vs bindfs vs native: median of $ROUNDS, a fresh ext4 per run, $(nproc) cores"
 printf '%-40s %9s %9s %9s %10s %10s' workload native_s bindfs_s mirror_s bindfs mirrorfs
 [ -n "${BASE:-}" ] && printf ' %10s %12s' base mirror/base
 echo
 line() { # NAME KEY MODE: MODE speed = native/x (higher better), time = x/native (lower better)
+  [ -n "${T[$2,native]:-}" ] || return 0
   local n=${T[$2,native]} b=${T[$2,bindfs]} m=${T[$2,mirrorfs]} op
   if [ "$3" = speed ]; then op='a/b'; else op='b/a'; fi
   r() { awk -v a="$n" -v b="$1" "BEGIN{print $op}"; }
@@ -111,6 +147,8 @@ line "seq write 1 GiB, 1 MiB blocks, fsync" seqwrite speed
 line "seq read 1 GiB, cold cache" seqread speed
 line "4 KiB random writes, 64 MiB, fsync" randwrite speed
 echo "-- time relative to native (lower is better)"
-line "cp -a 20,000 small files" cpa time
+line "cp -a of the tree" cpa time
+line "tar -x of the tree" tarx time
+line "rm -rf of the tree" rmrf time
 [ -n "$CRATE" ] && line "cargo build $(basename "$REG") (debug)" compile time
-diff -rq "$WORK/msrc" "$WORK/mdst" >/dev/null && echo "mirrorfs target equals its source after the run" || echo "WARNING: mirrorfs target differs from its source"
+rm -rf "$WORK"
