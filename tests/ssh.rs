@@ -308,19 +308,11 @@ fn each_ssh_failure_says_what_to_do() {
 /// The far account of the non-root tests: a user with a shell (test.sh makes it).
 const FAR_USER: &str = "mirrorfs-far";
 
-fn far_ids() -> Option<(u32, u32)> {
-    let id = |flag: &str| -> Option<u32> {
-        let o = Command::new("id").args([flag, FAR_USER]).output().ok()?;
-        String::from_utf8_lossy(&o.stdout).trim().parse().ok()
-    };
-    Some((id("-u")?, id("-g")?))
-}
-
 #[test]
 fn a_far_side_without_root_over_ssh_with_and_without_fake_super() {
     let name = "a_far_side_without_root_over_ssh_with_and_without_fake_super";
     let Some(sshd) = Sshd::start(name) else { return };
-    let Some(owner) = far_ids() else {
+    let Some(owner) = common::user_ids(FAR_USER) else {
         common::mnt::skip(name, &format!("there is no user {FAR_USER} (test.sh makes it)"));
         return;
     };

@@ -15,12 +15,31 @@ use std::time::{Duration, Instant};
 
 const USER: &str = "tests";
 
-fn ids() -> Option<(u32, u32)> {
-    let id = |flag: &str| -> Option<u32> {
-        let o = Command::new("id").args([flag, USER]).output().ok()?;
-        String::from_utf8_lossy(&o.stdout).trim().parse().ok()
+/// A mount of a source filled with `rich_tree`, over the target at `target` (served by the
+/// test); its `dst` is `dst`, what that target serves.
+fn mount_over(name: &str, target: &str, dst: &Path) -> Option<Mount> {
+    let opts = Opts {
+        target: Some(target),
+        before: Some(&|src: &Path| rich_tree(src)),
+        ..Opts::default()
     };
-    Some((id("-u")?, id("-g")?))
+    let mut m = Mount::with(name, opts)?;
+    let _ = fs::remove_dir(&m.dst);
+    m.dst = dst.to_path_buf();
+    Some(m)
+}
+
+/// `mirrorfs sync --fake-super FROM --target TO` as root: a restore from a fake-super tree.
+fn restore(from: &Path, to: &Path) {
+    let out = Command::new(bin())
+        .arg("sync")
+        .arg(from)
+        .arg("--target")
+        .arg(to)
+        .args(["--fake-super", "-q"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
 }
 
 /// `mirrorfs serve DIR --listen unix:SOCK` as the user `tests`.
@@ -29,7 +48,7 @@ fn serve_unprivileged(test: &str, dir: &Path, sock: &Path) -> Option<(ChildGuard
 }
 
 fn serve_unprivileged_with(test: &str, dir: &Path, sock: &Path, extra: &[&str]) -> Option<(ChildGuard, (u32, u32))> {
-    let Some(owner) = ids() else {
+    let Some(owner) = common::user_ids(USER) else {
         common::mnt::skip(test, "there is no user `tests` (test.sh makes it)");
         return None;
     };
@@ -137,19 +156,11 @@ fn a_mount_over_a_target_without_root_stays_connected() {
         return;
     };
     let target = format!("unix:{}", sock.display());
-    let opts = Opts {
-        target: Some(&target),
-        before: Some(&|src: &Path| rich_tree(src)),
-        ..Opts::default()
+    let Some(mut m) = mount_over(name, &target, &dst) else {
+        return;
     };
-    let Some(mut m) = Mount::with(name, opts) else { return };
-    let _ = fs::remove_dir(&m.dst);
-    m.dst = dst.clone();
     // Through the mount: a device node, a chown, a setgid directory, ordinary files.
-    let mk = |what: &str| {
-        let ok = Command::new("sh").arg("-c").arg(what).status().unwrap().success();
-        assert!(ok, "{what}");
-    };
+    let mk = common::sh_ok;
     mk(&format!("mknod '{}' c 1 5", m.p("zero").display()));
     mk(&format!("chown 4321:8765 '{}'", m.p("owned").display()));
     fs::create_dir(m.p("shared")).unwrap();
@@ -246,17 +257,9 @@ fn fake_super_keeps_what_needs_root_and_a_restore_brings_it_back() {
     assert_eq!(common::field(&out, "operations"), 0, "{out}");
 
     // The restore: read the backup with --fake-super, as root, into a fresh directory.
-    let restore = tmp.path().join("restore");
-    let out = Command::new(bin())
-        .arg("sync")
-        .arg(&dst)
-        .arg("--target")
-        .arg(&restore)
-        .args(["--fake-super", "-q"])
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    common::assert_same_tree(&src, &restore);
+    let restore_dir = tmp.path().join("restore");
+    restore(&dst, &restore_dir);
+    common::assert_same_tree(&src, &restore_dir);
 }
 
 #[test]
@@ -274,35 +277,19 @@ fn a_mount_over_a_fake_super_target_keeps_owners_and_devices() {
         return;
     };
     let target = format!("unix:{}", sock.display());
-    let opts = Opts {
-        target: Some(&target),
-        before: Some(&|src: &Path| rich_tree(src)),
-        ..Opts::default()
+    let Some(mut m) = mount_over(name, &target, &dst) else {
+        return;
     };
-    let Some(mut m) = Mount::with(name, opts) else { return };
-    let _ = fs::remove_dir(&m.dst);
-    m.dst = dst.clone();
-    let mk = |what: &str| {
-        let ok = Command::new("sh").arg("-c").arg(what).status().unwrap().success();
-        assert!(ok, "{what}");
-    };
+    let mk = common::sh_ok;
     mk(&format!("mknod '{}' b 7 9", m.p("loop9").display()));
     mk(&format!("chown 4321:8765 '{}'", m.p("owned").display()));
     std::os::unix::fs::symlink("../somewhere", m.p("new-link")).unwrap();
     let st = m.wait_status("connected", Duration::from_secs(10));
     assert_eq!(st.link.repairs, 0, "{st:?}");
     // Seen through the records (a restore reads them so), the target equals the source.
-    let restore = far.path().join("restore");
-    let out = Command::new(bin())
-        .arg("sync")
-        .arg(&dst)
-        .arg("--target")
-        .arg(&restore)
-        .args(["--fake-super", "-q"])
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    common::assert_same_tree(&m.src, &restore);
+    let restore_dir = far.path().join("restore");
+    restore(&dst, &restore_dir);
+    common::assert_same_tree(&m.src, &restore_dir);
     let st = m.unmount();
     assert!(st.success(), "{st}\n{}", m.log_text());
 }

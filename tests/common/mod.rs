@@ -16,6 +16,21 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
+/// The uid and gid of the user `name`, if there is one.
+pub fn user_ids(name: &str) -> Option<(u32, u32)> {
+    let id = |flag: &str| -> Option<u32> {
+        let o = Command::new("id").args([flag, name]).output().ok()?;
+        String::from_utf8_lossy(&o.stdout).trim().parse().ok()
+    };
+    Some((id("-u")?, id("-g")?))
+}
+
+/// Runs a shell command line and asserts it succeeded.
+pub fn sh_ok(what: &str) {
+    let ok = Command::new("sh").arg("-c").arg(what).status().unwrap().success();
+    assert!(ok, "{what}");
+}
+
 pub fn bin() -> &'static str {
     env!("CARGO_BIN_EXE_mirrorfs")
 }
