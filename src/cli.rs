@@ -51,8 +51,9 @@ pub struct StatusArgs {
 pub struct WatchArgs {
     #[command(flatten)]
     pub target: TargetArgs,
-    /// Quiet time, in milliseconds, after the last event of a burst before reconciling.
-    #[arg(long, default_value_t = 20, value_parser = clap::value_parser!(u64).range(0..=60_000))]
+    /// Quiet time, in milliseconds, after the last event of a burst before reconciling; 0
+    /// answers the first event at once and gathers what arrives during that reconcile.
+    #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(u64).range(0..=60_000))]
     pub debounce_ms: u64,
     /// Seconds between rescans of what no watch covers (after the inotify watch limit is hit).
     #[arg(long, default_value_t = 2.0, value_parser = positive_secs)]

@@ -34,7 +34,8 @@ use std::time::{Duration, Instant};
 
 #[derive(Debug, Clone, Copy)]
 pub struct WatchOptions {
-    /// Quiet time after the last event before reconciling.
+    /// Quiet time after the last event before reconciling; zero answers the first event of a
+    /// quiet period at once.
     pub debounce: Duration,
     /// The longest a burst may delay its reconcile.
     pub max_delay: Duration,
@@ -47,7 +48,7 @@ pub struct WatchOptions {
 impl Default for WatchOptions {
     fn default() -> Self {
         WatchOptions {
-            debounce: Duration::from_millis(20),
+            debounce: Duration::ZERO,
             max_delay: Duration::from_millis(500),
             rescan_every: Duration::from_secs(2),
             roll_up: 64,
@@ -340,16 +341,21 @@ impl Watch {
                 }
             }
         }
-        // The burst ends at the first quiet `debounce` (measured: sleeping through fixed
-        // windows instead saved no CPU worth having and doubled the latency of a single write,
-        // whose close comes just after its first event).
+        // With no debounce (the default), the first event of a quiet period is answered at
+        // once: only what is queued already joins it, and what arrives while its reconcile runs
+        // makes the next batch. With one, the burst ends at the first quiet `debounce`.
         let burst = Instant::now();
         while burst.elapsed() < opts.max_delay {
-            match self.rx.recv_timeout(opts.debounce) {
+            let ev = if opts.debounce.is_zero() {
+                self.rx.try_recv().map_err(|_| ())
+            } else {
+                self.rx.recv_timeout(opts.debounce).map_err(|_| ())
+            };
+            match ev {
                 Ok(ev) => {
                     batch.add(self, ev);
                 }
-                Err(_) => break,
+                Err(()) => break,
             }
         }
         batch.finish(opts, busy);
