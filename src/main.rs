@@ -226,7 +226,7 @@ fn mount(a: MountArgs) -> Result<ExitCode, String> {
         let (rep, stop) = (rep.clone(), stop.clone());
         std::thread::Builder::new().name("watch".into()).spawn(move || {
             let _fd = fd;
-            w.run(rep.as_ref(), &mirrorfs::watch::WatchOptions::default(), &stop)
+            w.run(rep.as_ref(), &mirrorfs::watch::WatchOptions::under_mount(), &stop)
         })
     });
     let served = mounted.run();

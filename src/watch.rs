@@ -56,6 +56,18 @@ impl Default for WatchOptions {
     }
 }
 
+impl WatchOptions {
+    /// For the watcher under a mount: it sees the mount's own writes to the source too, and
+    /// each of its reconciles holds the mount's order lock, so it waits for a quiet 20 ms and
+    /// takes a burst whole rather than answering every event at once.
+    pub fn under_mount() -> WatchOptions {
+        WatchOptions {
+            debounce: Duration::from_millis(20),
+            ..WatchOptions::default()
+        }
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum WatchError {
     #[error("cannot watch {0}: {1}")]
