@@ -342,7 +342,7 @@ fn a_far_side_without_root_over_ssh_with_and_without_fake_super() {
         "--ssh",
         &ssh,
         "--remote-mirrorfs",
-        bin(),
+        common::bin_for_all(),
     ]);
     let err = stderr(&o);
     assert!(o.status.success(), "{err}");
@@ -360,7 +360,7 @@ fn a_far_side_without_root_over_ssh_with_and_without_fake_super() {
         "--ssh",
         &ssh,
         "--remote-mirrorfs",
-        bin(),
+        common::bin_for_all(),
         "--remote-option=--fake-super",
     ]);
     let err = stderr(&o);

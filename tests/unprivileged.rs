@@ -60,7 +60,7 @@ fn serve_unprivileged_with(test: &str, dir: &Path, sock: &Path, extra: &[&str]) 
     std::os::unix::fs::chown(sock.parent().unwrap(), Some(owner.0), Some(owner.1)).unwrap();
     let child = Command::new("setpriv")
         .args(["--reuid", USER, "--regid", USER, "--clear-groups", "--"])
-        .arg(bin())
+        .arg(common::bin_for_all())
         .arg("serve")
         .arg(dir)
         .arg("--listen")

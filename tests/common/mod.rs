@@ -31,6 +31,26 @@ pub fn sh_ok(what: &str) {
     assert!(ok, "{what}");
 }
 
+/// The mirrorfs binary at a path every user can run: a copy in a 0755 directory, replaced
+/// atomically by each test process (one file, however many runs). The build's own path may lie
+/// under a directory only root can enter (a checkout in /root), and the tests that run serve as
+/// another user need to reach it.
+pub fn bin_for_all() -> &'static str {
+    static COPY: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    COPY.get_or_init(|| {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = std::env::temp_dir().join("mirrorfs-test-bin");
+        let _ = fs::create_dir(&dir);
+        fs::set_permissions(&dir, fs::Permissions::from_mode(0o755)).unwrap();
+        let to = dir.join("mirrorfs");
+        let tmp = dir.join(format!(".mirrorfs.{}", std::process::id()));
+        fs::copy(bin(), &tmp).expect("copy the mirrorfs binary");
+        fs::set_permissions(&tmp, fs::Permissions::from_mode(0o755)).unwrap();
+        fs::rename(&tmp, &to).unwrap();
+        to.display().to_string()
+    })
+}
+
 pub fn bin() -> &'static str {
     env!("CARGO_BIN_EXE_mirrorfs")
 }
