@@ -51,7 +51,6 @@ fn mem_equal(a: &MemFs, b: &MemFs) {
         &mirrorfs::reconcile::PlanOptions {
             checksum: true,
             owners: true,
-            devices: true,
             allow_mass_delete: true,
             root_unlisted: false,
         },

@@ -53,11 +53,10 @@ impl Op {
 pub struct PlanOptions {
     /// Compare content hashes instead of size and mtime.
     pub checksum: bool,
-    /// Compare and set uid/gid (only meaningful when the target runs as root).
+    /// The target can hold what needs root (it runs as root, or keeps records): uid/gid are
+    /// compared and set, and device nodes made. Without, both are left out and counted in
+    /// `Plan::not_mirrored`.
     pub owners: bool,
-    /// The target can make device nodes (it runs as root). Without, source devices are left
-    /// out and counted in `Plan::not_mirrored`.
-    pub devices: bool,
     /// Let an empty source empty a non-empty target.
     pub allow_mass_delete: bool,
     /// The snapshots are partial and do not list the root's children: the mass-delete guard has
@@ -213,7 +212,7 @@ pub fn plan(src: &Snapshot, dst: &Snapshot, opts: &PlanOptions) -> Result<Plan, 
                 not_mirrored.owners += 1;
             }
         }
-        if !opts.devices && s.meta.kind.is_device() {
+        if !opts.owners && s.meta.kind.is_device() {
             // Left out: whatever else the target has there goes, as the source has none of it.
             not_mirrored.devices += 1;
             if t.is_some_and(|te| te.meta.kind != s.meta.kind || te.meta.rdev != s.meta.rdev) {
@@ -684,7 +683,6 @@ mod tests {
             .contains("the owners of 4 entries and 1 device nodes"));
         let root = PlanOptions {
             owners: true,
-            devices: true,
             allow_mass_delete: true,
             ..Default::default()
         };

@@ -74,7 +74,6 @@ impl Source {
         PlanOptions {
             checksum,
             owners: rpc.target_info().keeps_owners(),
-            devices: rpc.target_info().keeps_owners(),
             allow_mass_delete: self.opts.allow_mass_delete,
             root_unlisted: false,
         }
@@ -285,7 +284,6 @@ pub fn verify_only(
     let opts = PlanOptions {
         checksum: true,
         owners: rpc.target_info().keeps_owners(),
-        devices: rpc.target_info().keeps_owners(),
         allow_mass_delete: true,
         root_unlisted: false,
     };

@@ -37,19 +37,12 @@ impl fmt::Display for SshTarget {
         } else {
             self.host.clone()
         };
+        // A port comes only with `ssh://`, whose path is absolute.
         match (self.port, self.path.starts_with('/')) {
-            (None, false) => write!(f, "{user}{host}:{}", self.path),
-            (Some(p), _) => write!(f, "ssh://{user}{host}:{p}{}", absolute_or_home(&self.path)),
+            (Some(p), _) => write!(f, "ssh://{user}{host}:{p}{}", self.path),
             (None, true) => write!(f, "ssh://{user}{host}{}", self.path),
+            (None, false) => write!(f, "{user}{host}:{}", self.path),
         }
-    }
-}
-
-fn absolute_or_home(path: &str) -> String {
-    if path.starts_with('/') {
-        path.to_string()
-    } else {
-        format!("/~/{path}")
     }
 }
 
