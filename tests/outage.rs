@@ -355,7 +355,11 @@ fn a_target_that_fills_up_catches_up_once_space_is_freed() {
         repairs <= 2,
         "one refusal starts the catch-up, not one repair per write ({repairs}):\n{log}"
     );
-    assert!(!common::tree_diff(&m.src, &m.dst).is_empty(), "the target is behind");
+    // The recovery thread keeps retrying meanwhile: the target may change during the walk.
+    assert!(
+        !common::mnt::tree_diff_live(&m.src, &m.dst).is_empty(),
+        "the target is behind"
+    );
     let last = log.rfind("-> ").map(|i| &log[i..]).unwrap_or("");
     assert!(
         !last.starts_with("-> connected"),
@@ -830,11 +834,11 @@ fn watch_reconnects_and_catches_up() {
     let mut watch = ChildGuard(child);
     let converge = |what: &str| {
         let deadline = Instant::now() + Duration::from_secs(30);
-        while !common::tree_diff(&src, &dst).is_empty() {
+        while !common::mnt::tree_diff_live(&src, &dst).is_empty() {
             assert!(
                 Instant::now() < deadline,
                 "{what}: {:?}\n{}",
-                common::tree_diff(&src, &dst),
+                common::mnt::tree_diff_live(&src, &dst),
                 fs::read_to_string(&log).unwrap_or_default()
             );
             std::thread::sleep(Duration::from_millis(50));

@@ -230,12 +230,23 @@ pub fn scenario(test: &str, f: impl FnOnce(&Mount)) {
     m.finish();
 }
 
+/// `tree_diff` of trees that a daemon may still be writing: a comparison during which an entry
+/// vanished is tried again (a few times), rather than failing on the vanished entry.
+pub fn tree_diff_live(a: &Path, b: &Path) -> Vec<String> {
+    for _ in 0..20 {
+        if let Ok(d) = std::panic::catch_unwind(|| tree_diff(a, b)) {
+            return d;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    vec!["the tree kept changing during the comparison".into()]
+}
+
 /// Polls until the target equals `src`, or fails with what still differs.
 pub fn converge(m: &Mount, what: &str) {
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
-        let d = std::panic::catch_unwind(|| tree_diff(&m.src, &m.dst))
-            .unwrap_or_else(|_| vec!["the tree changed during the comparison".into()]);
+        let d = tree_diff_live(&m.src, &m.dst);
         if d.is_empty() {
             return;
         }
