@@ -10,14 +10,14 @@
 #   bench/mount.sh
 #   ROUNDS=5 WORK=/var/tmp/mb bench/mount.sh
 #   WORKLOADS="cpa tarx rmrf" bench/mount.sh      # a subset (seqwrite seqread randwrite cpa
-#                                                 # tarx rmrf compile)
+#                                                 # tarx rmrf findcold findwarm compile)
 #   BASE=/path/to/older/mirrorfs bench/mount.sh   # adds that build as a fourth config, to
 #                                                 # compare two versions in one run
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROUNDS=${ROUNDS:-3}
 WORK=${WORK:-/var/tmp/mirrorfs-mbench}
-WORKLOADS=${WORKLOADS:-seqwrite seqread randwrite cpa tarx rmrf compile}
+WORKLOADS=${WORKLOADS:-seqwrite seqread randwrite cpa tarx rmrf findcold findwarm compile}
 IMG_GIB=${IMG_GIB:-6}
 need=()
 command -v bindfs >/dev/null || need+=(bindfs)
@@ -119,6 +119,10 @@ has randwrite && bench randwrite 'fio --name=l --filename=$D/rand --size=64m --r
 has cpa && bench cpa ':' 'cp -a $WORK/tree $D/tree'
 has tarx && bench tarx ':' 'tar -C $D -xf $WORK/tree.tar'
 has rmrf && bench rmrf 'cp -a $WORK/tree $D/tree' 'rm -rf $D/tree'
+# Metadata reads: every entry's size and mtime, with cold caches, and again at once after.
+FIND='find $D/tree -printf "%s %T@\n"'
+has findcold && bench findcold 'cp -a $WORK/tree $D/tree; drop' "$FIND"
+has findwarm && bench findwarm 'cp -a $WORK/tree $D/tree; drop; '"$FIND" "$FIND"
 if has compile && [ -n "$CRATE" ]; then
   bench compile 'cp -a '"$CRATE"' $D/crate' \
     'cargo build --offline -q --manifest-path $D/crate/Cargo.toml --target-dir $D/crate/target'
@@ -150,5 +154,7 @@ echo "-- time relative to native (lower is better)"
 line "cp -a of the tree" cpa time
 line "tar -x of the tree" tarx time
 line "rm -rf of the tree" rmrf time
+line "find -printf '%s %T@', cold cache" findcold time
+line "the same find again at once" findwarm time
 [ -n "$CRATE" ] && line "cargo build $(basename "$REG") (debug)" compile time
 rm -rf "$WORK"

@@ -198,6 +198,7 @@ fn mount(a: MountArgs) -> Result<ExitCode, String> {
         fsname: src.display().to_string(),
         threads: a.threads as usize,
         passthrough: !a.no_passthrough,
+        watched: watch.is_some(),
     };
     let mounted = mirrorfs::fuse::mount(root, &root_st, rep.clone(), &cfg).map_err(|e| e.to_string())?;
     watch_signals(mountpoint.clone(), rep.clone())?;
@@ -223,10 +224,19 @@ fn mount(a: MountArgs) -> Result<ExitCode, String> {
     let control = answer_status(&rep, "mount", &src, Some(&mountpoint));
     let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let watcher = watch.map(|(fd, w)| {
-        let (rep, stop) = (rep.clone(), stop.clone());
+        let (rep, stop, caches) = (rep.clone(), stop.clone(), mounted.caches());
         std::thread::Builder::new().name("watch".into()).spawn(move || {
+            use mirrorfs::watch::Observer;
             let _fd = fd;
-            w.run(rep.as_ref(), &mirrorfs::watch::WatchOptions::under_mount(), &stop)
+            let st = w.run(
+                rep.as_ref(),
+                &caches,
+                &mirrorfs::watch::WatchOptions::under_mount(),
+                &stop,
+            );
+            // Nothing reports changes behind the mount any more.
+            caches.covered(false);
+            st
         })
     });
     let served = mounted.run();
@@ -536,7 +546,7 @@ fn watch(a: WatchArgs) -> Result<ExitCode, String> {
         ..WatchOptions::default()
     };
     log::info!("watching {}", src.display());
-    let stats = w.run(rep.as_ref(), &wopts, &stop);
+    let stats = w.run(rep.as_ref(), &mirrorfs::watch::NoObserver, &wopts, &stop);
     log::info!(
         "stopped watching {}: {} events, {} partial reconciles, {} full rescans, {} renames forwarded",
         src.display(),

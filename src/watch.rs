@@ -89,6 +89,21 @@ pub struct WatchStats {
     pub files_sent: u64,
 }
 
+/// Told what the watcher saw, before each reconcile (the mount drops what the kernel holds of
+/// those paths). The default observes nothing.
+pub trait Observer {
+    /// These entries changed (created, removed, renamed, written, given new attributes).
+    fn changed(&self, _paths: &[RelPath]) {}
+    /// Events were lost: anything may have changed.
+    fn lost_track(&self) {}
+    /// Whether every directory is watched, told whenever that changes.
+    fn covered(&self, _all: bool) {}
+}
+
+/// Observes nothing.
+pub struct NoObserver;
+impl Observer for NoObserver {}
+
 type Events = Receiver<notify::Result<notify::Event>>;
 
 /// A recursive watch on a source tree, set up and collecting events.
@@ -217,8 +232,16 @@ impl Watch {
     /// Keeps the target behind `mirror` equal to the watched tree until `stop` is set. A
     /// reconcile that fails is tried again with the next batch (a `Replicator` keeps what a lost
     /// target missed for its own catch-up). The caller has reconciled once after `start`.
-    pub fn run(mut self, mirror: &dyn Reconciler, opts: &WatchOptions, stop: &AtomicBool) -> WatchStats {
+    pub fn run(
+        mut self,
+        mirror: &dyn Reconciler,
+        seen: &dyn Observer,
+        opts: &WatchOptions,
+        stop: &AtomicBool,
+    ) -> WatchStats {
         let mut stats = WatchStats::default();
+        let mut covered = self.uncovered.is_empty();
+        seen.covered(covered);
         let mut last_tick = Instant::now();
         // Periodic rescans never take more than about a fifth of the time (under the mount
         // they hold its operations back).
@@ -243,7 +266,9 @@ impl Watch {
             }
             if full {
                 self.recover();
+                seen.lost_track();
             } else {
+                seen.changed(&batch.touched);
                 // New directories are watched before they are scanned.
                 let fresh: Vec<RelPath> = scope
                     .regions()
@@ -258,6 +283,10 @@ impl Watch {
                 if self.rename_applies(from, to) && mirror.rename(from, to) {
                     stats.renames += 1;
                 }
+            }
+            if covered != self.uncovered.is_empty() {
+                covered = !covered;
+                seen.covered(covered);
             }
             full |= scope.is_full();
             if !full && scope.is_empty() {
@@ -386,6 +415,8 @@ struct Batch {
     entries: HashMap<RelPath, Vec<RelPath>>,
     renames: Vec<(RelPath, RelPath)>,
     limit_hits: Vec<RelPath>,
+    /// Every path an event named, for the observer.
+    touched: Vec<RelPath>,
 }
 
 impl Batch {
@@ -444,6 +475,11 @@ impl Batch {
         if let EventKind::Modify(ModifyKind::Name(RenameMode::Both)) = ev.kind {
             if let [from, to] = &paths[..] {
                 self.renames.push((from.clone(), to.clone()));
+            }
+        }
+        for p in &paths {
+            if self.touched.last() != Some(p) {
+                self.touched.push(p.clone());
             }
         }
         for (i, p) in paths.into_iter().enumerate() {

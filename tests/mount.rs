@@ -968,3 +968,83 @@ fn a_log_path_planted_as_a_symlink_is_refused() {
         "nothing written through the link"
     );
 }
+
+/// The kernel keeps names, attributes and negative entries through the mount for long (see
+/// `fuse::cache`), so what changes behind the mount must be dropped from its caches: once the
+/// target has a change made behind the mount, the mount shows it too, within a fraction of the
+/// one second the kernel was once allowed to keep anything. Each path was looked up (or found
+/// missing) through the mount just before.
+#[test]
+fn changes_behind_the_mount_show_through_it_at_once() {
+    let before = |src: &Path| {
+        fs::write(src.join("f"), b"hi").unwrap();
+        fs::write(src.join("gone"), b"old").unwrap();
+        fs::write(src.join("old"), b"moves").unwrap();
+        fs::write(src.join("r"), b"becomes a directory").unwrap();
+        fs::create_dir_all(src.join("d/sub")).unwrap();
+        fs::write(src.join("d/inner"), b"inner").unwrap();
+    };
+    let opts = Opts {
+        separate: true,
+        before: Some(&before),
+        ..Opts::default()
+    };
+    let Some(m) = Mount::with("changes_behind_the_mount_show_through_it_at_once", opts) else {
+        return;
+    };
+    let names = [
+        "f", "gone", "old", "r", "d", "d/inner", "d/sub", "new", "d/moved", "r/x", "d2",
+    ];
+    let seen = |root: &Path| -> Vec<String> {
+        names
+            .iter()
+            .map(|n| match fs::symlink_metadata(root.join(n)) {
+                Ok(md) => format!(
+                    "{n}: {:o} {} bytes, {} links, mtime {}.{}, inode {}",
+                    md.mode(),
+                    md.len(),
+                    md.nlink(),
+                    md.mtime(),
+                    md.mtime_nsec(),
+                    md.ino()
+                ),
+                Err(e) => format!("{n}: {:?}", e.kind()),
+            })
+            .collect()
+    };
+    // Through the mount: every name is in the kernel's caches now, the missing ones as
+    // negative entries.
+    let first = seen(&m.mnt);
+    assert!(first.iter().any(|l| l.starts_with("new: NotFound")), "{first:?}");
+    // Behind it.
+    let s = &m.src;
+    fs::set_permissions(s.join("f"), fs::Permissions::from_mode(0o600)).unwrap();
+    OpenOptions::new()
+        .append(true)
+        .open(s.join("f"))
+        .unwrap()
+        .write_all(b" more")
+        .unwrap();
+    fs::remove_file(s.join("gone")).unwrap();
+    fs::write(s.join("new"), b"appeared").unwrap();
+    fs::rename(s.join("old"), s.join("d/moved")).unwrap();
+    fs::remove_file(s.join("r")).unwrap();
+    fs::create_dir(s.join("r")).unwrap();
+    fs::write(s.join("r/x"), b"x").unwrap();
+    fs::create_dir(s.join("d2")).unwrap();
+    converge(&m, "changes behind the mount");
+    let deadline = Instant::now() + Duration::from_millis(400);
+    loop {
+        let (now, through) = (seen(s), seen(&m.mnt));
+        if now == through && common::mnt::tree_diff_live(s, &m.mnt).is_empty() {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the mount still shows what the source no longer has, after the target has it:\n\
+             source:      {now:#?}\nthrough it:  {through:#?}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    m.finish();
+}

@@ -390,3 +390,73 @@ fn symlinks_to_directories_are_not_followed() {
     );
     w.stop();
 }
+
+/// Under a mount, an overflow loses the events that would have dropped the kernel's cached
+/// names: the rescan that follows checks every directory the kernel knows, so names looked up
+/// through the mount as missing (negative entries) and then made behind it show through it
+/// once the target has them.
+#[test]
+fn after_an_overflow_the_mount_drops_what_it_cannot_vouch_for() {
+    use std::os::unix::fs::MetadataExt;
+    let _x = exclusive();
+    let name = "after_an_overflow_the_mount_drops_what_it_cannot_vouch_for";
+    let Some(_g) = Sysctl::set("/proc/sys/fs/inotify/max_queued_events", "32") else {
+        common::mnt::skip(name, "cannot write fs.inotify.max_queued_events");
+        return;
+    };
+    let before = |src: &Path| {
+        fs::create_dir(src.join("d")).unwrap();
+        fs::write(src.join("d/f"), b"before").unwrap();
+    };
+    let opts = common::mnt::Opts {
+        separate: true,
+        before: Some(&before),
+        ..Default::default()
+    };
+    let Some(m) = common::mnt::Mount::with(name, opts) else {
+        return;
+    };
+    for i in 0..50 {
+        assert!(fs::symlink_metadata(m.mnt.join(format!("d/n{i}"))).is_err());
+    }
+    let old = fs::symlink_metadata(m.mnt.join("d/f")).unwrap();
+    // The daemon is stopped while the changes are made: its event queue overflows before it
+    // reads any of them. Through the mount nothing is touched meanwhile.
+    let pid = m.daemon.as_ref().unwrap().id().to_string();
+    sh(&format!("kill -STOP {pid}"));
+    let cont = common::mnt::Resume(pid.clone());
+    for i in 0..50 {
+        fs::write(m.src.join(format!("d/n{i}")), b"made behind the mount").unwrap();
+    }
+    fs::remove_file(m.src.join("d/f")).unwrap();
+    fs::write(m.src.join("d/f"), b"another file").unwrap();
+    for i in 0..100 {
+        fs::write(m.src.join(format!("flood{i}")), b"x").unwrap();
+    }
+    drop(cont);
+    common::mnt::converge(&m, "after an overflow");
+    assert!(
+        m.log_text().contains("overflowed"),
+        "the overflow was seen:\n{}",
+        m.log_text()
+    );
+    let deadline = Instant::now() + Duration::from_millis(400);
+    loop {
+        let missing: Vec<String> = (0..50)
+            .map(|i| format!("d/n{i}"))
+            .filter(|n| fs::symlink_metadata(m.mnt.join(n)).is_err())
+            .collect();
+        let f = fs::symlink_metadata(m.mnt.join("d/f")).unwrap();
+        if missing.is_empty() && f.ino() != old.ino() && common::mnt::tree_diff_live(&m.src, &m.mnt).is_empty() {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the mount still misses {missing:?} (d/f inode {} before, {} now) after the target has them",
+            old.ino(),
+            f.ino()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    m.finish();
+}

@@ -331,6 +331,45 @@ impl Inodes {
         self.found_locked(Some(epoch), parent, name, fd, st)
     }
 
+    /// The inode at `path` as the kernel was told it, name by name from the root.
+    pub fn resolve(&self, path: &RelPath) -> Option<u64> {
+        let t = self.t.lock();
+        let mut cur = ROOT;
+        for name in path.components() {
+            cur = *t.by_place.get(&(cur, name.to_vec()))?;
+        }
+        Some(cur)
+    }
+
+    /// The inode the kernel was told sits at `name` in `parent`, with its (dev, ino).
+    pub fn at(&self, parent: u64, name: &[u8]) -> Option<(u64, (u64, u64))> {
+        let t = self.t.lock();
+        let id = *t.by_place.get(&(parent, name.to_vec()))?;
+        Some((id, t.nodes.get(&id)?.key))
+    }
+
+    /// Every inode held, and every known directory with the names the kernel was told in it.
+    pub fn known(&self) -> (Vec<u64>, Vec<KnownDir>) {
+        let t = self.t.lock();
+        let mut dirs: HashMap<u64, (Arc<Inode>, Vec<Vec<u8>>)> = t
+            .nodes
+            .iter()
+            .filter(|(_, n)| n.inode.kind == Kind::Dir)
+            .map(|(id, n)| (*id, (n.inode.clone(), Vec::new())))
+            .collect();
+        for (parent, name) in t.by_place.keys() {
+            if let Some(d) = dirs.get_mut(parent) {
+                d.1.push(name.clone());
+            }
+        }
+        let ids = t.nodes.keys().copied().collect();
+        let dirs = dirs
+            .into_iter()
+            .map(|(id, (inode, names))| KnownDir { id, inode, names })
+            .collect();
+        (ids, dirs)
+    }
+
     /// How many inodes are held (for tests and logs).
     pub fn len(&self) -> usize {
         self.t.lock().nodes.len()
@@ -339,6 +378,13 @@ impl Inodes {
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
+}
+
+/// A directory the kernel knows, and the names it was told in it.
+pub struct KnownDir {
+    pub id: u64,
+    pub inode: Arc<Inode>,
+    pub names: Vec<Vec<u8>>,
 }
 
 /// Records that `id` is at `place`; an inode recorded there before is not any more.

@@ -9,6 +9,7 @@
 //! here, and new entries are created as root and then given to the caller, as the kernel would
 //! have (the group of a set-group-ID directory is inherited).
 
+use super::cache::Cache;
 use super::handles::{DirHandle, FileHandle, Handles, Served};
 use super::inodes::{Inode, Inodes, ROOT};
 use crate::change::Change;
@@ -59,6 +60,7 @@ pub struct Mirror {
     owners: bool,
     /// Serve read-only opens with kernel passthrough (set when the kernel agreed at init).
     pub passthrough: AtomicBool,
+    pub cache: Cache,
 }
 
 fn einval() -> io::Error {
@@ -97,7 +99,7 @@ fn stamp(path: RelPath, st: &libc::stat) -> Change {
 }
 
 impl Mirror {
-    pub fn new(inodes: Inodes, rep: Arc<Rep>) -> Mirror {
+    pub fn new(inodes: Inodes, rep: Arc<Rep>, cache: Cache) -> Mirror {
         let owners = rep.link().info().keeps_owners();
         Mirror {
             inodes,
@@ -106,6 +108,7 @@ impl Mirror {
             rep,
             owners,
             passthrough: AtomicBool::new(false),
+            cache,
         }
     }
 

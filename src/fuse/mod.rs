@@ -1,10 +1,11 @@
 //! The FUSE mount: a passthrough filesystem over the source whose every mutation is replicated
 //! to the target before the syscall returns. `inodes` holds the kernel's inodes as `O_PATH` fds,
 //! `handles` the open files, `mirror` the operations and what they forward, `ops` the adapter to
-//! `fuser`. This module runs a mount from start to end: it checks the mountpoint (a stale mount
+//! `fuser`, `cache` what the kernel may keep and what it must drop. This module runs a mount from start to end: it checks the mountpoint (a stale mount
 //! of a crashed daemon is detached), opens the source before mounting over it, mounts, serves
 //! until unmounted or signalled, and drains the replicator.
 
+pub mod cache;
 pub mod handles;
 pub mod inodes;
 pub mod mirror;
@@ -39,6 +40,8 @@ pub struct MountConfig {
     pub fsname: String,
     pub threads: usize,
     pub passthrough: bool,
+    /// A watcher beneath the mount reports changes made behind it (see `cache`).
+    pub watched: bool,
 }
 
 /// One line of /proc/self/mountinfo: where, and which filesystem type.
@@ -131,6 +134,24 @@ pub fn open_root(src: &Path) -> io::Result<(OwnedFd, libc::stat)> {
 /// A live mount. `run` serves until the filesystem is unmounted.
 pub struct Mounted {
     session: fuser::Session<ops::Ops>,
+    mirror: Arc<Mirror>,
+}
+
+/// What the watcher beneath a mount tells it: the kernel's caches follow (`cache`).
+pub struct KernelCaches(Arc<Mirror>);
+
+impl crate::watch::Observer for KernelCaches {
+    fn changed(&self, paths: &[crate::path::RelPath]) {
+        self.0.cache.changed(&self.0.inodes, paths)
+    }
+
+    fn lost_track(&self) {
+        self.0.cache.lost_track(&self.0.inodes)
+    }
+
+    fn covered(&self, all: bool) {
+        self.0.cache.set_watched(&self.0.inodes, all)
+    }
 }
 
 /// Mounts `root` (opened with `open_root` before) at the mountpoint, replicating through `rep`.
@@ -154,9 +175,9 @@ pub fn mount(
     }
     log::debug!("open-file limit {files}; up to {budget} inodes hold an fd, the rest a file handle");
     let inodes = inodes::Inodes::new(root, root_st, budget).map_err(MountError::Root)?;
-    let mirror = Arc::new(Mirror::new(inodes, rep));
+    let mirror = Arc::new(Mirror::new(inodes, rep, cache::Cache::new(cfg.watched)));
     let ops = ops::Ops {
-        m: mirror,
+        m: mirror.clone(),
         want_passthrough: cfg.passthrough,
     };
     let mut config = fuser::Config::default();
@@ -174,14 +195,22 @@ pub fn mount(
     config.clone_fd = true;
     let session = fuser::Session::new(ops, &cfg.mountpoint, &config)
         .map_err(|e| MountError::Mount(cfg.mountpoint.display().to_string(), e))?;
-    Ok(Mounted { session })
+    mirror.cache.set_notifier(session.notifier());
+    Ok(Mounted { session, mirror })
 }
 
 impl Mounted {
+    /// For the watcher beneath the mount.
+    pub fn caches(&self) -> KernelCaches {
+        KernelCaches(self.mirror.clone())
+    }
+
     /// Serves requests until the filesystem is unmounted; then every acknowledged operation is
     /// on the target.
     pub fn run(self) -> io::Result<()> {
-        self.session.run()
+        let r = self.session.run();
+        self.mirror.cache.end();
+        r
     }
 }
 

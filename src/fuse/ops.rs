@@ -20,9 +20,6 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-/// How long the kernel may trust attributes and names. Changes through the mount invalidate
-/// them at once; this bounds how long a change made behind the mount stays unseen.
-const TTL: Duration = Duration::from_secs(1);
 const MAX_WRITE: u32 = 1 << 20;
 
 pub struct Ops {
@@ -87,6 +84,27 @@ fn attr(id: u64, st: &libc::stat) -> FileAttr {
     }
 }
 
+/// The attributes of a negative entry: only its node id, 0, counts.
+fn negative() -> FileAttr {
+    FileAttr {
+        ino: INodeNo(0),
+        size: 0,
+        blocks: 0,
+        atime: UNIX_EPOCH,
+        mtime: UNIX_EPOCH,
+        ctime: UNIX_EPOCH,
+        crtime: UNIX_EPOCH,
+        kind: FileType::RegularFile,
+        perm: 0,
+        nlink: 0,
+        uid: 0,
+        gid: 0,
+        rdev: 0,
+        blksize: 0,
+        flags: 0,
+    }
+}
+
 fn new_time(t: TimeOrNow) -> NewTime {
     match t {
         TimeOrNow::Now => NewTime::Now,
@@ -112,9 +130,9 @@ fn caller(req: &Request) -> Caller {
     }
 }
 
-fn entry(reply: ReplyEntry, r: io::Result<(u64, libc::stat)>) {
+fn entry(reply: ReplyEntry, ttl: Duration, r: io::Result<(u64, libc::stat)>) {
     match r {
-        Ok((id, st)) => reply.entry(&TTL, &attr(id, &st), Generation(0)),
+        Ok((id, st)) => reply.entry(&ttl, &attr(id, &st), Generation(0)),
         Err(e) => reply.error(errno(e)),
     }
 }
@@ -162,8 +180,15 @@ impl fuser::Filesystem for Ops {
         Ok(())
     }
 
+    /// A name that does not exist is answered with a negative entry (node id 0), which the
+    /// kernel keeps as long as a positive one: `cache` drops it when the name appears behind
+    /// the mount.
     fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
-        entry(reply, self.m.lookup(parent.0, name.as_bytes()))
+        let ttl = self.m.cache.ttl();
+        match self.m.lookup(parent.0, name.as_bytes()) {
+            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => reply.entry(&ttl, &negative(), Generation(0)),
+            r => entry(reply, ttl, r),
+        }
     }
 
     fn forget(&self, _req: &Request, ino: INodeNo, nlookup: u64) {
@@ -171,8 +196,9 @@ impl fuser::Filesystem for Ops {
     }
 
     fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
+        let ttl = self.m.cache.ttl();
         match self.m.getattr(ino.0) {
-            Ok(st) => reply.attr(&TTL, &attr(ino.0, &st)),
+            Ok(st) => reply.attr(&ttl, &attr(ino.0, &st)),
             Err(e) => reply.error(errno(e)),
         }
     }
@@ -195,6 +221,7 @@ impl fuser::Filesystem for Ops {
         _flags: Option<BsdFileFlags>,
         reply: ReplyAttr,
     ) {
+        let ttl = self.m.cache.ttl();
         let a = SetAttrs {
             mode,
             uid,
@@ -206,7 +233,7 @@ impl fuser::Filesystem for Ops {
         };
         let r = self.m.setattr(ino.0, a);
         self.answer(move || match r {
-            Ok(st) => reply.attr(&TTL, &attr(ino.0, &st)),
+            Ok(st) => reply.attr(&ttl, &attr(ino.0, &st)),
             Err(e) => reply.error(errno(e)),
         })
     }
@@ -228,13 +255,15 @@ impl fuser::Filesystem for Ops {
         rdev: u32,
         reply: ReplyEntry,
     ) {
+        let ttl = self.m.cache.ttl();
         let r = self.m.mknod(parent.0, name.as_bytes(), mode, rdev as u64, caller(req));
-        self.answer(move || entry(reply, r))
+        self.answer(move || entry(reply, ttl, r))
     }
 
     fn mkdir(&self, req: &Request, parent: INodeNo, name: &OsStr, mode: u32, _umask: u32, reply: ReplyEntry) {
+        let ttl = self.m.cache.ttl();
         let r = self.m.mkdir(parent.0, name.as_bytes(), mode, caller(req));
-        self.answer(move || entry(reply, r))
+        self.answer(move || entry(reply, ttl, r))
     }
 
     fn unlink(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
@@ -248,13 +277,14 @@ impl fuser::Filesystem for Ops {
     }
 
     fn symlink(&self, req: &Request, parent: INodeNo, link_name: &OsStr, target: &Path, reply: ReplyEntry) {
+        let ttl = self.m.cache.ttl();
         let r = self.m.symlink(
             parent.0,
             link_name.as_bytes(),
             target.as_os_str().as_bytes(),
             caller(req),
         );
-        self.answer(move || entry(reply, r))
+        self.answer(move || entry(reply, ttl, r))
     }
 
     fn rename(
@@ -274,8 +304,9 @@ impl fuser::Filesystem for Ops {
     }
 
     fn link(&self, _req: &Request, ino: INodeNo, newparent: INodeNo, newname: &OsStr, reply: ReplyEntry) {
+        let ttl = self.m.cache.ttl();
         let r = self.m.link(ino.0, newparent.0, newname.as_bytes());
-        self.answer(move || entry(reply, r))
+        self.answer(move || entry(reply, ttl, r))
     }
 
     fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
@@ -385,6 +416,7 @@ impl fuser::Filesystem for Ops {
     }
 
     fn readdirplus(&self, _req: &Request, ino: INodeNo, fh: FileHandle, offset: u64, mut reply: ReplyDirectoryPlus) {
+        let ttl = self.m.cache.ttl();
         let d = match self.m.dir(fh.0) {
             Ok(d) => d,
             Err(e) => return reply.error(errno(e)),
@@ -397,7 +429,7 @@ impl fuser::Filesystem for Ops {
                 Ok(st) => st,
                 Err(e) => return reply.error(errno(e)),
             };
-            if reply.add(INodeNo(ino.0), off + 1, name, &TTL, &attr(ino.0, &st), Generation(0)) {
+            if reply.add(INodeNo(ino.0), off + 1, name, &ttl, &attr(ino.0, &st), Generation(0)) {
                 return reply.ok();
             }
             off += 1;
@@ -411,7 +443,7 @@ impl fuser::Filesystem for Ops {
                 INodeNo(id),
                 2 + i as u64 + 1,
                 OsStr::from_bytes(&e.name),
-                &TTL,
+                &ttl,
                 &attr(id, &st),
                 Generation(0),
             ) {
@@ -491,9 +523,10 @@ impl fuser::Filesystem for Ops {
         flags: i32,
         reply: ReplyCreate,
     ) {
+        let ttl = self.m.cache.ttl();
         let r = self.m.create(parent.0, name.as_bytes(), mode, flags, caller(req));
         self.answer(move || match r {
-            Ok((id, st, fh)) => reply.created(&TTL, &attr(id, &st), Generation(0), FileHandle(fh), FopenFlags::empty()),
+            Ok((id, st, fh)) => reply.created(&ttl, &attr(id, &st), Generation(0), FileHandle(fh), FopenFlags::empty()),
             Err(e) => reply.error(errno(e)),
         })
     }

@@ -304,3 +304,12 @@ impl Mount {
         }
     }
 }
+
+/// Sends SIGCONT to a process stopped by the test when dropped, even if the test fails first.
+pub struct Resume(pub String);
+
+impl Drop for Resume {
+    fn drop(&mut self) {
+        let _ = Command::new("kill").args(["-CONT", &self.0]).status();
+    }
+}
