@@ -1048,3 +1048,51 @@ fn changes_behind_the_mount_show_through_it_at_once() {
     }
     m.finish();
 }
+
+/// A write, append or truncation by someone other than root clears the set-user-ID bit (and
+/// the set-group-ID bit where group execute is set), as the kernel would, on the source and on
+/// the target, and the mount shows it at once; root's own writes keep them. Under
+/// FUSE_HANDLE_KILLPRIV_V2 this is the daemon's job, not the kernel's.
+#[test]
+fn writes_by_others_clear_set_id_bits_everywhere() {
+    scenario("writes_by_others_clear_set_id_bits_everywhere", |m| {
+        // The unprivileged writer must reach the mount.
+        fs::set_permissions(m.tmp.path(), fs::Permissions::from_mode(0o755)).unwrap();
+        fs::set_permissions(&m.mnt, fs::Permissions::from_mode(0o755)).unwrap();
+        for (name, mode) in [
+            ("appended", 0o6777),
+            ("truncated", 0o6777),
+            ("no-gx", 0o2767),
+            ("by-root", 0o6777),
+        ] {
+            fs::write(m.p(name), b"data").unwrap();
+            fs::set_permissions(m.p(name), fs::Permissions::from_mode(mode)).unwrap();
+            // Seen through the mount first, so a stale cached mode would show.
+            assert_eq!(fs::metadata(m.p(name)).unwrap().mode() & 0o7777, mode);
+        }
+        let st = Command::new("setpriv")
+            .args(["--reuid=65534", "--regid=65534", "--clear-groups", "sh", "-c"])
+            .arg("printf x >> appended && truncate -s 1 truncated && printf x >> no-gx")
+            .current_dir(&m.mnt)
+            .status()
+            .unwrap();
+        assert!(st.success(), "nobody writes the world-writable files");
+        OpenOptions::new()
+            .append(true)
+            .open(m.p("by-root"))
+            .unwrap()
+            .write_all(b"x")
+            .unwrap();
+        for (name, want) in [
+            ("appended", 0o777),
+            ("truncated", 0o777),
+            ("no-gx", 0o2767),
+            ("by-root", 0o6777),
+        ] {
+            let through = fs::metadata(m.p(name)).unwrap().mode() & 0o7777;
+            assert_eq!(through, want, "{name} through the mount: {through:o}, want {want:o}");
+            let there = fs::metadata(m.dst.join(name)).unwrap().mode() & 0o7777;
+            assert_eq!(there, want, "{name} on the target: {there:o}, want {want:o}");
+        }
+    });
+}

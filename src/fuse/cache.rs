@@ -8,17 +8,18 @@
 //! kept one second, which bounds how long a change behind the mount stays unseen.
 //!
 //! For each path the watcher reports, the kernel's view (the inode table: which inode the
-//! kernel was told sits at that name) is held against the source's: where they differ (the
-//! name went, came, or names another inode now) the entry is invalidated, and the attributes
-//! of the entry and its directory are invalidated either way (cheap: no page is touched). The
-//! mount's own changes agree with the table already, so they cost the kernel no lookup. After
+//! kernel was told sits at that name, and the change time in the attributes it was last given)
+//! is held against the source's: where the name went, came, or names another inode now, the
+//! entry is invalidated; where the change time moved, the attributes of the entry or its
+//! directory (attributes only: no page is touched). The mount's own changes were told to the
+//! kernel in their replies, so most of them cost nothing. After
 //! the watcher lost events (a queue overflow), every known directory is checked this way,
 //! which also finds any negative entry gone stale: such a name is in the listing now.
 //!
 //! Invalidating an entry takes the directory's lock in the kernel, which a request in flight
 //! in that directory holds until it is answered: callers hold no lock a request waits for.
 
-use super::inodes::{Inodes, KnownDir, ROOT};
+use super::inodes::{stamp, Inode, Inodes, KnownDir, ROOT};
 use crate::path::RelPath;
 use crate::sys;
 use fuser::{INodeNo, Notifier};
@@ -92,7 +93,9 @@ impl Cache {
         }
     }
 
-    fn inval_attrs(&self, id: u64) {
+    /// Drops the kernel's attributes of `id`; safe from a request handler (no lock is taken
+    /// that a request holds).
+    pub fn inval_attrs(&self, id: u64) {
         if let Some(n) = self.notifier.get() {
             // A negative offset drops the attributes only: no page is locked.
             let _ = n.inval_inode(INodeNo(id), -1, 0);
@@ -106,37 +109,49 @@ impl Cache {
         }
         let Some(root) = inodes.get(ROOT) else { return };
         let Ok(rootfd) = root.fd() else { return };
+        let stat = |p: &[u8]| sys::cstr(p).and_then(|c| sys::fstatat(rootfd.as_fd(), &c, false)).ok();
         let mut dirs = HashSet::new();
         for p in paths {
             let Some(parent) = p.parent() else {
-                self.inval_attrs(ROOT);
+                self.attrs(&root, stat(b"").as_ref());
                 continue;
             };
             let Some(dir) = inodes.resolve(&parent) else {
                 // The kernel knows nothing below a directory it has not looked up.
                 continue;
             };
-            let now = sys::cstr(p.as_bytes())
-                .and_then(|c| sys::fstatat(rootfd.as_fd(), &c, false))
-                .ok()
-                .map(|st| (st.st_dev, st.st_ino));
-            self.check(inodes, dir, p.file_name(), now);
-            dirs.insert(dir);
-        }
-        for d in dirs {
-            self.inval_attrs(d);
+            self.check(inodes, dir, p.file_name(), stat(p.as_bytes()).as_ref());
+            if dirs.insert(dir) {
+                if let Some(d) = inodes.get(dir) {
+                    let st = if parent.is_root() {
+                        stat(b"")
+                    } else {
+                        stat(parent.as_bytes())
+                    };
+                    self.attrs(&d, st.as_ref());
+                }
+            }
         }
     }
 
-    /// Holds the kernel's view of `name` in `dir` against the source's (`now`: its (dev, ino),
-    /// or `None` when absent).
-    fn check(&self, inodes: &Inodes, dir: u64, name: &[u8], now: Option<(u64, u64)>) {
-        match (inodes.at(dir, name), now) {
-            (Some((id, key)), Some(k)) if key == k => self.inval_attrs(id),
+    /// Drops the kernel's attributes of `inode` unless they are what the source has now (`st`):
+    /// the mount's own changes were told to the kernel in their replies.
+    fn attrs(&self, inode: &Inode, st: Option<&libc::stat>) {
+        if st.is_none_or(|st| stamp(st) != inode.told_stamp()) {
+            self.inval_attrs(inode.id);
+        }
+    }
+
+    /// Holds the kernel's view of `name` in `dir` against the source's (`now`, or `None` when
+    /// absent).
+    fn check(&self, inodes: &Inodes, dir: u64, name: &[u8], now: Option<&libc::stat>) {
+        let key = now.map(|st| (st.st_dev, st.st_ino));
+        match (inodes.at(dir, name), key) {
+            (Some((inode, told)), Some(k)) if told == k => self.attrs(&inode, now),
             (None, None) => {}
-            (Some((id, _)), _) => {
+            (Some((inode, _)), _) => {
                 self.inval_entry(dir, name);
-                self.inval_attrs(id);
+                self.inval_attrs(inode.id);
             }
             // A name the kernel may hold as negative.
             (None, Some(_)) => self.inval_entry(dir, name),
@@ -162,11 +177,8 @@ impl Cache {
                 .unwrap_or_default();
             let names: HashSet<Vec<u8>> = told.into_iter().chain(listed).collect();
             for name in names {
-                let now = sys::cstr(&name)
-                    .and_then(|c| sys::fstatat(fd.as_fd(), &c, false))
-                    .ok()
-                    .map(|st| (st.st_dev, st.st_ino));
-                self.check(inodes, dir, &name, now);
+                let now = sys::cstr(&name).and_then(|c| sys::fstatat(fd.as_fd(), &c, false)).ok();
+                self.check(inodes, dir, &name, now.as_ref());
             }
         }
         for id in ids {

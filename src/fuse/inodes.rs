@@ -44,6 +44,14 @@ pub struct Inode {
     anchor: Anchor,
     pub kind: Kind,
     pub io: Mutex<IoMode>,
+    /// The change time in the attributes last given to the kernel (`stamp`), so the watcher
+    /// can tell the mount's own changes, which the kernel knows of, from others.
+    told: std::sync::atomic::AtomicU64,
+}
+
+/// A change time as one number, for `Inode::told`.
+pub fn stamp(st: &libc::stat) -> u64 {
+    ((st.st_ctime as u64) << 30) | (st.st_ctime_nsec as u64 & ((1 << 30) - 1))
 }
 
 /// An `O_PATH` fd on an inode: the held one, or one opened from its file handle for this use.
@@ -62,6 +70,16 @@ impl AsFd for Fd<'_> {
 }
 
 impl Inode {
+    /// Records the attributes given to the kernel.
+    pub fn told(&self, st: &libc::stat) {
+        self.told.store(stamp(st), std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// The change time the kernel was last given (see `stamp`).
+    pub fn told_stamp(&self) -> u64 {
+        self.told.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
     pub fn fd(&self) -> io::Result<Fd<'_>> {
         match &self.anchor {
             Anchor::Fd(f) => Ok(Fd::Held(f.as_fd())),
@@ -132,6 +150,7 @@ impl Inodes {
                     anchor: Anchor::Fd(root),
                     kind: Kind::Dir,
                     io: Mutex::new(IoMode::default()),
+                    told: Default::default(),
                 }),
                 key,
                 nlookup: 1,
@@ -219,6 +238,7 @@ impl Inodes {
                             anchor,
                             kind: Kind::from_mode(st.st_mode),
                             io: Mutex::new(IoMode::default()),
+                            told: Default::default(),
                         }),
                         key,
                         nlookup: 0,
@@ -232,6 +252,7 @@ impl Inodes {
         };
         if let Some(n) = t.nodes.get_mut(&id) {
             n.nlookup += 1;
+            n.inode.told(st);
         }
         if id != ROOT {
             add_place(&mut t, id, (parent, name.to_vec()));
@@ -342,10 +363,11 @@ impl Inodes {
     }
 
     /// The inode the kernel was told sits at `name` in `parent`, with its (dev, ino).
-    pub fn at(&self, parent: u64, name: &[u8]) -> Option<(u64, (u64, u64))> {
+    pub fn at(&self, parent: u64, name: &[u8]) -> Option<(Arc<Inode>, (u64, u64))> {
         let t = self.t.lock();
         let id = *t.by_place.get(&(parent, name.to_vec()))?;
-        Some((id, t.nodes.get(&id)?.key))
+        let n = t.nodes.get(&id)?;
+        Some((n.inode.clone(), n.key))
     }
 
     /// Every inode held, and every known directory with the names the kernel was told in it.

@@ -49,6 +49,8 @@ pub struct SetAttrs {
     pub atime: Option<NewTime>,
     pub mtime: Option<NewTime>,
     pub fh: Option<u64>,
+    /// A truncation by a caller who may not keep set-ID bits (see `kill_set_id`).
+    pub kill_set_id: bool,
 }
 
 pub struct Mirror {
@@ -61,6 +63,43 @@ pub struct Mirror {
     /// Serve read-only opens with kernel passthrough (set when the kernel agreed at init).
     pub passthrough: AtomicBool,
     pub cache: Cache,
+    /// The kernel left clearing set-ID bits to us (FUSE_HANDLE_KILLPRIV_V2 agreed at init).
+    pub killpriv: AtomicBool,
+}
+
+/// Clears the set-user-ID bit of a regular file, and its set-group-ID bit where group execute
+/// is set, as the kernel does on a write or truncation by someone who may not keep them;
+/// returns the new permission bits if any changed. The kernel leaves this to the daemon once
+/// `FUSE_HANDLE_KILLPRIV_V2` is agreed (and the daemon, being root, is never subject to it on
+/// the source). Capabilities need nothing: the kernel drops `security.capability` on every
+/// write and truncation, the daemon's too, on both sides.
+fn kill_set_id(fd: BorrowedFd<'_>) -> io::Result<Option<u32>> {
+    let st = sys::fstat(fd)?;
+    if st.st_mode & libc::S_IFMT != libc::S_IFREG {
+        return Ok(None);
+    }
+    let mut perm = st.st_mode & 0o7777;
+    perm &= !libc::S_ISUID;
+    if perm & libc::S_IXGRP != 0 {
+        perm &= !libc::S_ISGID;
+    }
+    if perm == st.st_mode & 0o7777 {
+        return Ok(None);
+    }
+    sys::chmod_opath(fd, perm)?;
+    Ok(Some(perm))
+}
+
+/// Gives the target the permission bits a cleared set-ID bit left.
+fn perm_change(path: &RelPath, perm: u32) -> Change {
+    Change::SetAttr {
+        path: path.clone(),
+        perm: Some(perm),
+        uid: None,
+        gid: None,
+        atime: SetTime::Omit,
+        mtime: SetTime::Omit,
+    }
 }
 
 fn einval() -> io::Error {
@@ -109,6 +148,7 @@ impl Mirror {
             owners,
             passthrough: AtomicBool::new(false),
             cache,
+            killpriv: AtomicBool::new(false),
         }
     }
 
@@ -157,7 +197,10 @@ impl Mirror {
     }
 
     pub fn getattr(&self, id: u64) -> io::Result<libc::stat> {
-        sys::fstat(self.inode(id)?.fd()?.as_fd())
+        let inode = self.inode(id)?;
+        let st = sys::fstat(inode.fd()?.as_fd())?;
+        inode.told(&st);
+        Ok(st)
     }
 
     pub fn readlink(&self, id: u64) -> io::Result<Vec<u8>> {
@@ -644,10 +687,15 @@ impl Mirror {
     // ---- Changing content ----
 
     /// A write; `from_cache` is the kernel's writeback of cached pages (a shared mmap), which
-    /// already happened as far as the writer knows, so it is never refused.
-    pub fn write(&self, fh: u64, offset: u64, data: &[u8], from_cache: bool) -> io::Result<usize> {
+    /// already happened as far as the writer knows, so it is never refused. With `kill` (the
+    /// kernel's word that the writer may not keep them) set-ID bits are cleared first, and the
+    /// cleared mode goes to the target with the data.
+    pub fn write(&self, fh: u64, offset: u64, data: &[u8], from_cache: bool, kill: bool) -> io::Result<usize> {
         let h = self.file(fh)?;
+        let cleared = std::cell::Cell::new(false);
         let op = || {
+            let killed = if kill { kill_set_id(h.fd.as_fd())? } else { None };
+            cleared.set(killed.is_some());
             let mut done = 0;
             while done < data.len() {
                 match sys::pwrite(h.fd.as_fd(), &data[done..], offset + done as u64) {
@@ -660,12 +708,17 @@ impl Mirror {
             }
             let st = sys::fstat(h.fd.as_fd())?;
             let fwd = match self.inodes.path(h.inode.id) {
-                Some(path) => Forward::of(vec![Change::Write {
-                    path,
-                    offset,
-                    data: data[..done].to_vec(),
-                    mtime: Some(mtime_of(&st)),
-                }]),
+                Some(path) => {
+                    let mut reqs = Vec::with_capacity(2);
+                    reqs.extend(killed.map(|perm| perm_change(&path, perm)));
+                    reqs.push(Change::Write {
+                        path,
+                        offset,
+                        data: data[..done].to_vec(),
+                        mtime: Some(mtime_of(&st)),
+                    });
+                    Forward::of(reqs)
+                }
                 // Unlinked: nothing on the target may change. A hard link whose other name
                 // the mount has not seen yet is found by a resync.
                 None if st.st_nlink > 0 => Forward::resync(),
@@ -673,32 +726,47 @@ impl Mirror {
             };
             Ok::<_, io::Error>((done, fwd))
         };
-        if from_cache {
+        let r = if from_cache {
             self.rep.apply_unrefused(op)
         } else {
             self.rep.apply(op)
+        };
+        if cleared.get() {
+            // A write's reply carries no attributes: the kernel must ask again for the mode.
+            self.cache.inval_attrs(h.inode.id);
         }
+        r
     }
 
-    pub fn fallocate(&self, fh: u64, offset: u64, len: u64, mode: i32) -> io::Result<()> {
+    /// With `kill`, as `write`.
+    pub fn fallocate(&self, fh: u64, offset: u64, len: u64, mode: i32, kill: bool) -> io::Result<()> {
         let h = self.file(fh)?;
-        self.rep.apply(|| {
+        let cleared = std::cell::Cell::new(false);
+        let r = self.rep.apply(|| {
+            let killed = if kill { kill_set_id(h.fd.as_fd())? } else { None };
+            cleared.set(killed.is_some());
             sys::fallocate(h.fd.as_fd(), mode, offset, len)?;
             let st = sys::fstat(h.fd.as_fd())?;
             let fwd = match self.inodes.path(h.inode.id) {
-                Some(path) => Forward::of(vec![
-                    Change::Fallocate {
+                Some(path) => {
+                    let mut reqs: Vec<Change> = killed.map(|perm| perm_change(&path, perm)).into_iter().collect();
+                    reqs.push(Change::Fallocate {
                         path: path.clone(),
                         mode,
                         offset,
                         len,
-                    },
-                    stamp(path, &st),
-                ]),
+                    });
+                    reqs.push(stamp(path, &st));
+                    Forward::of(reqs)
+                }
                 None => Forward::none(),
             };
             Ok::<_, io::Error>(((), fwd))
-        })
+        });
+        if cleared.get() {
+            self.cache.inval_attrs(h.inode.id);
+        }
+        r
     }
 
     pub fn copy_file_range(
@@ -709,39 +777,59 @@ impl Mirror {
         off_out: u64,
         len: u64,
         flags: u32,
+        kill: bool,
     ) -> io::Result<usize> {
         let (hi, ho) = (self.file(fh_in)?, self.file(fh_out)?);
         let len = usize::try_from(len).unwrap_or(usize::MAX).min(1 << 30);
-        self.rep.apply(|| {
+        let cleared = std::cell::Cell::new(false);
+        let r = self.rep.apply(|| {
+            let killed = if kill { kill_set_id(ho.fd.as_fd())? } else { None };
+            cleared.set(killed.is_some());
             let n = sys::copy_file_range_flags(hi.fd.as_fd(), off_in, ho.fd.as_fd(), off_out, len, flags)?;
             let st = sys::fstat(ho.fd.as_fd())?;
             let fwd = match (self.inodes.path(hi.inode.id), self.inodes.path(ho.inode.id)) {
                 (_, None) => Forward::none(),
-                (Some(src), Some(dst)) => Forward::of(vec![
-                    Change::CopyRange {
-                        src,
-                        src_offset: off_in,
-                        dst: dst.clone(),
-                        dst_offset: off_out,
-                        len: n as u64,
-                    },
-                    stamp(dst, &st),
-                ]),
+                (Some(src), Some(dst)) => Forward::of(
+                    killed
+                        .map(|perm| perm_change(&dst, perm))
+                        .into_iter()
+                        .chain([
+                            Change::CopyRange {
+                                src,
+                                src_offset: off_in,
+                                dst: dst.clone(),
+                                dst_offset: off_out,
+                                len: n as u64,
+                            },
+                            stamp(dst, &st),
+                        ])
+                        .collect(),
+                ),
                 (None, Some(dst)) => {
                     // The input has no name on the target: send the bytes themselves.
                     let mut data = vec![0u8; n];
                     let got = sys::pread(ho.fd.as_fd(), &mut data, off_out)?;
                     data.truncate(got);
-                    Forward::of(vec![Change::Write {
-                        path: dst,
-                        offset: off_out,
-                        data,
-                        mtime: Some(mtime_of(&st)),
-                    }])
+                    Forward::of(
+                        killed
+                            .map(|perm| perm_change(&dst, perm))
+                            .into_iter()
+                            .chain([Change::Write {
+                                path: dst,
+                                offset: off_out,
+                                data,
+                                mtime: Some(mtime_of(&st)),
+                            }])
+                            .collect(),
+                    )
                 }
             };
             Ok::<_, io::Error>((n, fwd))
-        })
+        });
+        if cleared.get() {
+            self.cache.inval_attrs(ho.inode.id);
+        }
+        r
     }
 
     // ---- Changing metadata ----
@@ -759,7 +847,10 @@ impl Mirror {
                 let mut changed = false;
                 Ok::<_, io::Error>(
                     match self.setattr_steps(id, &inode, handle.as_deref(), &a, &mut changed) {
-                        Ok((st, fwd)) => (Ok(st), fwd),
+                        Ok((st, fwd)) => {
+                            inode.told(&st);
+                            (Ok(st), fwd)
+                        }
                         Err(e) if changed => (Err(e), Forward::resync()),
                         Err(e) => return Err(e),
                     },
@@ -782,7 +873,14 @@ impl Mirror {
             let ifd = inode.fd()?;
             let fd = ifd.as_fd();
             let mut step = |r: io::Result<()>| -> io::Result<()> { r.map(|()| *changed = true) };
+            let mut killed = false;
             if let Some(size) = a.size {
+                if a.kill_set_id && a.mode.is_none() {
+                    killed = kill_set_id(fd)?.is_some();
+                    if killed {
+                        step(Ok(()))?;
+                    }
+                }
                 step(match handle {
                     Some(h) if h.writable => sys::ftruncate(h.fd.as_fd(), size),
                     _ => sys::reopen(fd, libc::O_WRONLY).and_then(|w| sys::ftruncate(w.as_fd(), size)),
@@ -818,7 +916,7 @@ impl Mirror {
             reqs.push(Change::SetAttr {
                 path,
                 // A chown may have cleared set-ID bits: the resulting mode always goes along.
-                perm: (!symlink && (a.mode.is_some() || owner)).then_some(st.st_mode & 0o7777),
+                perm: (!symlink && (a.mode.is_some() || owner || killed)).then_some(st.st_mode & 0o7777),
                 uid: (self.owners && owner).then_some(st.st_uid),
                 gid: (self.owners && owner).then_some(st.st_gid),
                 atime: if a.atime.is_some() {

@@ -167,6 +167,11 @@ impl fuser::Filesystem for Ops {
         let wanted =
             InitFlags::FUSE_DO_READDIRPLUS | InitFlags::FUSE_READDIRPLUS_AUTO | InitFlags::FUSE_PARALLEL_DIROPS;
         let _ = config.add_capabilities(wanted & config.capabilities());
+        // The daemon clears set-ID bits itself (`Mirror::kill_set_id`): the kernel then stops
+        // asking for security.capability before every write.
+        if config.add_capabilities(InitFlags::FUSE_HANDLE_KILLPRIV_V2).is_ok() {
+            self.m.killpriv.store(true, Ordering::Relaxed);
+        }
         if self.want_passthrough {
             match config.add_capabilities(InitFlags::FUSE_PASSTHROUGH) {
                 Ok(()) => {
@@ -205,7 +210,7 @@ impl fuser::Filesystem for Ops {
 
     fn setattr(
         &self,
-        _req: &Request,
+        req: &Request,
         ino: INodeNo,
         mode: Option<u32>,
         uid: Option<u32>,
@@ -230,6 +235,9 @@ impl fuser::Filesystem for Ops {
             atime: atime.map(new_time),
             mtime: mtime.map(new_time),
             fh: fh.map(|f| f.0),
+            // fuser does not pass FATTR_KILL_SUIDGID on: the kernel sets it for a truncation by a
+            // caller without CAP_FSETID, which is taken to mean one who is not root.
+            kill_set_id: size.is_some() && req.uid() != 0 && self.m.killpriv.load(Ordering::Relaxed),
         };
         let r = self.m.setattr(ino.0, a);
         self.answer(move || match r {
@@ -349,7 +357,8 @@ impl fuser::Filesystem for Ops {
         reply: ReplyWrite,
     ) {
         let from_cache = write_flags.contains(WriteFlags::FUSE_WRITE_CACHE);
-        let r = self.m.write(fh.0, offset, data, from_cache);
+        let kill = write_flags.contains(WriteFlags::FUSE_WRITE_KILL_SUIDGID);
+        let r = self.m.write(fh.0, offset, data, from_cache, kill);
         self.answer(move || match r {
             Ok(n) => reply.written(n as u32),
             Err(e) => reply.error(errno(e)),
@@ -533,7 +542,7 @@ impl fuser::Filesystem for Ops {
 
     fn fallocate(
         &self,
-        _req: &Request,
+        req: &Request,
         _ino: INodeNo,
         fh: FileHandle,
         offset: u64,
@@ -541,7 +550,9 @@ impl fuser::Filesystem for Ops {
         mode: i32,
         reply: ReplyEmpty,
     ) {
-        let r = self.m.fallocate(fh.0, offset, length, mode);
+        // As for a truncation: fuser keeps the kernel's word, so "not root" stands in for it.
+        let kill = req.uid() != 0 && self.m.killpriv.load(Ordering::Relaxed);
+        let r = self.m.fallocate(fh.0, offset, length, mode, kill);
         self.answer(move || empty(reply, r))
     }
 
@@ -571,7 +582,7 @@ impl fuser::Filesystem for Ops {
 
     fn copy_file_range(
         &self,
-        _req: &Request,
+        req: &Request,
         _ino_in: INodeNo,
         fh_in: FileHandle,
         offset_in: u64,
@@ -582,9 +593,10 @@ impl fuser::Filesystem for Ops {
         flags: CopyFileRangeFlags,
         reply: ReplyWrite,
     ) {
+        let kill = req.uid() != 0 && self.m.killpriv.load(Ordering::Relaxed);
         let r = self
             .m
-            .copy_file_range(fh_in.0, offset_in, fh_out.0, offset_out, len, flags.bits() as u32);
+            .copy_file_range(fh_in.0, offset_in, fh_out.0, offset_out, len, flags.bits() as u32, kill);
         self.answer(move || match r {
             Ok(n) => reply.written(n as u32),
             Err(e) => reply.error(errno(e)),
