@@ -36,7 +36,6 @@ const WATCHED: Duration = Duration::from_secs(24 * 3600);
 /// ... and otherwise.
 const UNWATCHED: Duration = Duration::from_secs(1);
 
-#[derive(Default)]
 pub struct Cache {
     /// The watcher covers the whole tree.
     watched: AtomicBool,
@@ -123,12 +122,8 @@ impl Cache {
             self.check(inodes, dir, p.file_name(), stat(p.as_bytes()).as_ref());
             if dirs.insert(dir) {
                 if let Some(d) = inodes.get(dir) {
-                    let st = if parent.is_root() {
-                        stat(b"")
-                    } else {
-                        stat(parent.as_bytes())
-                    };
-                    self.attrs(&d, st.as_ref());
+                    // The root's path is empty: fstatat then stats the root fd itself.
+                    self.attrs(&d, stat(parent.as_bytes()).as_ref());
                 }
             }
         }

@@ -152,6 +152,19 @@ impl Mirror {
         }
     }
 
+    /// `kill_set_id` on an open file when `kill` says so; the kernel's attributes of it are
+    /// dropped at once if bits were cleared (no reply of a write carries attributes).
+    fn kill(&self, h: &FileHandle, kill: bool) -> io::Result<Option<u32>> {
+        if !kill {
+            return Ok(None);
+        }
+        let killed = kill_set_id(h.fd.as_fd())?;
+        if killed.is_some() {
+            self.cache.inval_attrs(h.inode.id);
+        }
+        Ok(killed)
+    }
+
     pub fn replicator(&self) -> &Rep {
         &self.rep
     }
@@ -692,10 +705,8 @@ impl Mirror {
     /// cleared mode goes to the target with the data.
     pub fn write(&self, fh: u64, offset: u64, data: &[u8], from_cache: bool, kill: bool) -> io::Result<usize> {
         let h = self.file(fh)?;
-        let cleared = std::cell::Cell::new(false);
         let op = || {
-            let killed = if kill { kill_set_id(h.fd.as_fd())? } else { None };
-            cleared.set(killed.is_some());
+            let killed = self.kill(&h, kill)?;
             let mut done = 0;
             while done < data.len() {
                 match sys::pwrite(h.fd.as_fd(), &data[done..], offset + done as u64) {
@@ -726,25 +737,18 @@ impl Mirror {
             };
             Ok::<_, io::Error>((done, fwd))
         };
-        let r = if from_cache {
+        if from_cache {
             self.rep.apply_unrefused(op)
         } else {
             self.rep.apply(op)
-        };
-        if cleared.get() {
-            // A write's reply carries no attributes: the kernel must ask again for the mode.
-            self.cache.inval_attrs(h.inode.id);
         }
-        r
     }
 
     /// With `kill`, as `write`.
     pub fn fallocate(&self, fh: u64, offset: u64, len: u64, mode: i32, kill: bool) -> io::Result<()> {
         let h = self.file(fh)?;
-        let cleared = std::cell::Cell::new(false);
-        let r = self.rep.apply(|| {
-            let killed = if kill { kill_set_id(h.fd.as_fd())? } else { None };
-            cleared.set(killed.is_some());
+        self.rep.apply(|| {
+            let killed = self.kill(&h, kill)?;
             sys::fallocate(h.fd.as_fd(), mode, offset, len)?;
             let st = sys::fstat(h.fd.as_fd())?;
             let fwd = match self.inodes.path(h.inode.id) {
@@ -762,11 +766,7 @@ impl Mirror {
                 None => Forward::none(),
             };
             Ok::<_, io::Error>(((), fwd))
-        });
-        if cleared.get() {
-            self.cache.inval_attrs(h.inode.id);
-        }
-        r
+        })
     }
 
     pub fn copy_file_range(
@@ -781,10 +781,8 @@ impl Mirror {
     ) -> io::Result<usize> {
         let (hi, ho) = (self.file(fh_in)?, self.file(fh_out)?);
         let len = usize::try_from(len).unwrap_or(usize::MAX).min(1 << 30);
-        let cleared = std::cell::Cell::new(false);
-        let r = self.rep.apply(|| {
-            let killed = if kill { kill_set_id(ho.fd.as_fd())? } else { None };
-            cleared.set(killed.is_some());
+        self.rep.apply(|| {
+            let killed = self.kill(&ho, kill)?;
             let n = sys::copy_file_range_flags(hi.fd.as_fd(), off_in, ho.fd.as_fd(), off_out, len, flags)?;
             let st = sys::fstat(ho.fd.as_fd())?;
             let fwd = match (self.inodes.path(hi.inode.id), self.inodes.path(ho.inode.id)) {
@@ -825,11 +823,7 @@ impl Mirror {
                 }
             };
             Ok::<_, io::Error>((n, fwd))
-        });
-        if cleared.get() {
-            self.cache.inval_attrs(ho.inode.id);
-        }
-        r
+        })
     }
 
     // ---- Changing metadata ----
