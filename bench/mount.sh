@@ -10,14 +10,15 @@
 #   bench/mount.sh
 #   ROUNDS=5 WORK=/var/tmp/mb bench/mount.sh
 #   WORKLOADS="cpa tarx rmrf" bench/mount.sh      # a subset (seqwrite seqread randwrite cpa
-#                                                 # tarx rmrf findcold findwarm compile)
+#                                                 # tarx rmrf findcold findwarm readall compile)
 #   BASE=/path/to/older/mirrorfs bench/mount.sh   # adds that build as a fourth config, to
 #                                                 # compare two versions in one run
+#   CONFIGS="native mirrorfs base" BASE=... bench/mount.sh   # a subset of the configs
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROUNDS=${ROUNDS:-3}
 WORK=${WORK:-/var/tmp/mirrorfs-mbench}
-WORKLOADS=${WORKLOADS:-seqwrite seqread randwrite cpa tarx rmrf findcold findwarm compile}
+WORKLOADS=${WORKLOADS:-seqwrite seqread randwrite cpa tarx rmrf findcold findwarm readall compile}
 IMG_GIB=${IMG_GIB:-6}
 need=()
 command -v bindfs >/dev/null || need+=(bindfs)
@@ -63,8 +64,8 @@ fresh() {
   esac
 }
 
-CONFIGS=(native bindfs mirrorfs)
-[ -n "${BASE:-}" ] && CONFIGS+=(base)
+if [ -n "${CONFIGS:-}" ]; then read -r -a CONFIGS <<<"$CONFIGS"
+else CONFIGS=(native bindfs mirrorfs); [ -n "${BASE:-}" ] && CONFIGS+=(base); fi
 
 # The tree: the Rust docs from the toolchain (about 50,000 files of generated docs), kept
 # outside the filesystems under test, and a tar of it for tar -x.
@@ -123,6 +124,8 @@ has rmrf && bench rmrf 'cp -a $WORK/tree $D/tree' 'rm -rf $D/tree'
 FIND='find $D/tree -printf "%s %T@\n"'
 has findcold && bench findcold 'cp -a $WORK/tree $D/tree; drop' "$FIND"
 has findwarm && bench findwarm 'cp -a $WORK/tree $D/tree; drop; '"$FIND" "$FIND"
+# Every file opened, read and closed once, its pages already cached: the cost of open and close.
+has readall && bench readall 'cp -a $WORK/tree $D/tree' 'find $D/tree -type f -print0 | xargs -0 cat >/dev/null'
 if has compile && [ -n "$CRATE" ]; then
   bench compile 'cp -a '"$CRATE"' $D/crate' \
     'cargo build --offline -q --manifest-path $D/crate/Cargo.toml --target-dir $D/crate/target'
@@ -136,7 +139,7 @@ printf '%-40s %9s %9s %9s %10s %10s' workload native_s bindfs_s mirror_s bindfs 
 echo
 line() { # NAME KEY MODE: MODE speed = native/x (higher better), time = x/native (lower better)
   [ -n "${T[$2,native]:-}" ] || return 0
-  local n=${T[$2,native]} b=${T[$2,bindfs]} m=${T[$2,mirrorfs]} op
+  local n=${T[$2,native]} b=${T[$2,bindfs]:-nan} m=${T[$2,mirrorfs]:-nan} op
   if [ "$3" = speed ]; then op='a/b'; else op='b/a'; fi
   r() { awk -v a="$n" -v b="$1" "BEGIN{print $op}"; }
   printf '%-40s %9.3f %9.3f %9.3f %9.2fx %9.2fx' "$1" "$n" "$b" "$m" "$(r "$b")" "$(r "$m")"
@@ -156,5 +159,6 @@ line "tar -x of the tree" tarx time
 line "rm -rf of the tree" rmrf time
 line "find -printf '%s %T@', cold cache" findcold time
 line "the same find again at once" findwarm time
+line "cat of every file, pages cached" readall time
 [ -n "$CRATE" ] && line "cargo build $(basename "$REG") (debug)" compile time
 rm -rf "$WORK"

@@ -262,6 +262,45 @@ fn rename_plain_over_noreplace_exchange() {
     });
 }
 
+/// The default promise, checked write by write: when `write` returns, the target process has
+/// those bytes, the file's size and its mtime. The target is read the moment each write returns,
+/// with no watcher that could send anything later.
+#[test]
+fn every_write_is_on_the_target_when_it_returns() {
+    let opts = Opts {
+        separate: true,
+        extra: &["--no-watch"],
+        ..Opts::default()
+    };
+    let Some(m) = Mount::with("every_write_is_on_the_target_when_it_returns", opts) else {
+        return;
+    };
+    let f = OpenOptions::new().write(true).create_new(true).open(m.p("f")).unwrap();
+    // Small and unaligned writes, page writes, and 1 MiB aligned ones (the target's O_DIRECT
+    // path), at offsets that extend the file, overwrite it, and leave holes.
+    let writes: Vec<(u64, usize)> = (0..48u64)
+        .map(|i| match i % 4 {
+            0 => (i * 7919, 100 + i as usize),
+            1 => (i * 4096, 4096),
+            2 => ((i % 6) << 20, 1 << 20),
+            _ => ((8 << 20) + i * 65536, 65536 + 3),
+        })
+        .collect();
+    let target = m.dst.join("f");
+    for (n, (off, len)) in writes.into_iter().enumerate() {
+        let data: Vec<u8> = (0..len).map(|j| (j as u64 * 31 + n as u64) as u8).collect();
+        f.write_all_at(&data, off).unwrap();
+        let mut there = vec![0u8; len];
+        File::open(&target).unwrap().read_exact_at(&mut there, off).unwrap();
+        assert!(there == data, "write {n} ({len} bytes at {off}) is not on the target when it returned");
+        let (s, t) = (fs::metadata(m.src.join("f")).unwrap(), fs::metadata(&target).unwrap());
+        assert_eq!(s.len(), t.len(), "write {n}: size");
+        assert_eq!((s.mtime(), s.mtime_nsec()), (t.mtime(), t.mtime_nsec()), "write {n}: mtime");
+    }
+    drop(f);
+    m.finish();
+}
+
 #[test]
 fn fsync_and_fdatasync() {
     scenario("fsync_and_fdatasync", |m| {
