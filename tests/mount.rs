@@ -1008,7 +1008,7 @@ fn a_log_path_planted_as_a_symlink_is_refused() {
     );
 }
 
-/// The kernel keeps names, attributes and negative entries through the mount for long (see
+/// The kernel keeps names, attributes, negative entries and listings through the mount for long (see
 /// `fuse::cache`), so what changes behind the mount must be dropped from its caches: once the
 /// target has a change made behind the mount, the mount shows it too, within a fraction of the
 /// one second the kernel was once allowed to keep anything. Each path was looked up (or found
@@ -1055,6 +1055,8 @@ fn changes_behind_the_mount_show_through_it_at_once() {
     // negative entries.
     let first = seen(&m.mnt);
     assert!(first.iter().any(|l| l.starts_with("new: NotFound")), "{first:?}");
+    // ... and so is every listing, read through it now.
+    assert_eq!(common::mnt::tree_diff_live(&m.src, &m.mnt), Vec::<String>::new());
     // Behind it.
     let s = &m.src;
     fs::set_permissions(s.join("f"), fs::Permissions::from_mode(0o600)).unwrap();
@@ -1071,7 +1073,22 @@ fn changes_behind_the_mount_show_through_it_at_once() {
     fs::create_dir(s.join("r")).unwrap();
     fs::write(s.join("r/x"), b"x").unwrap();
     fs::create_dir(s.join("d2")).unwrap();
+    // A name the kernel never looked up, only listed in a listing it keeps.
+    fs::write(s.join("d/sub/listed"), b"only in a listing").unwrap();
     converge(&m, "changes behind the mount");
+    let names = |d: &Path| -> Vec<String> {
+        let mut v: Vec<String> = fs::read_dir(d)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        v.sort();
+        v
+    };
+    let deadline = Instant::now() + Duration::from_millis(400);
+    while names(&m.mnt.join("d/sub")) != ["listed"] {
+        assert!(Instant::now() < deadline, "the mount still lists d/sub as it was");
+        std::thread::sleep(Duration::from_millis(20));
+    }
     let deadline = Instant::now() + Duration::from_millis(400);
     loop {
         let (now, through) = (seen(s), seen(&m.mnt));

@@ -5,13 +5,17 @@
 //! watcher covers the whole tree the kernel may keep entries, attributes and negative entries
 //! (names that do not exist) for a day, as libfuse's passthrough_hp does with `cache=always`.
 //! Without a watcher, or while part of the tree is not watched (the inotify limit), they are
-//! kept one second, which bounds how long a change behind the mount stays unseen.
+//! kept one second, which bounds how long a change behind the mount stays unseen. Listings
+//! are kept too while the tree is watched (`keeps_listings`): the kernel drops a listing itself
+//! when a change through the mount touches its directory.
 //!
 //! For each path the watcher reports, the kernel's view (the inode table: which inode the
 //! kernel was told sits at that name, and the change time in the attributes it was last given)
 //! is held against the source's: where the name went, came, or names another inode now, the
-//! entry is invalidated; where the change time moved, the attributes of the entry or its
-//! directory (attributes only: no page is touched). The mount's own changes were told to the
+//! entry is invalidated, and so is its directory's listing; where the change time moved, the
+//! attributes of the entry or its directory (attributes only: no page of a file is touched,
+//! and a directory's listing goes only where its change time moved). The mount's own changes
+//! were told to the
 //! kernel in their replies, so most of them cost nothing. After
 //! the watcher lost events (a queue overflow), every known directory is checked this way,
 //! which also finds any negative entry gone stale: such a name is in the listing now.
@@ -70,6 +74,19 @@ impl Cache {
         }
     }
 
+    /// The kernel may keep directory listings across opens (they are dropped like entries).
+    pub fn keeps_listings(&self) -> bool {
+        self.watched.load(Ordering::Relaxed)
+    }
+
+    /// Drops the kernel's attributes and kept listing of the directory `id`. A listing's pages
+    /// are locked only while the kernel copies into or out of them, never across a request.
+    fn inval_listing(&self, id: u64) {
+        if let Some(n) = self.notifier.get() {
+            let _ = n.inval_inode(INodeNo(id), 0, 0);
+        }
+    }
+
     /// Set once the session exists.
     pub fn set_notifier(&self, n: Notifier) {
         let _ = self.notifier.set(n);
@@ -119,12 +136,17 @@ impl Cache {
                 // The kernel knows nothing below a directory it has not looked up.
                 continue;
             };
-            self.check(inodes, dir, p.file_name(), stat(p.as_bytes()).as_ref());
+            let moved = self.check(inodes, dir, p.file_name(), stat(p.as_bytes()).as_ref());
             if dirs.insert(dir) {
                 if let Some(d) = inodes.get(dir) {
                     // The root's path is empty: fstatat then stats the root fd itself.
-                    self.attrs(&d, stat(parent.as_bytes()).as_ref());
+                    let st = stat(parent.as_bytes());
+                    if moved || st.is_none_or(|st| stamp(&st) != d.told_stamp()) {
+                        self.inval_listing(dir);
+                    }
                 }
+            } else if moved {
+                self.inval_listing(dir);
             }
         }
     }
@@ -138,18 +160,25 @@ impl Cache {
     }
 
     /// Holds the kernel's view of `name` in `dir` against the source's (`now`, or `None` when
-    /// absent).
-    fn check(&self, inodes: &Inodes, dir: u64, name: &[u8], now: Option<&libc::stat>) {
+    /// absent); true when the name was dropped, which may change the directory's listing.
+    fn check(&self, inodes: &Inodes, dir: u64, name: &[u8], now: Option<&libc::stat>) -> bool {
         let key = now.map(|st| (st.st_dev, st.st_ino));
         match (inodes.at(dir, name), key) {
-            (Some((inode, told)), Some(k)) if told == k => self.attrs(&inode, now),
-            (None, None) => {}
+            (Some((inode, told)), Some(k)) if told == k => {
+                self.attrs(&inode, now);
+                false
+            }
+            (None, None) => false,
             (Some((inode, _)), _) => {
                 self.inval_entry(dir, name);
                 self.inval_attrs(inode.id);
+                true
             }
-            // A name the kernel may hold as negative.
-            (None, Some(_)) => self.inval_entry(dir, name),
+            // A name the kernel may hold as negative, or knows only from a listing.
+            (None, Some(_)) => {
+                self.inval_entry(dir, name);
+                true
+            }
         }
     }
 
@@ -175,6 +204,7 @@ impl Cache {
                 let now = sys::cstr(&name).and_then(|c| sys::fstatat(fd.as_fd(), &c, false)).ok();
                 self.check(inodes, dir, &name, now.as_ref());
             }
+            self.inval_listing(dir);
         }
         for id in ids {
             self.inval_attrs(id);

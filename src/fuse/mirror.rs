@@ -255,8 +255,7 @@ impl Mirror {
 
     pub fn opendir(&self, id: u64) -> io::Result<u64> {
         let fd = sys::reopen(self.inode(id)?.fd()?.as_fd(), libc::O_RDONLY | libc::O_DIRECTORY)?;
-        let entries = sys::read_dir_entries(fd)?;
-        Ok(self.dirs.insert(DirHandle { entries }))
+        Ok(self.dirs.insert(DirHandle::new(fd)))
     }
 
     pub fn dir(&self, fh: u64) -> io::Result<Arc<DirHandle>> {

@@ -390,9 +390,17 @@ impl fuser::Filesystem for Ops {
         self.answer(move || empty(reply, r))
     }
 
+    /// While the watcher covers the tree the kernel keeps listings too (`FOPEN_CACHE_DIR`, kept
+    /// across opens): its own changes through the mount reset them, and `cache` drops those
+    /// that change behind it.
     fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
+        let keep = if self.m.cache.keeps_listings() {
+            FopenFlags::FOPEN_CACHE_DIR | FopenFlags::FOPEN_KEEP_CACHE
+        } else {
+            FopenFlags::empty()
+        };
         match self.m.opendir(ino.0) {
-            Ok(fh) => reply.opened(FileHandle(fh), FopenFlags::empty()),
+            Ok(fh) => reply.opened(FileHandle(fh), keep),
             Err(e) => reply.error(errno(e)),
         }
     }
@@ -400,6 +408,10 @@ impl fuser::Filesystem for Ops {
     fn readdir(&self, _req: &Request, ino: INodeNo, fh: FileHandle, offset: u64, mut reply: ReplyDirectory) {
         let d = match self.m.dir(fh.0) {
             Ok(d) => d,
+            Err(e) => return reply.error(errno(e)),
+        };
+        let entries = match d.entries() {
+            Ok(l) => l,
             Err(e) => return reply.error(errno(e)),
         };
         // Offsets: 1 is ".", 2 is "..", 2 + i + 1 is entry i.
@@ -411,7 +423,7 @@ impl fuser::Filesystem for Ops {
             }
             off += 1;
         }
-        for (i, e) in d.entries.iter().enumerate().skip((off - 2) as usize) {
+        for (i, e) in entries.iter().enumerate().skip((off - 2) as usize) {
             if reply.add(
                 INodeNo(e.ino),
                 2 + i as u64 + 1,
@@ -430,6 +442,10 @@ impl fuser::Filesystem for Ops {
             Ok(d) => d,
             Err(e) => return reply.error(errno(e)),
         };
+        let entries = match d.entries() {
+            Ok(l) => l,
+            Err(e) => return reply.error(errno(e)),
+        };
         let mut off = offset;
         while off < 2 {
             let name = if off == 0 { "." } else { ".." };
@@ -443,7 +459,7 @@ impl fuser::Filesystem for Ops {
             }
             off += 1;
         }
-        for (i, e) in d.entries.iter().enumerate().skip((off - 2) as usize) {
+        for (i, e) in entries.iter().enumerate().skip((off - 2) as usize) {
             // An entry that vanished since opendir is left out.
             let Ok((id, st)) = self.m.lookup(ino.0, &e.name) else {
                 continue;
