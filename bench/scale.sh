@@ -126,8 +126,8 @@ cold() { drop; }
 if has copy; then
   pair "sync, initial copy (s)" empty_target
 else
-  image m; image r
-  "$M" sync "$S" --target "$WORK/m/t" -q; rsync -a "$S/" "$WORK/r/t/"
+  image m; "$M" sync "$S" --target "$WORK/m/t" -q
+  if has rerun || has cold; then image r; rsync -a "$S/" "$WORK/r/t/"; fi
 fi
 has rerun && pair "sync, nothing changed, warm cache (s)" noop
 COLD=

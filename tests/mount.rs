@@ -292,10 +292,17 @@ fn every_write_is_on_the_target_when_it_returns() {
         f.write_all_at(&data, off).unwrap();
         let mut there = vec![0u8; len];
         File::open(&target).unwrap().read_exact_at(&mut there, off).unwrap();
-        assert!(there == data, "write {n} ({len} bytes at {off}) is not on the target when it returned");
+        assert!(
+            there == data,
+            "write {n} ({len} bytes at {off}) is not on the target when it returned"
+        );
         let (s, t) = (fs::metadata(m.src.join("f")).unwrap(), fs::metadata(&target).unwrap());
         assert_eq!(s.len(), t.len(), "write {n}: size");
-        assert_eq!((s.mtime(), s.mtime_nsec()), (t.mtime(), t.mtime_nsec()), "write {n}: mtime");
+        assert_eq!(
+            (s.mtime(), s.mtime_nsec()),
+            (t.mtime(), t.mtime_nsec()),
+            "write {n}: mtime"
+        );
     }
     drop(f);
     m.finish();

@@ -22,8 +22,10 @@
 use crate::fs::Kind;
 use crate::path::RelPath;
 use crate::sys;
+use hashbrown::{DefaultHashBuilder, HashTable};
 use parking_lot::Mutex;
 use std::collections::HashMap;
+use std::hash::BuildHasher;
 use std::io;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::sync::{Arc, Weak};
@@ -35,7 +37,7 @@ const PRIVATE_IDS: u64 = 1 << 62;
 /// mount fd beside it.
 enum Anchor {
     Fd(OwnedFd),
-    Handle(sys::FileHandle, Arc<OwnedFd>),
+    Handle(Box<sys::FileHandle>, Arc<OwnedFd>),
 }
 
 /// What is shared with open handles: the anchor and the inode's I/O mode.
@@ -104,19 +106,216 @@ struct Node {
     key: (u64, u64),
     nlookup: u64,
     /// Places in this node; a node is kept while it has any.
-    children: u64,
-    /// Where the node is known to be, the first one preferred.
-    places: Vec<(u64, Vec<u8>)>,
+    children: u32,
+    places: Places,
 }
 
+/// A name in a directory, inline when short (most are), so a place costs no allocation.
+#[derive(Clone, PartialEq, Eq)]
+enum Name {
+    Short(u8, [u8; 22]),
+    Long(Box<[u8]>),
+}
+
+impl Name {
+    fn new(b: &[u8]) -> Name {
+        if b.len() <= 22 {
+            let mut a = [0u8; 22];
+            a[..b.len()].copy_from_slice(b);
+            Name::Short(b.len() as u8, a)
+        } else {
+            Name::Long(b.into())
+        }
+    }
+
+    fn as_bytes(&self) -> &[u8] {
+        match self {
+            Name::Short(n, a) => &a[..*n as usize],
+            Name::Long(b) => b,
+        }
+    }
+}
+
+/// Where a node is known to be, as (parent id, name), the first one preferred. Only a
+/// hard-linked file has more than one, so the first is held inline.
 #[derive(Default)]
+struct Places {
+    first: Option<(u64, Name)>,
+    more: Vec<(u64, Name)>,
+}
+
+impl Places {
+    fn len(&self) -> usize {
+        self.first.is_some() as usize + self.more.len()
+    }
+
+    fn get(&self, i: usize) -> Option<&(u64, Name)> {
+        if i == 0 {
+            self.first.as_ref()
+        } else {
+            self.more.get(i - 1)
+        }
+    }
+
+    fn iter(&self) -> impl Iterator<Item = &(u64, Name)> {
+        self.first.iter().chain(&self.more)
+    }
+
+    fn position(&self, parent: u64, name: &[u8]) -> Option<usize> {
+        self.iter().position(|(p, n)| *p == parent && n.as_bytes() == name)
+    }
+
+    /// Appends a place; its index.
+    fn push(&mut self, place: (u64, Name)) -> usize {
+        if self.first.is_none() {
+            self.first = Some(place);
+            0
+        } else {
+            self.more.push(place);
+            self.more.len()
+        }
+    }
+
+    /// Removes the place at `i`; those after it move down by one.
+    fn remove(&mut self, i: usize) {
+        if i == 0 {
+            self.first = (!self.more.is_empty()).then(|| self.more.remove(0));
+        } else {
+            self.more.remove(i - 1);
+        }
+    }
+}
+
+/// The table, laid out for memory: at a million inodes every byte per inode is a megabyte.
+/// Nodes live in a slab (a vector whose unused capacity is never touched, so never resident);
+/// the two indexes hold slab slots only: `index` by node id, `by_place` one entry per place,
+/// as (slot, place index), found by hashing (parent, name) and comparing with the node's own
+/// copy of the place, so no name is stored twice. Node ids are inode numbers, so (dev, ino)
+/// needs a map only for the inodes whose id is not their number (`private_keys`).
 struct Table {
-    nodes: HashMap<u64, Node>,
-    by_key: HashMap<(u64, u64), u64>,
-    by_place: HashMap<(u64, Vec<u8>), u64>,
+    slab: Vec<Option<Node>>,
+    free: Vec<u32>,
+    index: HashTable<u32>,
+    by_place: HashTable<(u32, u32)>,
+    private_keys: HashMap<(u64, u64), u64>,
+    hasher: DefaultHashBuilder,
+    root_dev: u64,
     next_private: u64,
     /// Inodes anchored by an fd (the root included).
     fds: usize,
+}
+
+fn node_at(slab: &[Option<Node>], s: u32) -> &Node {
+    slab[s as usize]
+        .as_ref()
+        .unwrap_or_else(|| unreachable!("an index names a free slot"))
+}
+
+fn hash_place(h: &DefaultHashBuilder, parent: u64, name: &[u8]) -> u64 {
+    h.hash_one((parent, name))
+}
+
+impl Table {
+    fn slot(&self, id: u64) -> Option<u32> {
+        let slab = &self.slab;
+        self.index
+            .find(self.hasher.hash_one(id), |&s| node_at(slab, s).inode.id == id)
+            .copied()
+    }
+
+    fn node(&self, id: u64) -> Option<&Node> {
+        self.slot(id).map(|s| node_at(&self.slab, s))
+    }
+
+    fn node_mut(&mut self, id: u64) -> Option<&mut Node> {
+        let s = self.slot(id)?;
+        self.slab[s as usize].as_mut()
+    }
+
+    fn insert(&mut self, node: Node) {
+        let id = node.inode.id;
+        let s = match self.free.pop() {
+            Some(s) => {
+                self.slab[s as usize] = Some(node);
+                s
+            }
+            None => {
+                self.slab.push(Some(node));
+                (self.slab.len() - 1) as u32
+            }
+        };
+        let (slab, hasher) = (&self.slab, &self.hasher);
+        self.index
+            .insert_unique(hasher.hash_one(id), s, |&x| hasher.hash_one(node_at(slab, x).inode.id));
+    }
+
+    fn remove(&mut self, id: u64) -> Option<Node> {
+        let slab = &self.slab;
+        let e = self
+            .index
+            .find_entry(self.hasher.hash_one(id), |&s| node_at(slab, s).inode.id == id)
+            .ok()?;
+        let (s, _) = e.remove();
+        self.free.push(s);
+        self.slab[s as usize].take()
+    }
+
+    /// The id of the inode known to be at `name` in `parent`.
+    fn at_place(&self, parent: u64, name: &[u8]) -> Option<u64> {
+        let slab = &self.slab;
+        let found = self.by_place.find(hash_place(&self.hasher, parent, name), |&(s, i)| {
+            node_at(slab, s)
+                .places
+                .get(i as usize)
+                .is_some_and(|(p, n)| *p == parent && n.as_bytes() == name)
+        })?;
+        Some(node_at(slab, found.0).inode.id)
+    }
+
+    /// The id of the inode with this (dev, ino).
+    fn by_key(&self, key: (u64, u64)) -> Option<u64> {
+        if let Some(&id) = self.private_keys.get(&key) {
+            return Some(id);
+        }
+        (key.0 == self.root_dev)
+            .then(|| self.node(key.1).filter(|n| n.key == key).map(|n| n.inode.id))
+            .flatten()
+    }
+
+    fn index_place(&mut self, s: u32, i: usize) {
+        let (slab, hasher) = (&self.slab, &self.hasher);
+        let (p, n) = node_at(slab, s).places.get(i).unwrap_or_else(|| unreachable!());
+        self.by_place
+            .insert_unique(hash_place(hasher, *p, n.as_bytes()), (s, i as u32), |&(s, i)| {
+                let (p, n) = node_at(slab, s)
+                    .places
+                    .get(i as usize)
+                    .unwrap_or_else(|| unreachable!());
+                hash_place(hasher, *p, n.as_bytes())
+            });
+    }
+
+    /// Removes place `i` of the node in slot `s` and its index entry; the entries of the
+    /// places after it follow them down.
+    fn unindex_place(&mut self, s: u32, i: usize) {
+        let hasher = &self.hasher;
+        let node = node_at(&self.slab, s);
+        for j in i..node.places.len() {
+            let (p, n) = node.places.get(j).unwrap_or_else(|| unreachable!());
+            let h = hash_place(hasher, *p, n.as_bytes());
+            let key = (s, j as u32);
+            if j == i {
+                if let Ok(e) = self.by_place.find_entry(h, |&x| x == key) {
+                    e.remove();
+                }
+            } else if let Some(x) = self.by_place.find_mut(h, |&x| x == key) {
+                x.1 -= 1;
+            }
+        }
+        if let Some(node) = self.slab[s as usize].as_mut() {
+            node.places.remove(i);
+        }
+    }
 }
 
 pub struct Inodes {
@@ -137,28 +336,31 @@ impl Inodes {
         // open_by_handle_at refuses an O_PATH mount fd.
         let mount = Arc::new(sys::reopen(root.as_fd(), libc::O_RDONLY | libc::O_DIRECTORY)?);
         let mut t = Table {
+            slab: Vec::new(),
+            free: Vec::new(),
+            index: HashTable::new(),
+            by_place: HashTable::new(),
+            private_keys: HashMap::new(),
+            hasher: DefaultHashBuilder::default(),
+            root_dev: st.st_dev,
             next_private: PRIVATE_IDS,
             fds: 1,
-            ..Table::default()
         };
         let key = (st.st_dev, st.st_ino);
-        t.nodes.insert(
-            ROOT,
-            Node {
-                inode: Arc::new(Inode {
-                    id: ROOT,
-                    anchor: Anchor::Fd(root),
-                    kind: Kind::Dir,
-                    io: Mutex::new(IoMode::default()),
-                    told: Default::default(),
-                }),
-                key,
-                nlookup: 1,
-                children: 0,
-                places: Vec::new(),
-            },
-        );
-        t.by_key.insert(key, ROOT);
+        t.insert(Node {
+            inode: Arc::new(Inode {
+                id: ROOT,
+                anchor: Anchor::Fd(root),
+                kind: Kind::Dir,
+                io: Mutex::new(IoMode::default()),
+                told: Default::default(),
+            }),
+            key,
+            nlookup: 1,
+            children: 0,
+            places: Places::default(),
+        });
+        t.private_keys.insert(key, ROOT);
         Ok(Inodes {
             t: Mutex::new(t),
             epoch: std::sync::atomic::AtomicU64::new(0),
@@ -169,7 +371,7 @@ impl Inodes {
     }
 
     pub fn get(&self, id: u64) -> Option<Arc<Inode>> {
-        self.t.lock().nodes.get(&id).map(|n| n.inode.clone())
+        self.t.lock().node(id).map(|n| n.inode.clone())
     }
 
     /// Records that the kernel looked `name` up in `parent` and found the inode `st` describes
@@ -188,21 +390,12 @@ impl Inodes {
         if epoch.is_some_and(|e| self.epoch() != e) {
             return None;
         }
-        let known = match t.by_key.get(&key).copied() {
+        let known = match t.by_key(key) {
             // A held fd pins the inode: the same number is the same inode.
-            Some(id)
-                if t.nodes
-                    .get(&id)
-                    .is_some_and(|n| matches!(n.inode.anchor, Anchor::Fd(_))) =>
-            {
-                Some(id)
-            }
+            Some(id) if t.node(id).is_some_and(|n| matches!(n.inode.anchor, Anchor::Fd(_))) => Some(id),
             // A handle does not: compare it (it holds the generation) before trusting the number.
-            Some(id) => match (
-                &t.nodes.get(&id).map(|n| &n.inode.anchor),
-                sys::fd_to_handle(fd.as_fd()),
-            ) {
-                (Some(Anchor::Handle(h, _)), Ok(new)) if *h == new => Some(id),
+            Some(id) => match (t.node(id).map(|n| &n.inode.anchor), sys::fd_to_handle(fd.as_fd())) {
+                (Some(Anchor::Handle(h, _)), Ok(new)) if **h == new => Some(id),
                 _ => None,
             },
             None => None,
@@ -210,8 +403,9 @@ impl Inodes {
         let id = match known {
             Some(id) => id,
             None => {
-                let reused = t.by_key.contains_key(&key) || t.nodes.contains_key(&st.st_ino);
-                let id = if st.st_dev == self.root_dev && st.st_ino != ROOT && st.st_ino < PRIVATE_IDS && !reused {
+                let reused = t.by_key(key).is_some() || t.node(st.st_ino).is_some();
+                let own = st.st_dev == self.root_dev && st.st_ino != ROOT && st.st_ino < PRIVATE_IDS && !reused;
+                let id = if own {
                     st.st_ino
                 } else {
                     t.next_private += 1;
@@ -223,39 +417,38 @@ impl Inodes {
                     Anchor::Fd(fd)
                 } else {
                     match sys::fd_to_handle(fd.as_fd()) {
-                        Ok(h) => Anchor::Handle(h, self.mount.clone()),
+                        Ok(h) => Anchor::Handle(Box::new(h), self.mount.clone()),
                         Err(_) => {
                             t.fds += 1;
                             Anchor::Fd(fd)
                         }
                     }
                 };
-                t.nodes.insert(
-                    id,
-                    Node {
-                        inode: Arc::new(Inode {
-                            id,
-                            anchor,
-                            kind: Kind::from_mode(st.st_mode),
-                            io: Mutex::new(IoMode::default()),
-                            told: Default::default(),
-                        }),
-                        key,
-                        nlookup: 0,
-                        children: 0,
-                        places: Vec::new(),
-                    },
-                );
-                t.by_key.insert(key, id);
+                t.insert(Node {
+                    inode: Arc::new(Inode {
+                        id,
+                        anchor,
+                        kind: Kind::from_mode(st.st_mode),
+                        io: Mutex::new(IoMode::default()),
+                        told: Default::default(),
+                    }),
+                    key,
+                    nlookup: 0,
+                    children: 0,
+                    places: Places::default(),
+                });
+                if !own {
+                    t.private_keys.insert(key, id);
+                }
                 id
             }
         };
-        if let Some(n) = t.nodes.get_mut(&id) {
+        if let Some(n) = t.node_mut(id) {
             n.nlookup += 1;
             n.inode.told(st);
         }
         if id != ROOT {
-            add_place(&mut t, id, (parent, name.to_vec()));
+            add_place(&mut t, id, parent, name);
         }
         Some(id)
     }
@@ -266,7 +459,7 @@ impl Inodes {
             return;
         }
         let mut t = self.t.lock();
-        if let Some(node) = t.nodes.get_mut(&id) {
+        if let Some(node) = t.node_mut(id) {
             node.nlookup = node.nlookup.saturating_sub(n);
         }
         prune(&mut t, id);
@@ -278,8 +471,8 @@ impl Inodes {
         let mut names: Vec<&[u8]> = Vec::new();
         let mut cur = id;
         while cur != ROOT {
-            let (parent, name) = t.nodes.get(&cur)?.places.first()?;
-            names.push(name);
+            let (parent, name) = t.node(cur)?.places.get(0)?;
+            names.push(name.as_bytes());
             cur = *parent;
             if names.len() > 4096 {
                 return None;
@@ -303,9 +496,8 @@ impl Inodes {
     /// The entry `name` in `parent` is gone (unlinked, or replaced by a rename).
     pub fn removed(&self, parent: u64, name: &[u8]) {
         let mut t = self.t.lock();
-        let place = (parent, name.to_vec());
-        if let Some(id) = t.by_place.get(&place).copied() {
-            remove_place(&mut t, id, &place);
+        if let Some(id) = t.at_place(parent, name) {
+            remove_place(&mut t, id, parent, name);
             prune(&mut t, id);
         }
     }
@@ -314,19 +506,18 @@ impl Inodes {
     /// entries swapped.
     pub fn renamed(&self, parent: u64, name: &[u8], newparent: u64, newname: &[u8], exchange: bool) {
         let mut t = self.t.lock();
-        let (old, new) = ((parent, name.to_vec()), (newparent, newname.to_vec()));
-        let from = t.by_place.get(&old).copied();
-        let to = t.by_place.get(&new).copied();
+        let from = t.at_place(parent, name);
+        let to = t.at_place(newparent, newname);
         if let Some(to) = to {
-            remove_place(&mut t, to, &new);
+            remove_place(&mut t, to, newparent, newname);
         }
         if let Some(from) = from {
-            remove_place(&mut t, from, &old);
-            add_place(&mut t, from, new);
+            remove_place(&mut t, from, parent, name);
+            add_place(&mut t, from, newparent, newname);
         }
         if let Some(to) = to {
             if exchange {
-                add_place(&mut t, to, old);
+                add_place(&mut t, to, parent, name);
             } else {
                 prune(&mut t, to);
             }
@@ -357,7 +548,7 @@ impl Inodes {
         let t = self.t.lock();
         let mut cur = ROOT;
         for name in path.components() {
-            cur = *t.by_place.get(&(cur, name.to_vec()))?;
+            cur = t.at_place(cur, name)?;
         }
         Some(cur)
     }
@@ -365,26 +556,24 @@ impl Inodes {
     /// The inode the kernel was told sits at `name` in `parent`, with its (dev, ino).
     pub fn at(&self, parent: u64, name: &[u8]) -> Option<(Arc<Inode>, (u64, u64))> {
         let t = self.t.lock();
-        let id = *t.by_place.get(&(parent, name.to_vec()))?;
-        let n = t.nodes.get(&id)?;
+        let n = t.node(t.at_place(parent, name)?)?;
         Some((n.inode.clone(), n.key))
     }
 
     /// Every inode held, and every known directory with the names the kernel was told in it.
     pub fn known(&self) -> (Vec<u64>, Vec<KnownDir>) {
         let t = self.t.lock();
-        let mut dirs: HashMap<u64, (Arc<Inode>, Vec<Vec<u8>>)> = t
-            .nodes
-            .iter()
-            .filter(|(_, n)| n.inode.kind == Kind::Dir)
-            .map(|(id, n)| (*id, (n.inode.clone(), Vec::new())))
+        let nodes = || t.slab.iter().flatten();
+        let mut dirs: HashMap<u64, (Arc<Inode>, Vec<Vec<u8>>)> = nodes()
+            .filter(|n| n.inode.kind == Kind::Dir)
+            .map(|n| (n.inode.id, (n.inode.clone(), Vec::new())))
             .collect();
-        for (parent, name) in t.by_place.keys() {
+        for (parent, name) in nodes().flat_map(|n| n.places.iter()) {
             if let Some(d) = dirs.get_mut(parent) {
-                d.1.push(name.clone());
+                d.1.push(name.as_bytes().to_vec());
             }
         }
-        let ids = t.nodes.keys().copied().collect();
+        let ids = nodes().map(|n| n.inode.id).collect();
         let dirs = dirs
             .into_iter()
             .map(|(id, (inode, names))| KnownDir { id, inode, names })
@@ -394,7 +583,7 @@ impl Inodes {
 
     /// How many inodes are held (for tests and logs).
     pub fn len(&self) -> usize {
-        self.t.lock().nodes.len()
+        self.t.lock().index.len()
     }
 
     pub fn is_empty(&self) -> bool {
@@ -409,38 +598,39 @@ pub struct KnownDir {
     pub names: Vec<Vec<u8>>,
 }
 
-/// Records that `id` is at `place`; an inode recorded there before is not any more.
-fn add_place(t: &mut Table, id: u64, place: (u64, Vec<u8>)) {
-    match t.by_place.get(&place).copied() {
+/// Records that `id` is at `name` in `parent`; an inode recorded there before is not any more.
+fn add_place(t: &mut Table, id: u64, parent: u64, name: &[u8]) {
+    match t.at_place(parent, name) {
         Some(prev) if prev == id => return,
         Some(prev) => {
-            remove_place(t, prev, &place);
+            remove_place(t, prev, parent, name);
             prune(t, prev);
         }
         None => {}
     }
-    let Some(node) = t.nodes.get_mut(&id) else { return };
-    node.places.push(place.clone());
-    if let Some(p) = t.nodes.get_mut(&place.0) {
-        p.children += 1;
-    }
-    t.by_place.insert(place, id);
-}
-
-/// Forgets that `id` is at `place` (its parent is pruned if that was its last reference).
-fn remove_place(t: &mut Table, id: u64, place: &(u64, Vec<u8>)) {
-    let Some(node) = t.nodes.get_mut(&id) else { return };
-    let Some(i) = node.places.iter().position(|p| p == place) else {
+    let Some(s) = t.slot(id) else { return };
+    let Some(node) = t.slab[s as usize].as_mut() else {
         return;
     };
-    node.places.remove(i);
-    if t.by_place.get(place) == Some(&id) {
-        t.by_place.remove(place);
+    let i = node.places.push((parent, Name::new(name)));
+    t.index_place(s, i);
+    if let Some(p) = t.node_mut(parent) {
+        p.children += 1;
     }
-    if let Some(p) = t.nodes.get_mut(&place.0) {
+}
+
+/// Forgets that `id` is at `name` in `parent` (the parent is pruned if that was its last
+/// reference).
+fn remove_place(t: &mut Table, id: u64, parent: u64, name: &[u8]) {
+    let Some(s) = t.slot(id) else { return };
+    let Some(i) = node_at(&t.slab, s).places.position(parent, name) else {
+        return;
+    };
+    t.unindex_place(s, i);
+    if let Some(p) = t.node_mut(parent) {
         p.children = p.children.saturating_sub(1);
     }
-    prune(t, place.0);
+    prune(t, parent);
 }
 
 /// Drops `id` once nothing refers to it, then its parent if that was its last reference.
@@ -449,27 +639,27 @@ fn prune(t: &mut Table, mut id: u64) {
         if id == ROOT {
             return;
         }
-        let Some(n) = t.nodes.get(&id) else { return };
+        let Some(s) = t.slot(id) else { return };
+        let n = node_at(&t.slab, s);
         if n.nlookup > 0 || n.children > 0 {
             return;
         }
-        let n = t.nodes.remove(&id).unwrap_or_else(|| unreachable!());
-        if t.by_key.get(&n.key) == Some(&id) {
-            t.by_key.remove(&n.key);
+        // Its places go; each parent loses a reference and may go too.
+        let mut parents = Vec::new();
+        while let Some((parent, _)) = node_at(&t.slab, s).places.get(0) {
+            let parent = *parent;
+            t.unindex_place(s, 0);
+            if let Some(p) = t.node_mut(parent) {
+                p.children = p.children.saturating_sub(1);
+                parents.push(parent);
+            }
+        }
+        let n = t.remove(id).unwrap_or_else(|| unreachable!());
+        if t.private_keys.get(&n.key) == Some(&id) {
+            t.private_keys.remove(&n.key);
         }
         if matches!(n.inode.anchor, Anchor::Fd(_)) {
             t.fds -= 1;
-        }
-        // Its places go; each parent loses a reference and may go too.
-        let mut parents = Vec::new();
-        for place in n.places {
-            if t.by_place.get(&place) == Some(&id) {
-                t.by_place.remove(&place);
-            }
-            if let Some(p) = t.nodes.get_mut(&place.0) {
-                p.children = p.children.saturating_sub(1);
-                parents.push(place.0);
-            }
         }
         match parents.as_slice() {
             [] => return,
@@ -576,6 +766,49 @@ mod tests {
             "a new lookup gives it a name again"
         );
         t.forget(a, 3);
+        assert_eq!(t.len(), 1);
+    }
+
+    #[test]
+    fn every_name_of_a_many_linked_inode_stays_found() {
+        let t = table();
+        let names: Vec<Vec<u8>> = (0..6)
+            .map(|i| format!("name-{i}-{}", "long".repeat(i)).into_bytes())
+            .collect();
+        let mut id = 0;
+        for n in &names {
+            let (fd, st) = fake(60);
+            id = t.found(ROOT, n, fd, &st);
+        }
+        // Removed out of order: the first, one in the middle, the last; the others stay.
+        let mut gone = Vec::new();
+        for g in [0, 3, 5] {
+            t.removed(ROOT, &names[g]);
+            gone.push(g);
+            for (i, n) in names.iter().enumerate() {
+                let want = (!gone.contains(&i)).then_some(id);
+                assert_eq!(
+                    t.at(ROOT, n).map(|(n, _)| n.id),
+                    want,
+                    "name {i} after removing {gone:?}"
+                );
+            }
+        }
+        t.renamed(ROOT, &names[1], ROOT, b"moved", false);
+        let mut left: Vec<Vec<u8>> = vec![names[2].clone(), names[4].clone(), b"moved".to_vec()];
+        for n in &left {
+            assert_eq!(t.at(ROOT, n).map(|(n, _)| n.id), Some(id));
+        }
+        assert_eq!(
+            t.path(id).unwrap().as_bytes(),
+            &names[2][..],
+            "the oldest name left is first"
+        );
+        while let Some(n) = left.pop() {
+            t.removed(ROOT, &n);
+        }
+        assert!(t.path(id).is_none());
+        t.forget(id, 6);
         assert_eq!(t.len(), 1);
     }
 
