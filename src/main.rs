@@ -178,6 +178,7 @@ fn mount(a: MountArgs) -> Result<ExitCode, String> {
         return Ok(ExitCode::SUCCESS);
     }
     let (src, mountpoint, ep) = check_mount(&a, &mountpoint)?;
+    mirrorfs::sys::one_malloc_arena();
     // Everything on the source is opened before the mount covers it.
     let (root, root_st) = mirrorfs::fuse::open_root(&src).map_err(|e| format!("source {}: {e}", src.display()))?;
     let watch = (!a.no_watch).then(|| start_mount_watch(&src)).flatten();

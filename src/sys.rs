@@ -833,6 +833,15 @@ pub fn release_free_memory() {
     unsafe { libc::malloc_trim(0) };
 }
 
+/// Makes every thread allocate from one glibc arena. glibc gives each thread that allocates
+/// its own arena, and the mount's worker threads interleave the inode table's long-lived nodes
+/// with short-lived request buffers in each: at a million inodes that left about 80 MB of holes.
+/// Called before any thread starts.
+pub fn one_malloc_arena() {
+    // SAFETY: mallopt only sets an allocator tunable; no memory is passed or touched.
+    unsafe { libc::mallopt(libc::M_ARENA_MAX, 1) };
+}
+
 /// `flock(2)` on `fd` (`LOCK_SH`, `LOCK_EX` or `LOCK_UN`); waits for the lock.
 pub fn flock(fd: BorrowedFd<'_>, op: i32) -> io::Result<()> {
     loop {
