@@ -12,13 +12,12 @@
 //! For each path the watcher reports, the kernel's view (the inode table: which inode the
 //! kernel was told sits at that name, and the change time in the attributes it was last given)
 //! is held against the source's: where the name went, came, or names another inode now, the
-//! entry is invalidated, and so is its directory's listing; where the change time moved, the
-//! attributes of the entry or its directory (attributes only: no page of a file is touched,
-//! and a directory's listing goes only where its change time moved). The mount's own changes
-//! were told to the
-//! kernel in their replies, so most of them cost nothing. After
-//! the watcher lost events (a queue overflow), every known directory is checked this way,
-//! which also finds any negative entry gone stale: such a name is in the listing now.
+//! entry is invalidated; where the change time moved, the attributes of the entry. A directory
+//! with such a name, or whose own change time moved, loses its attributes and its listing, once
+//! per batch (no page of a file is touched). The mount's own changes were told to the kernel in
+//! their replies, so most of them cost nothing. After the watcher lost events (a queue
+//! overflow), every known directory is checked this way, which also finds any negative entry
+//! gone stale: such a name is in the listing now.
 //!
 //! Invalidating an entry takes the directory's lock in the kernel, which a request in flight
 //! in that directory holds until it is answered: callers hold no lock a request waits for.
@@ -27,7 +26,7 @@ use super::inodes::{stamp, Inode, Inodes, KnownDir, ROOT};
 use crate::path::RelPath;
 use crate::sys;
 use fuser::{INodeNo, Notifier};
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::ffi::OsStr;
 use std::os::fd::AsFd;
 use std::os::unix::ffi::OsStrExt;
@@ -126,7 +125,8 @@ impl Cache {
         let Some(root) = inodes.get(ROOT) else { return };
         let Ok(rootfd) = root.fd() else { return };
         let stat = |p: &[u8]| sys::cstr(p).and_then(|c| sys::fstatat(rootfd.as_fd(), &c, false)).ok();
-        let mut dirs = HashSet::new();
+        // Each directory once: its path, and whether a name in it changed.
+        let mut dirs: HashMap<u64, (RelPath, bool)> = HashMap::new();
         for p in paths {
             let Some(parent) = p.parent() else {
                 self.attrs(&root, stat(b"").as_ref());
@@ -137,15 +137,12 @@ impl Cache {
                 continue;
             };
             let moved = self.check(inodes, dir, p.file_name(), stat(p.as_bytes()).as_ref());
-            if dirs.insert(dir) {
-                if let Some(d) = inodes.get(dir) {
-                    // The root's path is empty: fstatat then stats the root fd itself.
-                    let st = stat(parent.as_bytes());
-                    if moved || st.is_none_or(|st| stamp(&st) != d.told_stamp()) {
-                        self.inval_listing(dir);
-                    }
-                }
-            } else if moved {
+            dirs.entry(dir).or_insert((parent, false)).1 |= moved;
+        }
+        for (dir, (path, moved)) in dirs {
+            let Some(d) = inodes.get(dir) else { continue };
+            // The root's path is empty: fstatat then stats the root fd itself.
+            if moved || stat(path.as_bytes()).is_none_or(|st| stamp(&st) != d.told_stamp()) {
                 self.inval_listing(dir);
             }
         }

@@ -277,9 +277,10 @@ impl Table {
         if let Some(&id) = self.private_keys.get(&key) {
             return Some(id);
         }
-        (key.0 == self.root_dev)
-            .then(|| self.node(key.1).filter(|n| n.key == key).map(|n| n.inode.id))
-            .flatten()
+        if key.0 != self.root_dev {
+            return None;
+        }
+        self.node(key.1).filter(|n| n.key == key).map(|n| n.inode.id)
     }
 
     fn index_place(&mut self, s: u32, i: usize) {
@@ -322,7 +323,6 @@ pub struct Inodes {
     t: Mutex<Table>,
     /// Bumped by every rename and unlink (see `found_at`).
     epoch: std::sync::atomic::AtomicU64,
-    root_dev: u64,
     /// The root again, for opening file handles.
     mount: Arc<OwnedFd>,
     /// How many inodes may hold an fd.
@@ -364,7 +364,6 @@ impl Inodes {
         Ok(Inodes {
             t: Mutex::new(t),
             epoch: std::sync::atomic::AtomicU64::new(0),
-            root_dev: st.st_dev,
             mount,
             budget: budget.max(2),
         })
@@ -404,7 +403,7 @@ impl Inodes {
             Some(id) => id,
             None => {
                 let reused = t.by_key(key).is_some() || t.node(st.st_ino).is_some();
-                let own = st.st_dev == self.root_dev && st.st_ino != ROOT && st.st_ino < PRIVATE_IDS && !reused;
+                let own = st.st_dev == t.root_dev && st.st_ino != ROOT && st.st_ino < PRIVATE_IDS && !reused;
                 let id = if own {
                     st.st_ino
                 } else {
@@ -412,7 +411,7 @@ impl Inodes {
                     t.next_private
                 };
                 // Handles are opened through the root's filesystem: other devices keep an fd.
-                let anchor = if t.fds < self.budget || st.st_dev != self.root_dev {
+                let anchor = if t.fds < self.budget || st.st_dev != t.root_dev {
                     t.fds += 1;
                     Anchor::Fd(fd)
                 } else {
