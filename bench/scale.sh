@@ -14,6 +14,8 @@
 #   bench/scale.sh                          # 1,000,000 files
 #   FILES=100000 DIRS=1100 bench/scale.sh   # a tenth, for a quick look
 #   CASES="copy rerun" bench/scale.sh       # a subset (copy rerun cold mount find)
+#   BASE=/path/to/older/mirrorfs bench/scale.sh   # the find case with that build too, in the
+#                                                 # same run, on the same tree
 set -euo pipefail
 cd "$(dirname "$0")/.."
 FILES=${FILES:-1000000}
@@ -160,6 +162,14 @@ if has find; then
   echo "find: native $n1 $n2; bindfs $b1 $b2; mirrorfs $m1 $m2; daemon after: $mem" >&2
   mrow "find -printf '%s %T@', first (s)" "$m1" "$n1" "$(ratio "$m1" "$n1")" "$b1"
   mrow "the same find again at once (s)" "$m2" "$n2" "$(ratio "$m2" "$n2")" "$b2"
+  if [ -n "${BASE:-}" ]; then
+    drop; pid=$(M=$BASE mount_src); x1=$(ft); x2=$(ft); bmem=$(daemon_mem "$pid")
+    "$BASE" umount "$S" >/dev/null 2>&1
+    echo "find: base $x1 $x2; base daemon after: $bmem" >&2
+    mrow "  base build: first find (s)" "$x1" "$n1" "$(ratio "$x1" "$n1")" "$b1"
+    mrow "  base build: the same find again (s)" "$x2" "$n2" "$(ratio "$x2" "$n2")" "$b2"
+    echo "base daemon after the finds (MiB): $bmem" > "$WORK/base.mem"
+  fi
   mem_after="$mem"
 fi
 
@@ -172,4 +182,5 @@ if [ ${#mounted[@]} -gt 0 ]; then
   printf '%-46s %10s %10s %8s %10s\n' case mirrorfs native ratio bindfs
   printf '%s\n' "${mounted[@]}"
   [ -n "${mem_after:-}" ] && echo "mount daemon after the finds (MiB): $mem_after"
+  [ -f "$WORK/base.mem" ] && cat "$WORK/base.mem"
 fi
