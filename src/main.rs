@@ -184,6 +184,7 @@ fn mount(a: MountArgs) -> Result<ExitCode, String> {
     let watch = (!a.no_watch).then(|| start_mount_watch(&src)).flatten();
     let rep = replicator(
         &src,
+        watch.as_ref().map(|(_, w)| w.listing_hook()),
         ep.clone(),
         &a.reach,
         a.on_disconnect,
@@ -314,7 +315,8 @@ fn start_mount_watch(src: &std::path::Path) -> Option<(std::os::fd::OwnedFd, mir
     // "/." : the watch's walk starts at a directory, not at the magic link (symlinks are not
     // followed).
     let top = std::path::PathBuf::from(format!("/proc/self/fd/{}/.", std::os::fd::AsRawFd::as_raw_fd(&fd)));
-    match mirrorfs::watch::Watch::start(&top, src) {
+    // Its watches are added by the startup walk, as it lists each directory.
+    match mirrorfs::watch::Watch::unwatched(&top, src) {
         Ok(w) => Some((fd, w)),
         Err(e) => {
             log::error!("{e}; changes made behind the mount's back reach the target at the next mount only");
@@ -327,6 +329,7 @@ fn start_mount_watch(src: &std::path::Path) -> Option<(std::os::fd::OwnedFd, mir
 /// bounded by `--timeout`; failing here is final and leaves nothing behind.
 fn replicator(
     src: &std::path::Path,
+    hook: Option<mirrorfs::reconcile::ListingHook>,
     ep: transport::Endpoint,
     reach: &cli::Reach,
     policy: mirrorfs::source::Policy,
@@ -340,7 +343,7 @@ fn replicator(
     let fs = Arc::new(LocalFs::new(src).map_err(|e| format!("source: {e}"))?);
     let rep = Arc::new(Replicator::new(Source::new(fs, RelPath::root(), opts), link));
     let r = rep
-        .startup_walk()
+        .startup_walk(hook)
         .map_err(|e| format!("startup walk to {shown}: {e}"))?;
     for p in &r.problems {
         log::warn!("startup walk: {p}");
@@ -524,10 +527,12 @@ fn watch(a: WatchArgs) -> Result<ExitCode, String> {
     for sig in [signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT] {
         signal_hook::flag::register(sig, stop.clone()).map_err(|e| format!("signals: {e}"))?;
     }
-    // Watching starts before the startup walk, so nothing changed during it is missed.
-    let w = Watch::start(&src, &src).map_err(|e| e.to_string())?;
+    // Watching starts with the startup walk (each directory is watched just before the walk
+    // lists it), so nothing changed during it is missed.
+    let w = Watch::unwatched(&src, &src).map_err(|e| e.to_string())?;
     let rep = replicator(
         &src,
+        Some(w.listing_hook()),
         ep,
         &a.target.reach,
         mirrorfs::source::Policy::Continue,

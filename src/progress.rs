@@ -29,6 +29,13 @@ impl Progress {
         Progress { bar: Some(bar) }
     }
 
+    /// More bytes to come than the bar knew of (a plan that grows as the walk goes on).
+    pub fn add_total(&self, bytes: u64) {
+        if let Some(b) = &self.bar {
+            b.inc_length(bytes);
+        }
+    }
+
     pub fn file_done(&self, files: u64, bytes: u64) {
         if let Some(b) = &self.bar {
             b.inc(bytes);

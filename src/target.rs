@@ -10,7 +10,7 @@ use crate::change::Change;
 use crate::fs::{FileBytes, FileSystem, FsError, FsResult, SetTime};
 use crate::path::RelPath;
 use crate::protocol::{Reply, Request, Response};
-use crate::reconcile::{scan_scope, Entry, ScanOptions, Scope};
+use crate::reconcile::{scan_scope, Entry, ScanOptions, Walk};
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -36,11 +36,28 @@ struct Stage {
     failed: Option<FsError>,
 }
 
+/// What a scan still has to page out: a whole-tree scan walks as it is paged (a listing per
+/// level of the current path in memory, not the tree); a scoped one is small and read at once.
+enum ScanRest {
+    Walking(Box<Walk<Arc<dyn FileSystem>>>),
+    Listed(std::vec::IntoIter<Entry>),
+}
+
+impl ScanRest {
+    fn next(&mut self) -> Option<Entry> {
+        match self {
+            ScanRest::Walking(w) => w.next().map(|(e, _)| e),
+            ScanRest::Listed(l) => l.next(),
+        }
+    }
+}
+
 pub struct ReplicatorTarget {
     fs: Arc<dyn FileSystem>,
     root: RelPath,
     stages: HashMap<u64, Stage>,
-    scan_rest: Option<std::vec::IntoIter<Entry>>,
+    /// The scan being paged out, and the entry read ahead of the next page.
+    scan_rest: Option<(ScanRest, Option<Entry>)>,
     /// Check every mutating request against the session's fence (a target behind a
     /// connection, which a newer session may have replaced).
     fenced: bool,
@@ -217,12 +234,18 @@ impl ReplicatorTarget {
                 return Ok(Reply::Claimed(c));
             }
             Request::Scan { checksum, scope } => {
-                let scope = scope.unwrap_or_else(Scope::full);
-                let snap = scan_scope(fs, &self.root, &scope, ScanOptions { checksum })?;
-                for p in &snap.problems {
-                    log::warn!("target scan: {p}");
-                }
-                self.scan_rest = Some(snap.entries.into_vec().into_iter());
+                let opts = ScanOptions { checksum };
+                let rest = match scope.filter(|s| !s.is_full()) {
+                    None => ScanRest::Walking(Box::new(Walk::tree(self.fs.clone(), self.root.clone(), opts)?)),
+                    Some(scope) => {
+                        let snap = scan_scope(fs, &self.root, &scope, opts)?;
+                        for p in &snap.problems {
+                            log::warn!("target scan: {p}");
+                        }
+                        ScanRest::Listed(snap.entries.into_vec().into_iter())
+                    }
+                };
+                self.scan_rest = Some((rest, None));
                 return Ok(self.scan_page());
             }
             Request::ScanNext => return Ok(self.scan_page()),
@@ -401,14 +424,27 @@ impl ReplicatorTarget {
     }
 
     fn scan_page(&mut self) -> Reply {
-        let Some(rest) = self.scan_rest.as_mut() else {
+        let Some((rest, ahead)) = self.scan_rest.as_mut() else {
             return Reply::Scan {
                 entries: Vec::new(),
                 more: false,
             };
         };
-        let entries: Vec<Entry> = rest.by_ref().take(SCAN_PAGE).collect();
-        let more = rest.len() > 0;
+        let mut entries: Vec<Entry> = Vec::with_capacity(SCAN_PAGE);
+        entries.extend(ahead.take());
+        while entries.len() < SCAN_PAGE {
+            match rest.next() {
+                Some(e) => entries.push(e),
+                None => break,
+            }
+        }
+        *ahead = rest.next();
+        let more = ahead.is_some();
+        if let ScanRest::Walking(w) = rest {
+            for p in w.problems.drain(..) {
+                log::warn!("target scan: {p}");
+            }
+        }
         if !more {
             self.scan_rest = None;
         }

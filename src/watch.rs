@@ -17,8 +17,10 @@
 //!   and the part left uncovered (or a directory whose watch failed otherwise) is rescanned
 //!   periodically, at most a fifth of the time, and watched again once possible.
 //!
-//! Setting up the watch (`Watch::start`) comes before the caller's startup walk, so nothing
-//! changed during that walk goes unnoticed.
+//! Setting up the watch comes before (`Watch::start`) or with (`Watch::unwatched` and its
+//! listing hook) the caller's startup walk, so nothing changed during that walk goes unnoticed.
+//! With the hook, the walk watches each directory just before it reads its listing, which
+//! spares a walk of the whole tree of its own.
 
 use crate::path::RelPath;
 use crate::reconcile::{Depth, Scope};
@@ -29,7 +31,9 @@ use notify::event::{AccessKind, AccessMode, CreateKind, ModifyKind, RenameMode};
 use notify::{EventKind, RecursiveMode, Watcher};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
+use parking_lot::Mutex;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 #[derive(Debug, Clone, Copy)]
@@ -106,9 +110,15 @@ impl Observer for NoObserver {}
 
 type Events = Receiver<notify::Result<notify::Event>>;
 
+/// Directories whose watch could not be added while a walk listed them, and why.
+type Failed = Arc<Mutex<Vec<(RelPath, notify::Error)>>>;
+
 /// A recursive watch on a source tree, set up and collecting events.
 pub struct Watch {
-    watcher: notify::RecommendedWatcher,
+    /// Shared with the startup walk's listing hook, which adds the first watches.
+    watcher: Arc<Mutex<notify::RecommendedWatcher>>,
+    /// Filled by the listing hook; taken up when `run` starts.
+    failed: Failed,
     rx: Events,
     /// The watched path; event paths are relative to it.
     top: PathBuf,
@@ -127,6 +137,20 @@ impl Watch {
     /// Watches `top` recursively. `top` may be a `/proc/self/fd/N` path, which reaches a
     /// directory a mount now covers; messages then name it `shown`.
     pub fn start(top: &Path, shown: &Path) -> Result<Watch, WatchError> {
+        let mut w = Watch::unwatched(top, shown)?;
+        let r = w.watcher.lock().watch(top, RecursiveMode::Recursive);
+        if let Err(e) = r {
+            if !matches!(e.kind, notify::ErrorKind::MaxFilesWatch) {
+                return Err(WatchError::Watch(shown.display().to_string(), e));
+            }
+            w.limit_hit(RelPath::root());
+        }
+        Ok(w)
+    }
+
+    /// A watch with no directory watched yet: the caller's startup walk adds the watches as it
+    /// lists each directory, through `listing_hook`, instead of a walk of its own first.
+    pub fn unwatched(top: &Path, shown: &Path) -> Result<Watch, WatchError> {
         let (tx, rx) = crossbeam_channel::unbounded();
         // Symlinks are entries like any other: following one would watch a directory under a
         // second name (inotify keeps one watch per inode) or reach outside the tree.
@@ -138,22 +162,49 @@ impl Watch {
             config,
         )
         .map_err(|e| WatchError::Watch(shown.display().to_string(), e))?;
-        let mut w = Watch {
-            watcher,
+        Ok(Watch {
+            watcher: Arc::new(Mutex::new(watcher)),
+            failed: Failed::default(),
             rx,
             top: top.to_path_buf(),
             shown: shown.to_path_buf(),
             uncovered: Scope::default(),
             pending: Scope::default(),
             limit_reported: false,
-        };
-        if let Err(e) = w.watcher.watch(top, RecursiveMode::Recursive) {
-            if !matches!(e.kind, notify::ErrorKind::MaxFilesWatch) {
-                return Err(WatchError::Watch(shown.display().to_string(), e));
+        })
+    }
+
+    /// For the startup walk of an `unwatched` watch: called with each directory just before
+    /// the walk reads its listing, it watches that directory alone. A change made in it from
+    /// then on raises an event; one made before is in the listing. Directories made later are
+    /// watched as their events arrive (`cover`).
+    pub fn listing_hook(&self) -> crate::reconcile::ListingHook {
+        let (watcher, failed, top) = (self.watcher.clone(), self.failed.clone(), self.top.clone());
+        Box::new(move |p: &RelPath| {
+            let at = top.join(p.as_path());
+            let r = watcher.lock().watch(&at, RecursiveMode::NonRecursive);
+            if let Err(e) = r {
+                if is_dir(&at) {
+                    failed.lock().push((p.clone(), e));
+                }
             }
-            w.limit_hit(RelPath::root());
+        })
+    }
+
+    /// What the listing hook could not watch is rescanned periodically, as any uncovered part.
+    fn take_up_failed(&mut self) {
+        let failed = std::mem::take(&mut *self.failed.lock());
+        for (p, e) in failed {
+            if matches!(e.kind, notify::ErrorKind::MaxFilesWatch) {
+                self.limit_hit(p);
+            } else {
+                log::warn!(
+                    "watching {}: {e}; rescanning it periodically",
+                    self.shown.join(p.as_path()).display()
+                );
+                self.uncovered.add(p, Depth::Tree);
+            }
         }
-        Ok(w)
     }
 
     fn limit_hit(&mut self, p: RelPath) {
@@ -194,7 +245,8 @@ impl Watch {
     /// `p` itself is gone or no longer a directory (the scan then sees what is there).
     fn try_cover(&mut self, p: &RelPath) -> Result<(), notify::Error> {
         let at = self.top.join(p.as_path());
-        match self.watcher.watch(&at, RecursiveMode::Recursive) {
+        let r = self.watcher.lock().watch(&at, RecursiveMode::Recursive);
+        match r {
             Err(e) if is_dir(&at) => Err(e),
             Err(e) => {
                 log::debug!("watching {p}: {e} (gone)");
@@ -240,6 +292,7 @@ impl Watch {
         stop: &AtomicBool,
     ) -> WatchStats {
         let mut stats = WatchStats::default();
+        self.take_up_failed();
         let mut covered = self.uncovered.is_empty();
         seen.covered(covered);
         let mut last_tick = Instant::now();

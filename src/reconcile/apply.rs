@@ -8,7 +8,7 @@
 //! stale mtime. Per-path failures are collected in the report; a lost connection aborts.
 
 use super::plan::{Op, Plan};
-use super::scan::{Entry, Snapshot};
+use super::scan::Entry;
 use crate::change::Change;
 use crate::fs::{Attrs, FileSystem, Kind, Meta};
 use crate::path::RelPath;
@@ -53,16 +53,16 @@ pub struct Report {
     pub not_mirrored: super::NotMirrored,
 }
 
-struct Exec<'a> {
+/// Applies a plan as it comes, batch by batch (`run`), and reports at the end (`finish`).
+pub struct Exec<'a> {
     fs: &'a dyn FileSystem,
     root: &'a RelPath,
-    src: &'a Snapshot,
     rpc: &'a dyn Rpc,
     opts: &'a ApplyOptions,
     progress: &'a Progress,
     inflight: VecDeque<(Pending, RelPath, &'static str, OnError)>,
     /// Files whose delta the target refused: sent whole by `finish_deltas`.
-    resend: Vec<RelPath>,
+    resend: Vec<Entry>,
     /// Files whose delta commit was sent and not yet answered for by `finish_deltas`.
     delta_commits: std::collections::HashSet<RelPath>,
     report: Report,
@@ -71,8 +71,9 @@ struct Exec<'a> {
     local_copy: bool,
     /// Files from this size are sent as deltas.
     delta_min: u64,
-    /// Files the plan will send as deltas, in plan order, and the next one to ask a signature for.
-    delta_queue: Vec<(RelPath, u64)>,
+    /// Files the plan will send as deltas, in plan order, and the next one to ask a signature
+    /// for; those already sent are dropped from the front as batches come.
+    delta_queue: VecDeque<(RelPath, u64)>,
     next_signature: usize,
     /// Signatures asked for and not yet used, in plan order.
     signatures: VecDeque<(RelPath, Pending)>,
@@ -82,76 +83,100 @@ struct Exec<'a> {
 struct NoDelta;
 
 /// What a failed answer means.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 enum OnError {
     /// A per-path problem for the report.
     Report,
     /// Nothing by itself: a delta piece, whose failure fails the stage's commit too.
     Ignore,
     /// The commit of a delta: the target refused the rebuilt file, which is then sent whole.
-    /// Holds the bytes counted for it.
-    Resend(u64),
+    /// Holds the file and the bytes counted for it.
+    Resend(Entry, u64),
 }
 
+/// Applies a whole plan.
 pub fn execute(
     fs: &dyn FileSystem,
     root: &RelPath,
-    src: &Snapshot,
     plan: &Plan,
     rpc: &dyn Rpc,
     opts: &ApplyOptions,
     progress: &Progress,
 ) -> Result<Report, RpcError> {
-    let start_bytes = rpc.bytes_sent();
-    let local_copy = rpc.target_info().capabilities.iter().any(|c| c == LOCAL_COPY);
-    let delta_min = if local_copy { DELTA_MIN_LOCAL } else { DELTA_MIN };
-    let mut ex = Exec {
-        fs,
-        root,
-        src,
-        rpc,
-        opts,
-        progress,
-        inflight: VecDeque::new(),
-        resend: Vec::new(),
-        delta_commits: Default::default(),
-        report: Report::default(),
-        next_stage: 1,
-        local_copy,
-        delta_min,
-        delta_queue: plan
-            .ops
-            .iter()
-            .filter_map(|op| match op {
-                Op::Transfer { path, basis: true } => {
-                    let size = src.get(path)?.meta.size;
-                    (size >= delta_min).then(|| (path.clone(), size))
-                }
-                _ => None,
-            })
-            .collect(),
-        next_signature: 0,
-        signatures: VecDeque::new(),
-    };
-    // The first signatures are computed while the first files are sent.
-    ex.ask_signatures_ahead();
-    for op in &plan.ops {
-        ex.report.ops += 1;
-        ex.run(op)?;
-    }
-    // Signatures asked for but not used (a file that shrank below the delta size): drained so
-    // their answers do not outlive the apply.
-    for (_, p) in ex.signatures.drain(..) {
-        if let Err(e @ (RpcError::Disconnected(_) | RpcError::Timeout(_))) = p.wait() {
-            return Err(e);
+    let mut ex = Exec::new(fs, root, rpc, opts, progress);
+    ex.run(&plan.ops)?;
+    ex.finish()
+}
+
+impl<'a> Exec<'a> {
+    pub fn new(
+        fs: &'a dyn FileSystem,
+        root: &'a RelPath,
+        rpc: &'a dyn Rpc,
+        opts: &'a ApplyOptions,
+        progress: &'a Progress,
+    ) -> Exec<'a> {
+        let local_copy = rpc.target_info().capabilities.iter().any(|c| c == LOCAL_COPY);
+        Exec {
+            fs,
+            root,
+            rpc,
+            opts,
+            progress,
+            inflight: VecDeque::new(),
+            resend: Vec::new(),
+            delta_commits: Default::default(),
+            report: Report {
+                wire_bytes: rpc.bytes_sent(),
+                ..Default::default()
+            },
+            next_stage: 1,
+            local_copy,
+            delta_min: if local_copy { DELTA_MIN_LOCAL } else { DELTA_MIN },
+            delta_queue: VecDeque::new(),
+            next_signature: 0,
+            signatures: VecDeque::new(),
         }
     }
-    // Every transfer is followed by its directory's metadata, before which refused deltas are
-    // resent; this is for plans that set none.
-    ex.finish_deltas()?;
-    ex.settle(0)?;
-    ex.report.wire_bytes = rpc.bytes_sent() - start_bytes;
-    Ok(ex.report)
+
+    /// Applies the next operations of a plan, pipelined with those before.
+    pub fn run(&mut self, ops: &[Op]) -> Result<(), RpcError> {
+        // The queue holds what is still to come: this batch's delta files.
+        let done = self.next_signature.min(self.delta_queue.len());
+        self.delta_queue.drain(..done);
+        self.next_signature -= done;
+        for op in ops {
+            if let Op::Transfer { entry, basis: true } = op {
+                if entry.meta.size >= self.delta_min {
+                    self.delta_queue.push_back((entry.path.clone(), entry.meta.size));
+                }
+            }
+        }
+        // The first signatures are computed while the first files are sent.
+        self.ask_signatures_ahead();
+        for op in ops {
+            self.report.ops += 1;
+            self.op(op)?;
+        }
+        Ok(())
+    }
+
+    /// Waits for everything in flight and reports.
+    pub fn finish(mut self) -> Result<Report, RpcError> {
+        // Signatures asked for but not used (a file that shrank below the delta size): drained so
+        // their answers do not outlive the apply.
+        for (_, p) in self.signatures.drain(..) {
+            if let Err(e @ (RpcError::Disconnected(_) | RpcError::Timeout(_))) = p.wait() {
+                return Err(e);
+            }
+        }
+        // Every transfer is followed by its directory's metadata, before which refused deltas
+        // are resent; this is for plans that set none.
+        self.finish_deltas()?;
+        self.settle(0)?;
+        self.report.wire_bytes = self.rpc.bytes_sent() - self.report.wire_bytes;
+        Ok(self.report)
+    }
 }
 
 /// rsync's block size rule: about the square root of the length, a multiple of 8, within
@@ -176,11 +201,6 @@ impl Exec<'_> {
         }
     }
 
-    fn entry(&self, p: &RelPath) -> &Entry {
-        // The plan only names source paths.
-        &self.src.entries[p]
-    }
-
     fn problem(&mut self, what: String) {
         log::warn!("{what}");
         self.report.problems.push(what);
@@ -194,12 +214,12 @@ impl Exec<'_> {
                 self.problem(format!("{name} {path}: {e}"));
                 Ok(())
             }
-            (Err(RpcError::Remote(e)), OnError::Resend(bytes)) => {
+            (Err(RpcError::Remote(e)), OnError::Resend(entry, bytes)) => {
                 log::info!("{path}: delta rejected by the target ({e}); sending whole");
                 self.report.delta_files -= 1;
                 self.report.files_sent -= 1;
                 self.report.content_bytes -= bytes;
-                self.resend.push(path.clone());
+                self.resend.push(entry);
                 Ok(())
             }
             (Err(e), _) => Err(e),
@@ -236,7 +256,7 @@ impl Exec<'_> {
         Ok(())
     }
 
-    fn run(&mut self, op: &Op) -> Result<(), RpcError> {
+    fn op(&mut self, op: &Op) -> Result<(), RpcError> {
         match op {
             Op::Remove(p) => self.send(p, Request::RemoveTree { path: p.clone() }),
             Op::Mkdir(p) => self.send(
@@ -246,39 +266,35 @@ impl Exec<'_> {
                     perm: 0o700,
                 },
             ),
-            Op::Attrs(p) => {
+            Op::Attrs(e) => {
                 // Directory metadata comes last (it may make a directory read-only, and its
                 // mtime must follow every change inside): refused deltas are resent before it.
-                if self.entry(p).meta.kind == Kind::Dir && !self.delta_commits.is_empty() {
+                if e.meta.kind == Kind::Dir && !self.delta_commits.is_empty() {
                     self.finish_deltas()?;
                 }
-                let e = self.entry(p);
                 let req = Request::ApplyAttrs {
-                    path: p.clone(),
+                    path: e.path.clone(),
                     kind: e.meta.kind,
                     attrs: self.attrs(&e.meta, e),
                 };
-                self.send(p, req)
+                self.send(&e.path, req)
             }
-            Op::Symlink(p) => {
-                let target = self.entry(p).link.clone().unwrap_or_default();
-                self.send(
-                    p,
-                    Change::Symlink {
-                        path: p.clone(),
-                        target,
-                    },
-                )
-            }
-            Op::Mknod(p) => {
-                let m = &self.entry(p).meta;
+            Op::Symlink(e) => self.send(
+                &e.path,
+                Change::Symlink {
+                    path: e.path.clone(),
+                    target: e.link.clone().unwrap_or_default(),
+                },
+            ),
+            Op::Mknod(e) => {
+                let m = &e.meta;
                 let req = Change::Mknod {
-                    path: p.clone(),
+                    path: e.path.clone(),
                     kind: m.kind,
                     perm: m.perm,
                     rdev: m.rdev,
                 };
-                self.send(p, req)
+                self.send(&e.path, req)
             }
             Op::Link { path, leader } => {
                 // The leader must be in its final state before others are linked to it.
@@ -293,7 +309,8 @@ impl Exec<'_> {
                     },
                 )
             }
-            Op::Check(path) => {
+            Op::Check(e) => {
+                let path = &e.path;
                 let pending = self.rpc.submit(Request::Hash { path: path.clone() });
                 self.rpc.flush();
                 let mine = self.fs.hash_file(&self.root.join_rel(path));
@@ -302,7 +319,6 @@ impl Exec<'_> {
                     Ok(_) | Err(RpcError::Remote(_)) => None,
                     Err(e) => return Err(e),
                 };
-                let e = self.entry(path);
                 if mine.is_ok_and(|m| Some(m) == theirs) {
                     let req = Request::ApplyAttrs {
                         path: path.clone(),
@@ -311,22 +327,20 @@ impl Exec<'_> {
                     };
                     return self.send(path, req);
                 }
-                self.run(&Op::Transfer {
-                    path: path.clone(),
-                    basis: true,
-                })
+                self.transfer(e, true)
             }
-            Op::Transfer { path, basis } => {
-                let size = self.entry(path).meta.size;
-                if *basis && size >= self.delta_min {
-                    match self.send_delta(path)? {
-                        Ok(()) => return Ok(()),
-                        Err(NoDelta) => log::debug!("{path}: delta not usable, sending whole"),
-                    }
-                }
-                self.send_whole(path)
+            Op::Transfer { entry, basis } => self.transfer(entry, *basis),
+        }
+    }
+
+    fn transfer(&mut self, e: &Entry, basis: bool) -> Result<(), RpcError> {
+        if basis && e.meta.size >= self.delta_min {
+            match self.send_delta(e)? {
+                Ok(()) => return Ok(()),
+                Err(NoDelta) => log::debug!("{}: delta not usable, sending whole", e.path),
             }
         }
+        self.send_whole(e)
     }
 
     /// Reads the data segments of a source file, again if it changed while being read.
@@ -351,18 +365,18 @@ impl Exec<'_> {
         None
     }
 
-    fn send_whole(&mut self, path: &RelPath) -> Result<(), RpcError> {
-        let size = self.entry(path).meta.size;
-        if size > SMALL_FILE {
-            return self.send_staged(path);
+    fn send_whole(&mut self, e: &Entry) -> Result<(), RpcError> {
+        let path = &e.path;
+        if e.meta.size > SMALL_FILE {
+            return self.send_staged(e);
         }
         let Some((meta, chunks)) = self.read_stable(path, DATA_CHUNK) else {
             return Ok(());
         };
         if meta.size > SMALL_FILE {
-            return self.send_staged(path);
+            return self.send_staged(e);
         }
-        let attrs = self.attrs(&meta, self.entry(path));
+        let attrs = self.attrs(&meta, e);
         self.count_file(meta.size);
         self.send(
             path,
@@ -382,7 +396,8 @@ impl Exec<'_> {
     }
 
     /// A large file, piece by piece, holes skipped. Read piecewise, so memory stays bounded.
-    fn send_staged(&mut self, path: &RelPath) -> Result<(), RpcError> {
+    fn send_staged(&mut self, e: &Entry) -> Result<(), RpcError> {
+        let path = &e.path;
         let full = self.root.join_rel(path);
         for _ in 0..READ_TRIES {
             let before = match self
@@ -439,7 +454,7 @@ impl Exec<'_> {
                 }
                 continue;
             }
-            let attrs = self.attrs(&m0, self.entry(path));
+            let attrs = self.attrs(&m0, e);
             self.count_file(m0.size);
             return self.send(
                 path,
@@ -488,8 +503,8 @@ impl Exec<'_> {
     fn finish_deltas(&mut self) -> Result<(), RpcError> {
         self.settle(0)?;
         self.delta_commits.clear();
-        for path in std::mem::take(&mut self.resend) {
-            self.send_whole(&path)?;
+        for e in std::mem::take(&mut self.resend) {
+            self.send_whole(&e)?;
         }
         Ok(())
     }
@@ -537,7 +552,8 @@ impl Exec<'_> {
     }
 
     /// An rsync delta against the target's current file, in segments of `DATA_CHUNK`.
-    fn send_delta(&mut self, path: &RelPath) -> Result<Result<(), NoDelta>, RpcError> {
+    fn send_delta(&mut self, e: &Entry) -> Result<Result<(), NoDelta>, RpcError> {
+        let path = &e.path;
         let full = self.root.join_rel(path);
         let m0 = match self.fs.stat(&full) {
             Ok(m) => m,
@@ -592,7 +608,7 @@ impl Exec<'_> {
             self.send_as(path, Request::StageAbort { stage }, OnError::Ignore)?;
             return Ok(Err(NoDelta));
         }
-        let attrs = self.attrs(&m0, self.entry(path));
+        let attrs = self.attrs(&m0, e);
         let commit = Request::StageCommit {
             stage,
             size: m0.size,
@@ -602,7 +618,7 @@ impl Exec<'_> {
         self.report.delta_files += 1;
         self.count_file(m0.size);
         self.delta_commits.insert(path.clone());
-        self.send_as(path, commit, OnError::Resend(m0.size))?;
+        self.send_as(path, commit, OnError::Resend(e.clone(), m0.size))?;
         Ok(Ok(()))
     }
 }

@@ -9,7 +9,7 @@ pub mod plan;
 pub mod scan;
 pub mod scope;
 
-pub use apply::{execute, ApplyOptions, Report};
-pub use plan::{describe, plan, NotMirrored, Op, Plan, PlanError, PlanOptions};
-pub use scan::{scan, scan_scope, Entries, Entry, ScanOptions, Snapshot};
+pub use apply::{execute, ApplyOptions, Exec, Report};
+pub use plan::{describe, plan, plan_stream, NotMirrored, Op, Plan, PlanError, PlanOptions};
+pub use scan::{scan, scan_scope, Entries, Entry, ScanOptions, ListingHook, Snapshot, Walk};
 pub use scope::{Depth, Scope};

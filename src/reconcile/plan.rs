@@ -1,50 +1,56 @@
-//! Planning: a pure function from (source snapshot, target snapshot) to the list of operations
-//! that makes the target equal to the source. No I/O happens here.
+//! Planning: a pure function from the two sides' entries, in path order, to the operations
+//! that make the target equal to the source. No I/O happens here.
 //!
-//! Order of the plan: removals of what the source lacks first (topmost path only), then a
-//! pre-order pass over the source (a directory is made before its children; an entry of another
-//! kind is removed before the new one is made), then a post-order pass giving directories their
-//! metadata, because making or removing children moves a directory's mtime. Unchanged files
-//! (same size and mtime, or same hash with `checksum`) get no operation at all. Hard-link groups
-//! are rebuilt with `Link` from the first path of each group; a target file whose own link group
-//! differs from the source's is replaced, never changed in place.
+//! It streams: `plan_stream` merges two sorted streams of entries (each a pre-order walk with
+//! listings sorted by name) and hands out operations in batches while the walks go on, holding
+//! only the directories on the current path, so memory follows the depth, not the tree. `plan`
+//! is the same over two snapshots in memory.
+//!
+//! Order of the plan, for each entry in path order: a target entry the source lacks is removed
+//! (topmost path only; never beneath a source directory whose listing failed); an entry of
+//! another kind is removed before the new one is made; a directory is made before its children
+//! and gets its metadata when the walk leaves it (children first), because making or removing
+//! children moves a directory's mtime. Unchanged files (same size and mtime, or same hash with
+//! `checksum`) get no operation at all.
+//!
+//! Hard links reach across directories, so files with more than one link on either side wait
+//! for a last phase, when both sides' groups are known; so does the metadata of every directory
+//! above them. Their groups are rebuilt with `Link` from the first path of each group; a target
+//! file whose own link group differs from the source's is replaced, never changed in place.
+//! What the planner keeps across directories is therefore proportional to the hard-linked
+//! files, never to the tree.
 
 use super::scan::{Entry, Snapshot};
 use crate::fs::Kind;
 use crate::path::RelPath;
 use std::collections::{HashMap, HashSet};
 
+/// One operation. Those that need the source's entry carry it, so applying never looks it up.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Op {
     /// Remove the target's entry (and its subtree).
     Remove(RelPath),
-    /// Make a directory (private until its metadata is given at the end).
+    /// Make a directory (private until its metadata is given when the walk leaves it).
     Mkdir(RelPath),
     /// Send content; `basis` says the target has a regular file there to delta against.
-    Transfer {
-        path: RelPath,
-        basis: bool,
-    },
+    Transfer { entry: Entry, basis: bool },
     /// Same size, other mtime (a `touch`): compare content hashes, send content only if they
     /// differ, otherwise only metadata.
-    Check(RelPath),
+    Check(Entry),
     /// Make `path` a hard link of `leader`, which is already in place.
-    Link {
-        path: RelPath,
-        leader: RelPath,
-    },
-    Symlink(RelPath),
+    Link { path: RelPath, leader: RelPath },
+    Symlink(Entry),
     /// fifo, socket or device node.
-    Mknod(RelPath),
+    Mknod(Entry),
     /// Give an existing entry the source's owner, mode, xattrs and mtime.
-    Attrs(RelPath),
+    Attrs(Entry),
 }
 
 impl Op {
     pub fn path(&self) -> &RelPath {
         match self {
-            Op::Remove(p) | Op::Mkdir(p) | Op::Symlink(p) | Op::Mknod(p) | Op::Attrs(p) | Op::Check(p) => p,
-            Op::Transfer { path, .. } | Op::Link { path, .. } => path,
+            Op::Remove(p) | Op::Mkdir(p) | Op::Link { path: p, .. } => p,
+            Op::Transfer { entry: e, .. } | Op::Check(e) | Op::Symlink(e) | Op::Mknod(e) | Op::Attrs(e) => &e.path,
         }
     }
 }
@@ -115,10 +121,6 @@ impl std::fmt::Display for NotMirrored {
     }
 }
 
-fn inode(e: &Entry) -> (u64, u64) {
-    (e.meta.dev, e.meta.ino)
-}
-
 /// Owner, mode, xattrs and mtime differ (mtime is not compared for directories by the caller
 /// when it already knows they will be reset).
 fn attrs_differ(s: &Entry, t: &Entry, opts: &PlanOptions) -> bool {
@@ -137,91 +139,215 @@ fn content_same(s: &Entry, t: &Entry, opts: &PlanOptions) -> bool {
         }
 }
 
-/// Paths of each hard-link group (regular files with more than one link), in pre-order.
-fn link_groups(snap: &Snapshot) -> HashMap<(u64, u64), Vec<RelPath>> {
-    let mut g: HashMap<(u64, u64), Vec<RelPath>> = HashMap::new();
-    for e in snap.entries.values() {
-        if e.meta.kind == Kind::File && e.meta.nlink > 1 {
-            g.entry(inode(e)).or_default().push(e.path.clone());
-        }
-    }
-    g
+/// Operations are handed out in batches of about this many.
+const BATCH: usize = 1024;
+
+/// Plans over two snapshots in memory (a partial reconcile's scopes, `verify`): the streaming
+/// planner fed from them.
+pub fn plan(src: &Snapshot, dst: &Snapshot, opts: &PlanOptions) -> Result<Plan, PlanError> {
+    let mut ops = Vec::new();
+    let not_mirrored = plan_stream(
+        src.entries.values().map(|e| (e.clone(), src.incomplete.contains(&e.path))),
+        dst.entries.values().cloned(),
+        opts,
+        |batch| {
+            ops.extend(batch);
+            Ok::<_, PlanError>(())
+        },
+    )?;
+    Ok(Plan { ops, not_mirrored })
 }
 
-pub fn plan(src: &Snapshot, dst: &Snapshot, opts: &PlanOptions) -> Result<Plan, PlanError> {
-    if !opts.root_unlisted && src.entries.len() <= 1 && dst.entries.len() > 1 && !opts.allow_mass_delete {
-        return Err(PlanError::MassDelete(dst.entries.len() - 1));
+/// Plans while both sides are walked. `src` yields the source's entries in path order, each
+/// with whether it is a directory whose listing failed; `dst` the target's, in the same order.
+/// `sink` gets the operations in order, in batches, as soon as they are known; an error from it
+/// stops the plan. Returns what the target cannot hold.
+pub fn plan_stream<E: From<PlanError>>(
+    src: impl Iterator<Item = (Entry, bool)>,
+    dst: impl Iterator<Item = Entry>,
+    opts: &PlanOptions,
+    mut sink: impl FnMut(Vec<Op>) -> Result<(), E>,
+) -> Result<NotMirrored, E> {
+    let mut src = src.peekable();
+    let mut dst = dst.peekable();
+    let (s0, t0) = (src.next(), dst.next());
+    // The root's listing decides: an empty source (an unmounted disk looks like this) does not
+    // empty the target unless asked.
+    if !opts.root_unlisted && !opts.allow_mass_delete && src.peek().is_none() && dst.peek().is_some() {
+        return Err(PlanError::MassDelete(dst.count()).into());
     }
-    let mut ops = Vec::new();
-    let mut not_mirrored = NotMirrored::default();
-    // Without owners, a new entry gets the target's user: the target root's owner.
-    let target_owner = dst.get(&RelPath::root()).map(|e| (e.meta.uid, e.meta.gid));
-    // Target directories whose listing changes, so their mtime must be set again at the end.
-    let mut touched: HashSet<RelPath> = HashSet::new();
-    // Target paths removed or replaced: the target's entries beneath them are gone.
-    let mut replaced: HashSet<RelPath> = HashSet::new();
-    // Source files whose target inode is new after this plan.
-    let mut rewritten: HashSet<RelPath> = HashSet::new();
+    let mut src = s0.into_iter().chain(src).peekable();
+    let mut dst = t0.into_iter().chain(dst).peekable();
+    let mut p = Planner::new(*opts);
+    loop {
+        let order = match (src.peek(), dst.peek()) {
+            (None, None) => break,
+            (Some(_), None) => std::cmp::Ordering::Less,
+            (None, Some(_)) => std::cmp::Ordering::Greater,
+            (Some((s, _)), Some(t)) => s.path.cmp(&t.path),
+        };
+        match order {
+            std::cmp::Ordering::Less => p.step(src.next(), None),
+            std::cmp::Ordering::Greater => p.step(None, dst.next()),
+            std::cmp::Ordering::Equal => p.step(src.next(), dst.next()),
+        }
+        if p.ops.len() >= BATCH {
+            sink(std::mem::take(&mut p.ops))?;
+        }
+    }
+    p.finish();
+    sink(std::mem::take(&mut p.ops))?;
+    Ok(p.not_mirrored)
+}
 
-    let push = |ops: &mut Vec<Op>, touched: &mut HashSet<RelPath>, op: Op| {
+/// A source directory on the path to the entry being planned.
+struct Frame {
+    src: Entry,
+    /// The target's entry here is missing or replaced: nothing of the target's beneath counts.
+    gone: bool,
+    /// Its metadata must be set when the walk leaves it: new, differing, or its listing changed.
+    needs_attrs: bool,
+    /// Its source listing, or an ancestor's, failed: nothing beneath it is deleted.
+    unlisted: bool,
+    /// Something beneath it waits for the hard-link phase, so its metadata waits too.
+    deferred: bool,
+}
+
+/// The streaming planner's state: the directories on the current path and what waits for the
+/// hard-link phase.
+struct Planner {
+    opts: PlanOptions,
+    ops: Vec<Op>,
+    not_mirrored: NotMirrored,
+    /// Without owners, a new entry gets the target's user: the target root's owner.
+    target_owner: Option<(u32, u32)>,
+    stack: Vec<Frame>,
+    /// Files with more than one link on either side, in path order, with their target entry
+    /// (`None` when missing or replaced).
+    linked: Vec<(Entry, Option<Entry>)>,
+    /// Paths of each hard-link group (regular files with more than one link), in path order.
+    src_groups: HashMap<(u64, u64), Vec<RelPath>>,
+    dst_groups: HashMap<(u64, u64), Vec<RelPath>>,
+    /// Directories left while something beneath them waited, children first, and whether
+    /// their metadata is needed already.
+    late_dirs: Vec<(Entry, bool)>,
+    /// Directories whose listing the hard-link phase changes.
+    late_touched: HashSet<RelPath>,
+}
+
+fn inode(e: &Entry) -> (u64, u64) {
+    (e.meta.dev, e.meta.ino)
+}
+
+fn is_linked(e: &Entry) -> bool {
+    e.meta.kind == Kind::File && e.meta.nlink > 1
+}
+
+impl Planner {
+    fn new(opts: PlanOptions) -> Planner {
+        Planner {
+            opts,
+            ops: Vec::new(),
+            not_mirrored: NotMirrored::default(),
+            target_owner: None,
+            stack: Vec::new(),
+            linked: Vec::new(),
+            src_groups: HashMap::new(),
+            dst_groups: HashMap::new(),
+            late_dirs: Vec::new(),
+            late_touched: HashSet::new(),
+        }
+    }
+
+    /// Adds an operation; one that changes a listing marks the directory it is in.
+    fn push(&mut self, op: Op) {
         if !matches!(op, Op::Attrs(_)) {
-            if let Some(parent) = op.path().parent() {
-                touched.insert(parent);
+            match self.stack.last_mut() {
+                Some(f) => f.needs_attrs = true,
+                None => {
+                    if let Some(parent) = op.path().parent() {
+                        self.late_touched.insert(parent);
+                    }
+                }
             }
         }
-        ops.push(op);
-    };
+        self.ops.push(op);
+    }
 
-    // 1. What the source lacks.
-    for (p, in_src) in dst.entries.keys().zip(dst.entries.counterparts(&src.entries)) {
-        if p.is_root() || in_src.is_some() || src.is_incomplete_at(p) {
-            continue;
+    /// One path: its source entry (with whether its listing failed), its target entry, or both.
+    fn step(&mut self, s: Option<(Entry, bool)>, t: Option<Entry>) {
+        let Some(path) = s.as_ref().map(|(e, _)| &e.path).or(t.as_ref().map(|e| &e.path)) else {
+            return;
+        };
+        while self
+            .stack
+            .last()
+            .is_some_and(|f| *path == f.src.path || !path.starts_with(&f.src.path))
+        {
+            self.leave();
         }
-        let parent = p.parent().unwrap_or_default();
-        if src.get(&parent).is_some_and(|e| e.meta.kind == Kind::Dir) && !src.incomplete.contains(&parent) {
-            push(&mut ops, &mut touched, Op::Remove(p.clone()));
+        if let Some(te) = t.as_ref().filter(|te| is_linked(te)) {
+            self.dst_groups.entry(inode(te)).or_default().push(te.path.clone());
+        }
+        match s {
+            Some((s, unlisted)) => self.source_entry(s, unlisted, t),
+            None => {
+                let Some(t) = t else { return };
+                // Removed only when it is the topmost: its parent is a source directory.
+                let Some(top) = self.stack.last() else { return };
+                let in_top = t.path.split().is_some_and(|(dir, _)| dir == top.src.path.as_bytes());
+                if in_top && !top.unlisted && !top.gone {
+                    self.push(Op::Remove(t.path));
+                }
+            }
         }
     }
 
-    let src_groups = link_groups(src);
-    let dst_groups = link_groups(dst);
-    let gone = |replaced: &HashSet<RelPath>, p: &RelPath| {
-        if replaced.is_empty() {
-            return false;
-        }
-        let mut cur = Some(p.clone());
-        while let Some(c) = cur {
-            if replaced.contains(&c) {
-                return true;
+    /// The walk leaves the directory on top: its metadata now, or in the hard-link phase.
+    fn leave(&mut self) {
+        let Some(f) = self.stack.pop() else { return };
+        if f.deferred {
+            if let Some(parent) = self.stack.last_mut() {
+                parent.deferred = true;
             }
-            cur = c.parent();
+            self.late_dirs.push((f.src, f.needs_attrs));
+        } else if f.needs_attrs {
+            self.ops.push(Op::Attrs(f.src));
         }
-        false
-    };
+    }
 
-    // 2. Pre-order pass over the source.
-    let in_dst = src.entries.counterparts(&dst.entries);
-    for ((p, s), &t0) in src.entries.iter().zip(&in_dst) {
-        if p.is_root() {
-            continue;
+    fn source_entry(&mut self, s: Entry, unlisted: bool, t: Option<Entry>) {
+        let opts = self.opts;
+        let parent = self.stack.last();
+        let parent_unlisted = parent.is_some_and(|f| f.unlisted);
+        let mut t = if parent.is_some_and(|f| f.gone) { None } else { t };
+        if s.path.is_root() {
+            self.target_owner = t.as_ref().map(|te| (te.meta.uid, te.meta.gid));
+            let needs_attrs = t.as_ref().is_none_or(|te| attrs_differ(&s, te, &opts));
+            self.stack.push(Frame {
+                src: s,
+                gone: t.is_none(),
+                needs_attrs,
+                unlisted,
+                deferred: false,
+            });
+            return;
         }
-        let mut t = if gone(&replaced, p) { None } else { t0 };
         if !opts.owners {
-            let theirs = t.map(|te| (te.meta.uid, te.meta.gid)).or(target_owner);
+            let theirs = t.as_ref().map(|te| (te.meta.uid, te.meta.gid)).or(self.target_owner);
             if theirs.is_some_and(|o| o != (s.meta.uid, s.meta.gid)) {
-                not_mirrored.owners += 1;
+                self.not_mirrored.owners += 1;
             }
         }
         if !opts.owners && s.meta.kind.is_device() {
             // Left out: whatever else the target has there goes, as the source has none of it.
-            not_mirrored.devices += 1;
+            self.not_mirrored.devices += 1;
             if t.is_some_and(|te| te.meta.kind != s.meta.kind || te.meta.rdev != s.meta.rdev) {
-                push(&mut ops, &mut touched, Op::Remove(p.clone()));
-                replaced.insert(p.clone());
+                self.push(Op::Remove(s.path));
             }
-            continue;
+            return;
         }
-        if let Some(te) = t {
+        if let Some(te) = &t {
             let same_kind = te.meta.kind == s.meta.kind;
             let same_node = match s.meta.kind {
                 Kind::Symlink => te.link == s.link,
@@ -229,96 +355,125 @@ pub fn plan(src: &Snapshot, dst: &Snapshot, opts: &PlanOptions) -> Result<Plan, 
                 _ => true,
             };
             if !same_kind || !same_node {
-                push(&mut ops, &mut touched, Op::Remove(p.clone()));
-                replaced.insert(p.clone());
+                self.push(Op::Remove(s.path.clone()));
                 t = None;
             }
         }
         match s.meta.kind {
             Kind::Dir => {
                 if t.is_none() {
-                    push(&mut ops, &mut touched, Op::Mkdir(p.clone()));
+                    self.push(Op::Mkdir(s.path.clone()));
                 }
+                let needs_attrs = t.as_ref().is_none_or(|te| attrs_differ(&s, te, &opts));
+                self.stack.push(Frame {
+                    src: s,
+                    gone: t.is_none(),
+                    needs_attrs,
+                    unlisted: unlisted || parent_unlisted,
+                    deferred: false,
+                });
+            }
+            Kind::File if is_linked(&s) || t.as_ref().is_some_and(is_linked) => {
+                if is_linked(&s) {
+                    self.src_groups.entry(inode(&s)).or_default().push(s.path.clone());
+                }
+                if let Some(f) = self.stack.last_mut() {
+                    f.deferred = true;
+                }
+                self.linked.push((s, t));
             }
             Kind::File => {
-                let group = (s.meta.nlink > 1).then(|| &src_groups[&inode(s)]);
-                if let Some(leader) = group.map(|g| &g[0]).filter(|l| *l != p) {
-                    let linked = t.zip(dst.get(leader)).is_some_and(|(te, tl)| {
-                        inode(te) == inode(tl) && !rewritten.contains(leader) && !gone(&replaced, leader)
-                    });
-                    if !linked {
-                        push(
-                            &mut ops,
-                            &mut touched,
-                            Op::Link {
-                                path: p.clone(),
-                                leader: leader.clone(),
-                            },
-                        );
-                    }
-                    continue;
-                }
-                // A target inode shared with paths other than the source's group is never
-                // changed in place: that would change the other paths too.
-                let shared_wrongly = t.is_some_and(|te| {
-                    if te.meta.nlink <= 1 {
-                        return false;
-                    }
-                    let tg = dst_groups.get(&inode(te)).map(Vec::as_slice).unwrap_or(&[]);
-                    let sg: &[RelPath] = group.map(Vec::as_slice).unwrap_or(std::slice::from_ref(p));
-                    te.meta.nlink as usize != tg.len() || tg != sg
-                });
-                match t {
-                    Some(te) if content_same(s, te, opts) && !shared_wrongly => {
-                        if attrs_differ(s, te, opts) {
-                            push(&mut ops, &mut touched, Op::Attrs(p.clone()));
-                        }
-                    }
-                    Some(te) if !opts.checksum && !shared_wrongly && te.meta.size == s.meta.size && s.meta.size > 0 => {
-                        push(&mut ops, &mut touched, Op::Check(p.clone()));
-                        rewritten.insert(p.clone());
-                    }
-                    _ => {
-                        let basis = t.is_some_and(|te| te.meta.size > 0 && !shared_wrongly);
-                        push(&mut ops, &mut touched, Op::Transfer { path: p.clone(), basis });
-                        rewritten.insert(p.clone());
-                    }
-                }
+                self.file(s, t.as_ref(), false);
             }
             _ => match t {
                 Some(te) => {
-                    if attrs_differ(s, te, opts) {
-                        push(&mut ops, &mut touched, Op::Attrs(p.clone()));
+                    if attrs_differ(&s, &te, &opts) {
+                        self.push(Op::Attrs(s));
                     }
                 }
                 None => {
                     let op = if s.meta.kind == Kind::Symlink {
-                        Op::Symlink(p.clone())
+                        Op::Symlink(s.clone())
                     } else {
-                        Op::Mknod(p.clone())
+                        Op::Mknod(s.clone())
                     };
-                    push(&mut ops, &mut touched, op);
-                    push(&mut ops, &mut touched, Op::Attrs(p.clone()));
+                    self.push(op);
+                    self.push(Op::Attrs(s));
                 }
             },
         }
     }
 
-    // 3. Post-order pass: directory metadata, children before parents.
-    for ((p, s), &t0) in src.entries.iter().zip(&in_dst).rev() {
-        if s.meta.kind != Kind::Dir {
-            continue;
-        }
-        let t = if gone(&replaced, p) { None } else { t0 };
-        let needed = match t {
-            None => true,
-            Some(te) => touched.contains(p) || attrs_differ(s, te, opts),
-        };
-        if needed {
-            ops.push(Op::Attrs(p.clone()));
+    /// A regular file's content and metadata; true when the target gets a new inode for it.
+    /// `shared_wrongly`: the target's inode is shared with paths other than the source's group,
+    /// so it is never changed in place (that would change the other paths too).
+    fn file(&mut self, s: Entry, t: Option<&Entry>, shared_wrongly: bool) -> bool {
+        let opts = self.opts;
+        match t {
+            Some(te) if content_same(&s, te, &opts) && !shared_wrongly => {
+                if attrs_differ(&s, te, &opts) {
+                    self.push(Op::Attrs(s));
+                }
+                false
+            }
+            Some(te) if !opts.checksum && !shared_wrongly && te.meta.size == s.meta.size && s.meta.size > 0 => {
+                self.push(Op::Check(s));
+                true
+            }
+            _ => {
+                let basis = t.is_some_and(|te| te.meta.size > 0 && !shared_wrongly);
+                self.push(Op::Transfer { entry: s, basis });
+                true
+            }
         }
     }
-    Ok(Plan { ops, not_mirrored })
+
+    /// The end of both walks: the directories still open are left, then the hard-link phase
+    /// runs, then the metadata of the directories that waited for it, children first.
+    fn finish(&mut self) {
+        while !self.stack.is_empty() {
+            self.leave();
+        }
+        let linked = std::mem::take(&mut self.linked);
+        // The target inode each waiting source path has now.
+        let target_inode: HashMap<RelPath, (u64, u64)> = linked
+            .iter()
+            .filter_map(|(s, t)| Some((s.path.clone(), inode(t.as_ref()?))))
+            .collect();
+        let mut rewritten: HashSet<RelPath> = HashSet::new();
+        for (s, t) in linked {
+            let group = is_linked(&s).then(|| self.src_groups[&inode(&s)].clone());
+            if let Some(leader) = group.as_ref().map(|g| &g[0]).filter(|l| **l != s.path) {
+                let in_place = t.as_ref().zip(target_inode.get(leader)).is_some_and(|(te, tl)| {
+                    inode(te) == *tl && !rewritten.contains(leader)
+                });
+                if !in_place {
+                    self.push(Op::Link {
+                        path: s.path,
+                        leader: leader.clone(),
+                    });
+                }
+                continue;
+            }
+            let shared_wrongly = t.as_ref().is_some_and(|te| {
+                if te.meta.nlink <= 1 {
+                    return false;
+                }
+                let tg = self.dst_groups.get(&inode(te)).map(Vec::as_slice).unwrap_or(&[]);
+                let sg: &[RelPath] = group.as_deref().unwrap_or(std::slice::from_ref(&s.path));
+                te.meta.nlink as usize != tg.len() || tg != sg
+            });
+            let path = s.path.clone();
+            if self.file(s, t.as_ref(), shared_wrongly) {
+                rewritten.insert(path);
+            }
+        }
+        for (dir, needed) in std::mem::take(&mut self.late_dirs) {
+            if needed || self.late_touched.contains(&dir.path) {
+                self.ops.push(Op::Attrs(dir));
+            }
+        }
+    }
 }
 
 /// Explains in words how the target differs from the source for one planned operation.
@@ -329,13 +484,14 @@ pub fn describe(op: &Op, src: &Snapshot, dst: &Snapshot) -> String {
         Op::Remove(p) if s.is_none() => format!("only on target: {p}"),
         Op::Remove(p) => format!("different kind or node on target: {p}"),
         Op::Mkdir(p) => format!("directory missing on target: {p}"),
-        Op::Transfer { path, .. } if t.is_none() => format!("file missing on target: {path}"),
-        Op::Transfer { path, .. } => format!("content differs: {path}"),
-        Op::Check(p) => format!("mtime differs, content may too: {p}"),
+        Op::Transfer { entry, .. } if t.is_none() => format!("file missing on target: {}", entry.path),
+        Op::Transfer { entry, .. } => format!("content differs: {}", entry.path),
+        Op::Check(e) => format!("mtime differs, content may too: {}", e.path),
         Op::Link { path, leader } => format!("not hard-linked to {leader} on target: {path}"),
-        Op::Symlink(p) => format!("symlink missing on target: {p}"),
-        Op::Mknod(p) => format!("special file missing on target: {p}"),
-        Op::Attrs(p) => {
+        Op::Symlink(e) => format!("symlink missing on target: {}", e.path),
+        Op::Mknod(e) => format!("special file missing on target: {}", e.path),
+        Op::Attrs(e) => {
+            let p = &e.path;
             let (Some(s), Some(t)) = (s, t) else {
                 return format!("metadata to set: {p}");
             };
@@ -479,14 +635,14 @@ mod tests {
             .map(|o| match o {
                 Op::Remove(p) => format!("rm {p}"),
                 Op::Mkdir(p) => format!("mkdir {p}"),
-                Op::Transfer { path, basis } => {
-                    format!("put {path}{}", if *basis { " (delta)" } else { "" })
+                Op::Transfer { entry, basis } => {
+                    format!("put {}{}", entry.path, if *basis { " (delta)" } else { "" })
                 }
                 Op::Link { path, leader } => format!("link {path} -> {leader}"),
-                Op::Symlink(p) => format!("symlink {p}"),
-                Op::Mknod(p) => format!("mknod {p}"),
-                Op::Attrs(p) => format!("attrs {p}"),
-                Op::Check(p) => format!("check {p}"),
+                Op::Symlink(e) => format!("symlink {}", e.path),
+                Op::Mknod(e) => format!("mknod {}", e.path),
+                Op::Attrs(e) => format!("attrs {}", e.path),
+                Op::Check(e) => format!("check {}", e.path),
             })
             .collect()
     }
@@ -516,19 +672,19 @@ mod tests {
                 &[],
             ),
             (
-                "empty target gets everything, dirs first, dir attrs last deepest first",
+                "empty target gets everything in path order, a dir's attrs when the walk leaves it",
                 &["d:a", "f:a/x:3:100", "d:a/b", "l:s:t", "p:fifo"],
                 &[],
                 &[
                     "mkdir a",
                     "mkdir a/b",
+                    "attrs a/b",
                     "put a/x",
+                    "attrs a",
                     "mknod fifo",
                     "attrs fifo",
                     "symlink s",
                     "attrs s",
-                    "attrs a/b",
-                    "attrs a",
                     "attrs .",
                 ],
             ),
@@ -548,7 +704,7 @@ mod tests {
                 "extra entries are removed, topmost only",
                 &["d:a"],
                 &["d:a", "d:a/b", "f:a/b/c:1:100", "f:z:1:100"],
-                &["rm a/b", "rm z", "attrs a", "attrs ."],
+                &["rm a/b", "attrs a", "rm z", "attrs ."],
             ),
             (
                 "target file where source has a dir with children",
@@ -595,6 +751,36 @@ mod tests {
                 &[],
             ),
             (
+                "hard links wait for the end, and so do the attrs of the dirs above them",
+                &["d:a", "h:a/x:7", "d:b", "h:b/y:7", "f:c:1:100", "d:d", "f:d/z:1:100"],
+                &[],
+                &[
+                    "mkdir a",
+                    "mkdir b",
+                    "put c",
+                    "mkdir d",
+                    "put d/z",
+                    "attrs d",
+                    "put a/x",
+                    "link b/y -> a/x",
+                    "attrs a",
+                    "attrs b",
+                    "attrs .",
+                ],
+            ),
+            (
+                "a link group already in place across dirs needs nothing",
+                &["d:a", "h:a/x:7", "d:b", "h:b/y:7"],
+                &["d:a", "h:a/x:9", "d:b", "h:b/y:9"],
+                &[],
+            ),
+            (
+                "a target-only tree goes from its top, whatever lies beneath",
+                &["d:a"],
+                &["d:a", "d:a/old", "d:a/old/deep", "f:a/old/deep/f:1:1", "h:a/old/l:3", "h:a/m:3"],
+                &["rm a/m", "rm a/old", "attrs a"],
+            ),
+            (
                 "target links the source does not have are split",
                 &["f:a:5:100", "f:b:5:100"],
                 &["h:a:9", "h:b:9"],
@@ -604,6 +790,46 @@ mod tests {
         for (name, src, dst, want) in cases {
             assert_eq!(run(src, dst), *want, "case: {name}");
         }
+    }
+
+    #[test]
+    fn the_plan_streams_while_the_walks_go_on() {
+        // 100,000 new files in 100 directories: the first operations come out after about one
+        // batch of entries, not after the walk, and the planner holds no more than the
+        // directories on the path.
+        let consumed = std::cell::Cell::new(0usize);
+        let mut first_batch_at = None;
+        let mut ops = 0usize;
+        let total = 100 * 1000;
+        let root = snap(&[]).entries.into_vec().remove(0);
+        let src = std::iter::once((root, false)).chain((0..total).map(|i| {
+            consumed.set(consumed.get() + 1);
+            let (d, f) = (i / 1000, i % 1000);
+            let (path, kind) = if f == 0 {
+                (format!("d{d:03}"), Kind::Dir)
+            } else {
+                (format!("d{d:03}/f{f:04}"), Kind::File)
+            };
+            let e = Entry {
+                path: p(&path),
+                meta: meta(kind, 10 + i as u64),
+                link: None,
+                xattrs: vec![],
+                hash: None,
+            };
+            (e, false)
+        }));
+        let dst = snap(&[]).entries.into_vec().into_iter();
+        plan_stream(src, dst, &PlanOptions::default(), |batch| {
+            first_batch_at.get_or_insert(consumed.get());
+            ops += batch.len();
+            Ok::<_, PlanError>(())
+        })
+        .unwrap();
+        // Every entry made, each directory given its attrs, and the root's.
+        assert_eq!(ops, total + 100 + 1);
+        let first = first_batch_at.unwrap();
+        assert!(first <= 2 * BATCH, "the first batch came after {first} of {total} entries");
     }
 
     #[test]

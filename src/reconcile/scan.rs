@@ -6,10 +6,11 @@
 //! the strength of a failed read.
 
 use super::scope::{Depth, Scope};
-use crate::fs::{FileSystem, FsError, Kind, Meta, Xattr};
+use crate::fs::{DirEntry, FileSystem, FsError, Kind, Meta, Xattr};
 use crate::path::RelPath;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeSet;
+use std::ops::Deref;
 
 /// One entry of a scanned tree.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -159,7 +160,7 @@ impl Snapshot {
 }
 
 /// Scans the tree at `root` within `fs`; paths in the snapshot are relative to `root`.
-pub fn scan(fs: &dyn FileSystem, root: &RelPath, opts: ScanOptions) -> Result<Snapshot, FsError> {
+pub fn scan(fs: &(dyn FileSystem + 'static), root: &RelPath, opts: ScanOptions) -> Result<Snapshot, FsError> {
     scan_scope(fs, root, &Scope::full(), opts)
 }
 
@@ -167,56 +168,91 @@ pub fn scan(fs: &dyn FileSystem, root: &RelPath, opts: ScanOptions) -> Result<Sn
 /// path does not exist (or has a non-directory on the way) contributes nothing: absent on this
 /// side. A region that cannot be read for another reason marks its parent incomplete, so the
 /// planner deletes nothing on its strength.
-pub fn scan_scope(fs: &dyn FileSystem, root: &RelPath, scope: &Scope, opts: ScanOptions) -> Result<Snapshot, FsError> {
+pub fn scan_scope(fs: &(dyn FileSystem + 'static), root: &RelPath, scope: &Scope, opts: ScanOptions) -> Result<Snapshot, FsError> {
+    check_root(fs, root)?;
+    let mut snap = Snapshot::default();
+    // Collected first and sorted once at the end: cheaper than keeping a map in order.
+    let mut found = Vec::new();
+    for (path, depth) in scope.regions() {
+        let mut w = Walk::region(fs, root.clone(), path, depth, opts);
+        for (e, unlisted) in &mut w {
+            if unlisted {
+                snap.incomplete.insert(e.path.clone());
+            }
+            found.push(e);
+        }
+        if let Some(dir) = w.failed_parent {
+            snap.incomplete.insert(dir);
+        }
+        snap.problems.append(&mut w.problems);
+    }
+    snap.entries = Entries::new(found);
+    Ok(snap)
+}
+
+fn check_root(fs: &dyn FileSystem, root: &RelPath) -> Result<(), FsError> {
     let meta = fs.stat(root)?;
     if meta.kind != Kind::Dir {
         return Err(FsError::new(libc::ENOTDIR, "scan", root));
     }
-    let mut w = Walk {
-        fs,
-        root,
-        opts,
-        snap: Snapshot::default(),
-        // Collected first and sorted once at the end: cheaper than keeping a map in order.
-        found: Vec::new(),
-    };
-    for (path, depth) in scope.regions() {
-        let Some(kind) = w.entry(path) else { continue };
-        if kind != Kind::Dir || depth == Depth::Entry {
-            continue;
-        }
-        w.walk(path, depth == Depth::Tree);
-    }
-    let mut snap = w.snap;
-    snap.entries = Entries::new(w.found);
-    Ok(snap)
+    Ok(())
 }
 
-struct Walk<'a> {
-    fs: &'a dyn FileSystem,
-    root: &'a RelPath,
+/// Called with each directory a walk is about to list (a watcher adds its watch there).
+pub type ListingHook = Box<dyn FnMut(&RelPath) + Send>;
+
+/// A lazy walk of a tree in pre-order, each listing sorted by name, which is the order of
+/// `RelPath`: the entries come out sorted, one directory listing per level of the current path
+/// held at a time, so memory follows the depth and the widest directory, not the tree. Each
+/// entry comes with whether it is a directory whose listing failed (its contents are unknown,
+/// not empty). A directory that vanished while the walk went on counts as unlisted too, quietly.
+pub struct Walk<F: Deref<Target = dyn FileSystem>> {
+    fs: F,
+    root: RelPath,
     opts: ScanOptions,
-    snap: Snapshot,
-    found: Vec<Entry>,
+    /// The top entry, read and yielded first, and whether to list it.
+    pending_top: Option<(RelPath, bool)>,
+    stack: Vec<(RelPath, std::vec::IntoIter<DirEntry>)>,
+    /// List the directories met beneath the top, not only the top.
+    deep: bool,
+    /// What went wrong, per path.
+    pub problems: Vec<FsError>,
+    before_listing: Option<ListingHook>,
+    /// The top entry could not be read (not absent): its parent's view is incomplete.
+    pub failed_parent: Option<RelPath>,
 }
 
-impl Walk<'_> {
-    fn hash(&mut self, path: &RelPath, kind: Kind) -> Option<[u8; 32]> {
-        if !self.opts.checksum || kind != Kind::File {
-            return None;
-        }
-        match self.fs.hash_file(&self.root.join_rel(path)) {
-            Ok(h) => Some(h),
-            Err(e) => {
-                // Kept without a hash: it then counts as different, never as absent.
-                self.snap.problems.push(e);
-                None
-            }
-        }
+impl<F: Deref<Target = dyn FileSystem>> Walk<F> {
+    /// The whole tree at `root`, which must be a directory; the root's entry first.
+    pub fn tree(fs: F, root: RelPath, opts: ScanOptions) -> Result<Walk<F>, FsError> {
+        check_root(&*fs, &root)?;
+        Ok(Walk::region(fs, root, &RelPath::root(), Depth::Tree, opts))
     }
 
-    /// Records the entry at `path` itself; its kind, or `None` when it is absent or unreadable.
-    fn entry(&mut self, path: &RelPath) -> Option<Kind> {
+    /// The entry at `top` and, if it is a directory, as much beneath it as `depth` says.
+    fn region(fs: F, root: RelPath, top: &RelPath, depth: Depth, opts: ScanOptions) -> Walk<F> {
+        let mut w = Walk {
+            fs,
+            root,
+            opts,
+            pending_top: None,
+            stack: Vec::new(),
+            deep: depth == Depth::Tree,
+            problems: Vec::new(),
+            before_listing: None,
+            failed_parent: None,
+        };
+        w.pending_top = Some((top.clone(), depth != Depth::Entry));
+        w
+    }
+
+    /// Calls `hook` with each directory before its listing is read, the top's included.
+    pub fn before_listing(mut self, hook: ListingHook) -> Walk<F> {
+        self.before_listing = Some(hook);
+        self
+    }
+
+    fn top(&mut self, path: &RelPath, list: bool) -> Option<(Entry, bool)> {
         let full = self.root.join_rel(path);
         let read = (|| {
             let meta = self.fs.stat(&full)?;
@@ -232,68 +268,91 @@ impl Walk<'_> {
             Ok(r) => r,
             Err(e) if matches!(e.errno, libc::ENOENT | libc::ENOTDIR | libc::ELOOP) => return None,
             Err(e) => {
-                if let Some(parent) = path.parent() {
-                    self.snap.incomplete.insert(parent);
-                }
-                self.snap.problems.push(e);
+                self.failed_parent = path.parent();
+                self.problems.push(e);
                 return None;
             }
         };
         let kind = meta.kind;
+        let unlisted = kind == Kind::Dir && list && !self.push_listing(path);
         let hash = self.hash(path, kind);
-        self.found.push(Entry {
-            path: path.clone(),
-            meta,
-            link,
-            xattrs,
-            hash,
-        });
-        Some(kind)
+        Some((
+            Entry {
+                path: path.clone(),
+                meta,
+                link,
+                xattrs,
+                hash,
+            },
+            unlisted,
+        ))
     }
 
-    /// Records what lies beneath the directory `top`: its children, or with `deep` everything.
-    /// In pre-order with each listing sorted by name, which is the order of `RelPath`, so a
-    /// whole-tree snapshot comes out sorted.
-    fn walk(&mut self, top: &RelPath, deep: bool) {
-        let Some(first) = self.list(top) else { return };
-        let mut stack = vec![(top.clone(), first)];
-        while let Some((dir, list)) = stack.last_mut() {
+    fn hash(&mut self, path: &RelPath, kind: Kind) -> Option<[u8; 32]> {
+        if !self.opts.checksum || kind != Kind::File {
+            return None;
+        }
+        match self.fs.hash_file(&self.root.join_rel(path)) {
+            Ok(h) => Some(h),
+            Err(e) => {
+                // Kept without a hash: it then counts as different, never as absent.
+                self.problems.push(e);
+                None
+            }
+        }
+    }
+
+    /// Lists `dir` (sorted by name) onto the stack; false when it cannot be read.
+    fn push_listing(&mut self, dir: &RelPath) -> bool {
+        if let Some(hook) = self.before_listing.as_mut() {
+            hook(dir);
+        }
+        match self.fs.read_dir(&self.root.join_rel(dir), true) {
+            Ok(mut l) => {
+                l.sort_unstable_by(|a, b| a.name.cmp(&b.name));
+                self.stack.push((dir.clone(), l.into_iter()));
+                true
+            }
+            Err(e) => {
+                if e.errno != libc::ENOENT {
+                    self.problems.push(e);
+                }
+                false
+            }
+        }
+    }
+}
+
+impl<F: Deref<Target = dyn FileSystem>> Iterator for Walk<F> {
+    type Item = (Entry, bool);
+
+    fn next(&mut self) -> Option<(Entry, bool)> {
+        if let Some((top, list)) = self.pending_top.take() {
+            if let Some(first) = self.top(&top, list) {
+                return Some(first);
+            }
+        }
+        loop {
+            let (dir, list) = self.stack.last_mut()?;
             let Some(de) = list.next() else {
-                stack.pop();
+                self.stack.pop();
                 continue;
             };
             let Ok(path) = dir.join(&de.name) else {
                 continue;
             };
             let hash = self.hash(&path, de.meta.kind);
-            let sub = (deep && de.meta.kind == Kind::Dir).then(|| path.clone());
-            self.found.push(Entry {
-                path,
-                meta: de.meta,
-                link: de.link,
-                xattrs: de.xattrs,
-                hash,
-            });
-            if let Some(sub) = sub {
-                if let Some(l) = self.list(&sub) {
-                    stack.push((sub, l));
-                }
-            }
-        }
-    }
-
-    /// The listing of `dir` sorted by name, or `None` (recorded as incomplete) when unreadable.
-    fn list(&mut self, dir: &RelPath) -> Option<std::vec::IntoIter<crate::fs::DirEntry>> {
-        match self.fs.read_dir(&self.root.join_rel(dir), true) {
-            Ok(mut l) => {
-                l.sort_unstable_by(|a, b| a.name.cmp(&b.name));
-                Some(l.into_iter())
-            }
-            Err(e) => {
-                self.snap.incomplete.insert(dir.clone());
-                self.snap.problems.push(e);
-                None
-            }
+            let unlisted = de.meta.kind == Kind::Dir && self.deep && !self.push_listing(&path);
+            return Some((
+                Entry {
+                    path,
+                    meta: de.meta,
+                    link: de.link,
+                    xattrs: de.xattrs,
+                    hash,
+                },
+                unlisted,
+            ));
         }
     }
 }

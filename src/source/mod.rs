@@ -12,6 +12,7 @@ use crate::progress::Progress;
 use crate::protocol::{Reply, Request};
 use crate::reconcile::{self, ApplyOptions, Depth, Op, PlanError, PlanOptions, Report, ScanOptions, Scope, Snapshot};
 use crate::rpc::{Pending, Rpc, RpcError};
+use std::cell::{Cell, RefCell};
 use std::sync::Arc;
 
 pub mod changed;
@@ -81,26 +82,96 @@ impl Source {
 
     /// Makes the target behind `rpc` equal to the source, writing only what differs.
     pub fn reconcile(&self, rpc: &dyn Rpc) -> Result<Report, SyncError> {
-        self.reconcile_with_progress(rpc, self.opts.progress)
+        self.reconcile_with_progress(rpc, self.opts.progress, None)
     }
 
-    fn reconcile_with_progress(&self, rpc: &dyn Rpc, progress: bool) -> Result<Report, SyncError> {
+    /// `reconcile`, calling `hook` with each source directory just before its listing is read
+    /// (a watcher's startup walk adds its watches this way).
+    pub fn reconcile_listing(&self, rpc: &dyn Rpc, hook: reconcile::ListingHook) -> Result<Report, SyncError> {
+        self.reconcile_with_progress(rpc, self.opts.progress, Some(hook))
+    }
+
+    /// The whole-tree reconcile, streamed: the source is walked on a helper thread and the
+    /// target pages its walk in, both in path order, while the plan is made and applied
+    /// directory by directory. Memory follows the widest directory and the depth, not the
+    /// tree. A walk that stops early never counts as the end of its tree: what was planned
+    /// after it stopped is not applied.
+    fn reconcile_with_progress(
+        &self,
+        rpc: &dyn Rpc,
+        progress: bool,
+        hook: Option<reconcile::ListingHook>,
+    ) -> Result<Report, SyncError> {
         let t0 = std::time::Instant::now();
-        let (src, dst) = scan_both(self.fs.as_ref(), &self.root, rpc, self.opts.checksum, None)?;
-        let t1 = std::time::Instant::now();
-        let plan = reconcile::plan(&src, &dst, &self.plan_options(rpc, self.opts.checksum))?;
-        let t2 = std::time::Instant::now();
-        let r = self.carry_out(rpc, &src, &plan, progress);
-        log::debug!(
-            "reconcile: scans {:?} ({} source, {} target entries), plan {:?} ({} ops), apply {:?}",
-            t1 - t0,
-            src.entries.len(),
-            dst.entries.len(),
-            t2 - t1,
-            plan.ops.len(),
-            t2.elapsed()
-        );
-        r
+        let opts = self.plan_options(rpc, self.opts.checksum);
+        let scan = ScanOptions {
+            checksum: self.opts.checksum,
+        };
+        let mut walk = reconcile::Walk::tree(self.fs.clone(), self.root.clone(), scan).map_err(SyncError::Scan)?;
+        if let Some(hook) = hook {
+            walk = walk.before_listing(hook);
+        }
+        let progress = Progress::new(progress, 0);
+        let apply = ApplyOptions {
+            owners: rpc.target_info().keeps_owners(),
+        };
+        let source_stopped = Cell::new(false);
+        let target_failed = RefCell::new(None);
+        let first_page = rpc.submit(Request::Scan { checksum: scan.checksum, scope: None });
+        rpc.flush();
+        std::thread::scope(|sc| {
+            let (tx, rx) = crossbeam_channel::bounded::<Vec<(reconcile::Entry, bool)>>(SOURCE_BATCHES_AHEAD);
+            let walker = sc.spawn(move || walk_into(walk, tx));
+            let src = SourceStream {
+                rx,
+                batch: Vec::new().into_iter(),
+                ended: false,
+                stopped: &source_stopped,
+            };
+            let dst = TargetStream {
+                rpc,
+                next: Some(first_page),
+                page: Vec::new().into_iter(),
+                failed: &target_failed,
+            };
+            let mut exec = reconcile::Exec::new(self.fs.as_ref(), &self.root, rpc, &apply, &progress);
+            let planned = reconcile::plan_stream(src, dst, &opts, |ops| {
+                if source_stopped.get() {
+                    return Err(SyncError::Scan(FsError::msg(
+                        libc::EIO,
+                        "scan",
+                        &self.root,
+                        "the source walk stopped before its end",
+                    )));
+                }
+                if let Some(e) = target_failed.borrow_mut().take() {
+                    return Err(e);
+                }
+                progress.add_total(
+                    ops.iter()
+                        .filter_map(|o| match o {
+                            Op::Transfer { entry, .. } => Some(entry.meta.size),
+                            _ => None,
+                        })
+                        .sum(),
+                );
+                exec.run(&ops)?;
+                Ok(())
+            });
+            let problems = walker.join();
+            let not_mirrored = planned?;
+            let problems = problems.map_err(|_| {
+                SyncError::Scan(FsError::msg(libc::EIO, "scan", &self.root, "the source walk panicked"))
+            })?;
+            let mut report = exec.finish()?;
+            progress.finish();
+            report.not_mirrored = not_mirrored;
+            report
+                .problems
+                .extend(problems.iter().map(|p| format!("source scan: {p}")));
+            log::debug!("reconcile: {} operations in {:?}", report.ops, t0.elapsed());
+            Ok(report)
+        })
     }
 
     /// Makes the target equal to the source within `scope` only (what a watcher saw change, or
@@ -139,7 +210,7 @@ impl Source {
                 scope.add(p, Depth::Tree);
             }
         }
-        self.reconcile_with_progress(rpc, false)
+        self.reconcile_with_progress(rpc, false, None)
     }
 
     fn carry_out(
@@ -153,7 +224,7 @@ impl Source {
             .ops
             .iter()
             .filter_map(|o| match o {
-                Op::Transfer { path, .. } => src.get(path).map(|e| e.meta.size),
+                Op::Transfer { entry, .. } => Some(entry.meta.size),
                 _ => None,
             })
             .sum();
@@ -161,7 +232,7 @@ impl Source {
         let apply = ApplyOptions {
             owners: rpc.target_info().keeps_owners(),
         };
-        let mut report = reconcile::execute(self.fs.as_ref(), &self.root, src, plan, rpc, &apply, &progress)?;
+        let mut report = reconcile::execute(self.fs.as_ref(), &self.root, plan, rpc, &apply, &progress)?;
         report.not_mirrored = plan.not_mirrored;
         progress.finish();
         report
@@ -293,10 +364,106 @@ pub fn verify_only(
     Ok((out, plan.not_mirrored))
 }
 
+/// Source entries are handed from the walking thread in batches of this many...
+const SOURCE_BATCH: usize = 1024;
+/// ...with at most this many batches waiting.
+const SOURCE_BATCHES_AHEAD: usize = 16;
+
+/// Walks the source into `tx` in batches, then sends an empty batch: the end. Returns what went
+/// wrong on the way.
+fn walk_into(
+    mut walk: reconcile::Walk<Arc<dyn FileSystem>>,
+    tx: crossbeam_channel::Sender<Vec<(reconcile::Entry, bool)>>,
+) -> Vec<FsError> {
+    let mut batch = Vec::with_capacity(SOURCE_BATCH);
+    for item in &mut walk {
+        batch.push(item);
+        if batch.len() == SOURCE_BATCH {
+            let full = std::mem::replace(&mut batch, Vec::with_capacity(SOURCE_BATCH));
+            if tx.send(full).is_err() {
+                // The plan stopped.
+                return walk.problems;
+            }
+        }
+    }
+    if !batch.is_empty() {
+        let _ = tx.send(batch);
+    }
+    let _ = tx.send(Vec::new());
+    walk.problems
+}
+
+/// The source's entries as the walking thread sends them. A channel that closes without the
+/// end marker sets `stopped`.
+struct SourceStream<'a> {
+    rx: crossbeam_channel::Receiver<Vec<(reconcile::Entry, bool)>>,
+    batch: std::vec::IntoIter<(reconcile::Entry, bool)>,
+    ended: bool,
+    stopped: &'a Cell<bool>,
+}
+
+impl Iterator for SourceStream<'_> {
+    type Item = (reconcile::Entry, bool);
+    fn next(&mut self) -> Option<Self::Item> {
+        loop {
+            if let Some(x) = self.batch.next() {
+                return Some(x);
+            }
+            if self.ended {
+                return None;
+            }
+            match self.rx.recv() {
+                Ok(b) if b.is_empty() => self.ended = true,
+                Ok(b) => self.batch = b.into_iter(),
+                Err(_) => {
+                    self.stopped.set(true);
+                    self.ended = true;
+                }
+            }
+        }
+    }
+}
+
+/// The target's entries, page by page, the next page asked for as soon as one arrives. A
+/// failure ends the stream and is left in `failed`.
+struct TargetStream<'a> {
+    rpc: &'a dyn Rpc,
+    next: Option<Pending>,
+    page: std::vec::IntoIter<reconcile::Entry>,
+    failed: &'a RefCell<Option<SyncError>>,
+}
+
+impl Iterator for TargetStream<'_> {
+    type Item = reconcile::Entry;
+    fn next(&mut self) -> Option<Self::Item> {
+        loop {
+            if let Some(e) = self.page.next() {
+                return Some(e);
+            }
+            let pending = self.next.take()?;
+            let err = match pending.wait() {
+                Ok(Reply::Scan { entries, more }) => {
+                    if more {
+                        self.next = Some(self.rpc.submit(Request::ScanNext));
+                        self.rpc.flush();
+                    }
+                    self.page = entries.into_iter();
+                    continue;
+                }
+                Ok(other) => SyncError::TargetScan(format!("unexpected answer {other:?}")),
+                Err(RpcError::Remote(e)) => SyncError::TargetScan(e.to_string()),
+                Err(e) => e.into(),
+            };
+            *self.failed.borrow_mut() = Some(err);
+            return None;
+        }
+    }
+}
+
 /// Scans both sides at once: the source's scan runs on a helper thread while the target's is
 /// asked for (an in-process target scans in the submitting thread).
 fn scan_both(
-    fs: &dyn FileSystem,
+    fs: &(dyn FileSystem + 'static),
     root: &RelPath,
     rpc: &dyn Rpc,
     checksum: bool,

@@ -109,12 +109,16 @@ impl Replicator {
 
     /// Reconciles the target through the link's first session (the startup walk). Its failure
     /// is final: retrying starts only after a successful start.
-    pub fn startup_walk(&self) -> Result<Report, SyncError> {
+    /// `hook` is called with each source directory before the walk lists it.
+    pub fn startup_walk(&self, hook: Option<crate::reconcile::ListingHook>) -> Result<Report, SyncError> {
         let s = self
             .link
             .session()
             .ok_or_else(|| SyncError::Rpc(crate::rpc::RpcError::Disconnected("no session".into())))?;
-        self.source.reconcile(s.rpc.as_ref())
+        match hook {
+            Some(h) => self.source.reconcile_listing(s.rpc.as_ref(), h),
+            None => self.source.reconcile(s.rpc.as_ref()),
+        }
     }
 
     pub fn source(&self) -> &Source {
