@@ -45,6 +45,9 @@ pub trait Flush: Send + Sync {
     fn last_progress(&self) -> Option<Instant> {
         None
     }
+    /// A waiter saw no progress for the whole time limit: the connection is given up, so every
+    /// other request on it fails at once instead of waiting out a time limit of its own.
+    fn give_up(&self, _why: String) {}
 }
 
 /// An answer that may not have arrived yet.
@@ -83,6 +86,7 @@ impl Pending {
                         Err(RecvTimeoutError::Timeout) => {
                             let since = flusher.last_progress().map_or(start, |p| p.max(start));
                             if since.elapsed() >= t {
+                                flusher.give_up(format!("no answer within {t:?}"));
                                 return Err(RpcError::Timeout(t));
                             }
                         }

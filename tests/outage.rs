@@ -231,6 +231,56 @@ fn sigstop_of_serve_past_the_timeout_then_sigcont() {
     m.finish();
 }
 
+/// A connection whose target stopped answering is given up by the first request that waited out
+/// the time limit: the requests queued behind it fail at once, so an operation of several
+/// requests (a catch-up, a watcher's reconcile) never waits a limit per request.
+#[test]
+fn one_timeout_gives_the_connection_up_for_every_request_on_it() {
+    let d = tempfile::tempdir().unwrap();
+    let dst = d.path().join("dst");
+    fs::create_dir(&dst).unwrap();
+    let sock = d.path().join("s.sock");
+    let server = serve(&dst, &format!("unix:{}", sock.display()), &[]);
+    let limit = Duration::from_secs(1);
+    let c = transport::connect(&Endpoint::Unix(sock), None, Some(limit)).unwrap();
+    let Reply::Claimed(_) = c.call(Request::Claim { known: None }).unwrap() else {
+        panic!("no claim")
+    };
+    sh(&format!("kill -STOP {}", server.0.id()));
+    // Dropped before the client, even on a failed assertion: a client that still trusts its
+    // connection waits at drop for the target to close its side.
+    struct Cont(u32);
+    impl Drop for Cont {
+        fn drop(&mut self) {
+            sh(&format!("kill -CONT {}", self.0));
+        }
+    }
+    let _cont = Cont(server.0.id());
+    let mkdir = |name: &str| {
+        Request::Change(Change::Mkdir {
+            path: RelPath::new(name).unwrap(),
+            perm: 0o755,
+        })
+    };
+    let (first, second) = (c.submit(mkdir("a")), c.submit(mkdir("b")));
+    let t = Instant::now();
+    let r = first.wait();
+    let waited = t.elapsed();
+    assert!(matches!(r, Err(RpcError::Timeout(_))), "{r:?}");
+    assert!(waited >= limit && waited < limit * 3, "the first request waited {waited:?}");
+    let t = Instant::now();
+    let r = second.wait();
+    assert!(r.is_err(), "{r:?}");
+    assert!(
+        t.elapsed() < limit / 4,
+        "the request behind it waited {:?} more",
+        t.elapsed()
+    );
+    let t = Instant::now();
+    assert!(c.call(mkdir("c")).is_err());
+    assert!(t.elapsed() < limit / 4, "a new request waited {:?}", t.elapsed());
+}
+
 /// A request that waited in a dead connection (its server process stopped) while a newer
 /// session claimed the target through another process is never applied.
 #[test]

@@ -79,6 +79,9 @@ pub struct Exec<'a> {
     signatures: VecDeque<(RelPath, Pending)>,
 }
 
+/// A file's data segments, each with its offset.
+type Chunks = Vec<(u64, Vec<u8>)>;
+
 /// Why a delta could not be used; the file is then sent whole.
 struct NoDelta;
 
@@ -91,7 +94,7 @@ enum OnError {
     Ignore,
     /// The commit of a delta: the target refused the rebuilt file, which is then sent whole.
     /// Holds the file and the bytes counted for it.
-    Resend(Entry, u64),
+    Resend(Box<Entry>, u64),
 }
 
 /// Applies a whole plan.
@@ -219,7 +222,7 @@ impl Exec<'_> {
                 self.report.delta_files -= 1;
                 self.report.files_sent -= 1;
                 self.report.content_bytes -= bytes;
-                self.resend.push(entry);
+                self.resend.push(*entry);
                 Ok(())
             }
             (Err(e), _) => Err(e),
@@ -345,7 +348,7 @@ impl Exec<'_> {
 
     /// Reads the data segments of a source file, again if it changed while being read.
     /// Returns the stat it was read under and the chunks, or `None` after a problem was noted.
-    fn read_stable(&mut self, path: &RelPath, max_chunk: usize) -> Option<(Meta, Vec<(u64, Vec<u8>)>)> {
+    fn read_stable(&mut self, path: &RelPath, max_chunk: usize) -> Option<(Meta, Chunks)> {
         let full = self.root.join_rel(path);
         let mut last_err = String::new();
         for _ in 0..READ_TRIES {
@@ -618,7 +621,7 @@ impl Exec<'_> {
         self.report.delta_files += 1;
         self.count_file(m0.size);
         self.delta_commits.insert(path.clone());
-        self.send_as(path, commit, OnError::Resend(e.clone(), m0.size))?;
+        self.send_as(path, commit, OnError::Resend(Box::new(e.clone()), m0.size))?;
         Ok(Ok(()))
     }
 }

@@ -1,8 +1,10 @@
-//! Reconcile: make a target tree equal to a source tree, writing only what differs. It is split in
-//! three: `scan` reads a tree through the `FileSystem` interface into a `Snapshot` (I/O);
-//! `plan::plan` compares two snapshots and returns the operations to run (pure, no I/O, tested
-//! with tables); `apply` runs a plan against a target through an `Rpc`, moving content whole or as
-//! rsync deltas.
+//! Reconcile: make a target tree equal to a source tree, writing only what differs, in memory that
+//! follows the widest directory and the depth, not the size of the tree. It is split in three:
+//! `scan` walks a tree through the `FileSystem` interface lazily, in sorted pre-order (`Walk`), or
+//! reads a scope of it into a `Snapshot` (I/O); `plan::plan_stream` merges two such walks and
+//! hands out the operations to run in batches (pure, no I/O, tested with tables; `plan` is it fed
+//! from two snapshots); `apply::Exec` runs each batch against a target through an `Rpc`, moving
+//! content whole or as rsync deltas. `scope` names the parts of a tree a partial reconcile covers.
 
 pub mod apply;
 pub mod plan;

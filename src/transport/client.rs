@@ -2,8 +2,9 @@
 //! request, queues its answer slot and writes the frame into a buffer without waiting; a reader
 //! thread matches answers (which come in order) to slots. `Pending::wait` flushes the buffer
 //! first, so bulk work rides in large writes while a lone syscall's request leaves at once. When
-//! the connection is lost, every waiter gets `Disconnected`; with a time limit, a waiter gives up
-//! after it with `Timeout` instead of hanging.
+//! the connection is lost, every waiter gets `Disconnected`; with a time limit, a waiter that saw
+//! no answer for that long gets `Timeout` and gives the connection up, so the requests behind it
+//! fail at once rather than each waiting out a limit of its own.
 
 use super::{auth, TransportError};
 use crate::protocol::{
@@ -66,6 +67,10 @@ impl Flush for Shared {
 
     fn last_progress(&self) -> Option<std::time::Instant> {
         Some(*self.progress.lock())
+    }
+
+    fn give_up(&self, why: String) {
+        self.kill(why);
     }
 }
 
