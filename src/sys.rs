@@ -733,14 +733,43 @@ pub fn getpid() -> u32 {
 }
 
 /// A file handle (name_to_handle_at(2)): names an inode on its filesystem without holding an
-/// fd open. `ty` is the filesystem's handle type.
+/// fd open. The mount keeps one per inode past its fd budget, so a short handle (ext4's, xfs's
+/// and btrfs's are 8 to 20 bytes) is held inline, a longer one on the heap.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct FileHandle {
-    pub ty: i32,
-    pub bytes: Vec<u8>,
+pub enum FileHandle {
+    /// The filesystem's handle type, the length and the bytes.
+    Inline(i32, u8, [u8; HANDLE_INLINE]),
+    Heap(i32, Box<[u8]>),
 }
 
+const HANDLE_INLINE: usize = 20;
 const MAX_HANDLE_SZ: usize = 128;
+
+impl FileHandle {
+    pub fn new(ty: i32, bytes: &[u8]) -> FileHandle {
+        if bytes.len() <= HANDLE_INLINE {
+            let mut a = [0u8; HANDLE_INLINE];
+            a[..bytes.len()].copy_from_slice(bytes);
+            FileHandle::Inline(ty, bytes.len() as u8, a)
+        } else {
+            FileHandle::Heap(ty, bytes.into())
+        }
+    }
+
+    /// The filesystem's handle type.
+    pub fn ty(&self) -> i32 {
+        match self {
+            FileHandle::Inline(t, ..) | FileHandle::Heap(t, _) => *t,
+        }
+    }
+
+    pub fn bytes(&self) -> &[u8] {
+        match self {
+            FileHandle::Inline(_, n, a) => &a[..*n as usize],
+            FileHandle::Heap(_, b) => b,
+        }
+    }
+}
 
 /// The file handle of the inode `fd` refers to (an `O_PATH` fd is fine).
 pub fn fd_to_handle(fd: BorrowedFd<'_>) -> io::Result<FileHandle> {
@@ -762,22 +791,20 @@ pub fn fd_to_handle(fd: BorrowedFd<'_>) -> io::Result<FileHandle> {
     check(r)?;
     let len = (buf[0] as usize).min(MAX_HANDLE_SZ);
     // SAFETY: reading the first `len` bytes of the f_handle array the kernel filled.
-    let bytes = unsafe { std::slice::from_raw_parts(buf.as_ptr().add(2).cast::<u8>(), len) }.to_vec();
-    Ok(FileHandle {
-        ty: buf[1] as i32,
-        bytes,
-    })
+    let bytes = unsafe { std::slice::from_raw_parts(buf.as_ptr().add(2).cast::<u8>(), len) };
+    Ok(FileHandle::new(buf[1] as i32, bytes))
 }
 
 /// Opens the inode a handle names, on the filesystem `mount_fd` is on (needs
 /// CAP_DAC_READ_SEARCH). A handle of a deleted inode gives `ESTALE`.
 pub fn open_handle(mount_fd: BorrowedFd<'_>, h: &FileHandle, flags: i32) -> io::Result<OwnedFd> {
     let mut buf = [0u32; 2 + MAX_HANDLE_SZ / 4];
-    let len = h.bytes.len().min(MAX_HANDLE_SZ);
+    let bytes = h.bytes();
+    let len = bytes.len().min(MAX_HANDLE_SZ);
     buf[0] = len as u32;
-    buf[1] = h.ty as u32;
+    buf[1] = h.ty() as u32;
     // SAFETY: copying `len` bytes into the f_handle array, which has MAX_HANDLE_SZ bytes.
-    unsafe { std::ptr::copy_nonoverlapping(h.bytes.as_ptr(), buf.as_mut_ptr().add(2).cast::<u8>(), len) };
+    unsafe { std::ptr::copy_nonoverlapping(bytes.as_ptr(), buf.as_mut_ptr().add(2).cast::<u8>(), len) };
     // SAFETY: `buf` is a valid file_handle; the returned fd is new and ours alone.
     let fd = check(unsafe {
         libc::open_by_handle_at(mount_fd.as_raw_fd(), buf.as_mut_ptr().cast(), flags | libc::O_CLOEXEC)

@@ -37,7 +37,7 @@ const PRIVATE_IDS: u64 = 1 << 62;
 /// mount fd beside it.
 enum Anchor {
     Fd(OwnedFd),
-    Handle(Box<sys::FileHandle>, Arc<OwnedFd>),
+    Handle(sys::FileHandle, Arc<OwnedFd>),
 }
 
 /// What is shared with open handles: the anchor and the inode's I/O mode.
@@ -101,9 +101,10 @@ pub struct IoMode {
     pub backing: Weak<fuser::BackingId>,
 }
 
+/// A node's (dev, ino) is not stored: a node whose id is its own inode number is on the root's
+/// device, and the others are in `Table::private_keys` (see `Table::key`).
 struct Node {
     inode: Arc<Inode>,
-    key: (u64, u64),
     nlookup: u64,
     /// Places in this node; a node is kept while it has any.
     children: u32,
@@ -141,24 +142,24 @@ impl Name {
 #[derive(Default)]
 struct Places {
     first: Option<(u64, Name)>,
-    more: Vec<(u64, Name)>,
+    more: Option<Box<Vec<(u64, Name)>>>,
 }
 
 impl Places {
     fn len(&self) -> usize {
-        self.first.is_some() as usize + self.more.len()
+        self.first.is_some() as usize + self.more.as_ref().map_or(0, |m| m.len())
     }
 
     fn get(&self, i: usize) -> Option<&(u64, Name)> {
         if i == 0 {
             self.first.as_ref()
         } else {
-            self.more.get(i - 1)
+            self.more.as_ref()?.get(i - 1)
         }
     }
 
     fn iter(&self) -> impl Iterator<Item = &(u64, Name)> {
-        self.first.iter().chain(&self.more)
+        self.first.iter().chain(self.more.iter().flat_map(|m| m.iter()))
     }
 
     fn position(&self, parent: u64, name: &[u8]) -> Option<usize> {
@@ -171,17 +172,22 @@ impl Places {
             self.first = Some(place);
             0
         } else {
-            self.more.push(place);
-            self.more.len()
+            let more = self.more.get_or_insert_with(Default::default);
+            more.push(place);
+            more.len()
         }
     }
 
     /// Removes the place at `i`; those after it move down by one.
     fn remove(&mut self, i: usize) {
+        let more = &mut self.more;
         if i == 0 {
-            self.first = (!self.more.is_empty()).then(|| self.more.remove(0));
-        } else {
-            self.more.remove(i - 1);
+            self.first = more.as_mut().filter(|m| !m.is_empty()).map(|m| m.remove(0));
+        } else if let Some(m) = more.as_mut() {
+            m.remove(i - 1);
+        }
+        if more.as_ref().is_some_and(|m| m.is_empty()) {
+            *more = None;
         }
     }
 }
@@ -198,6 +204,8 @@ struct Table {
     index: HashTable<u32>,
     by_place: HashTable<(u32, u32)>,
     private_keys: HashMap<(u64, u64), u64>,
+    /// ... and the other way.
+    private_ids: HashMap<u64, (u64, u64)>,
     hasher: DefaultHashBuilder,
     root_dev: u64,
     next_private: u64,
@@ -280,7 +288,12 @@ impl Table {
         if key.0 != self.root_dev {
             return None;
         }
-        self.node(key.1).filter(|n| n.key == key).map(|n| n.inode.id)
+        self.node(key.1).filter(|n| self.key(n.inode.id) == key).map(|n| n.inode.id)
+    }
+
+    /// The (dev, ino) of the node `id`.
+    fn key(&self, id: u64) -> (u64, u64) {
+        self.private_ids.get(&id).copied().unwrap_or((self.root_dev, id))
     }
 
     fn index_place(&mut self, s: u32, i: usize) {
@@ -341,6 +354,7 @@ impl Inodes {
             index: HashTable::new(),
             by_place: HashTable::new(),
             private_keys: HashMap::new(),
+            private_ids: HashMap::new(),
             hasher: DefaultHashBuilder::default(),
             root_dev: st.st_dev,
             next_private: PRIVATE_IDS,
@@ -355,12 +369,12 @@ impl Inodes {
                 io: Mutex::new(IoMode::default()),
                 told: Default::default(),
             }),
-            key,
             nlookup: 1,
             children: 0,
             places: Places::default(),
         });
         t.private_keys.insert(key, ROOT);
+        t.private_ids.insert(ROOT, key);
         Ok(Inodes {
             t: Mutex::new(t),
             epoch: std::sync::atomic::AtomicU64::new(0),
@@ -394,7 +408,7 @@ impl Inodes {
             Some(id) if t.node(id).is_some_and(|n| matches!(n.inode.anchor, Anchor::Fd(_))) => Some(id),
             // A handle does not: compare it (it holds the generation) before trusting the number.
             Some(id) => match (t.node(id).map(|n| &n.inode.anchor), sys::fd_to_handle(fd.as_fd())) {
-                (Some(Anchor::Handle(h, _)), Ok(new)) if **h == new => Some(id),
+                (Some(Anchor::Handle(h, _)), Ok(new)) if *h == new => Some(id),
                 _ => None,
             },
             None => None,
@@ -416,7 +430,7 @@ impl Inodes {
                     Anchor::Fd(fd)
                 } else {
                     match sys::fd_to_handle(fd.as_fd()) {
-                        Ok(h) => Anchor::Handle(Box::new(h), self.mount.clone()),
+                        Ok(h) => Anchor::Handle(h, self.mount.clone()),
                         Err(_) => {
                             t.fds += 1;
                             Anchor::Fd(fd)
@@ -431,13 +445,13 @@ impl Inodes {
                         io: Mutex::new(IoMode::default()),
                         told: Default::default(),
                     }),
-                    key,
                     nlookup: 0,
                     children: 0,
                     places: Places::default(),
                 });
                 if !own {
                     t.private_keys.insert(key, id);
+                    t.private_ids.insert(id, key);
                 }
                 id
             }
@@ -556,7 +570,7 @@ impl Inodes {
     pub fn at(&self, parent: u64, name: &[u8]) -> Option<(Arc<Inode>, (u64, u64))> {
         let t = self.t.lock();
         let n = t.node(t.at_place(parent, name)?)?;
-        Some((n.inode.clone(), n.key))
+        Some((n.inode.clone(), t.key(n.inode.id)))
     }
 
     /// Every inode held, and every known directory with the names the kernel was told in it.
@@ -654,8 +668,10 @@ fn prune(t: &mut Table, mut id: u64) {
             }
         }
         let n = t.remove(id).unwrap_or_else(|| unreachable!());
-        if t.private_keys.get(&n.key) == Some(&id) {
-            t.private_keys.remove(&n.key);
+        if let Some(key) = t.private_ids.remove(&id) {
+            if t.private_keys.get(&key) == Some(&id) {
+                t.private_keys.remove(&key);
+            }
         }
         if matches!(n.inode.anchor, Anchor::Fd(_)) {
             t.fds -= 1;
@@ -676,6 +692,16 @@ fn prune(t: &mut Table, mut id: u64) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// At a million inodes every byte here is a megabyte of the daemon's memory: the slab's
+    /// node, and the inode's heap block (its `Arc` counts beside it).
+    #[test]
+    fn a_node_and_its_inode_stay_small() {
+        let (node, inode) = (std::mem::size_of::<Option<Node>>(), std::mem::size_of::<Inode>());
+        eprintln!("node {node} B, inode {inode} B, anchor {} B", std::mem::size_of::<Anchor>());
+        assert!(node <= 64, "a node takes {node} bytes");
+        assert!(inode <= 88, "an inode takes {inode} bytes");
+    }
 
     fn fake(ino: u64) -> (OwnedFd, libc::stat) {
         let f = std::fs::File::open("/").unwrap();
