@@ -398,7 +398,8 @@ pub fn lremovexattr(dir: BorrowedFd<'_>, name: &[u8], attr: &[u8]) -> io::Result
 
 /// Lists the names in the directory `fd` (without `.` and `..`). The fd must be opened for reading.
 pub fn read_dir_names(fd: OwnedFd) -> io::Result<Vec<Vec<u8>>> {
-    Ok(read_dir_entries(fd)?.into_iter().map(|e| e.name).collect())
+    let all = read_dir_at(fd, 0, usize::MAX)?;
+    Ok(all.into_iter().map(|(e, _)| e.name).filter(|n| n != b"." && n != b"..").collect())
 }
 
 /// A read-only memory map of a whole file, unmapped on drop. Used for the rsync basis on the
@@ -583,8 +584,12 @@ pub struct RawDirEntry {
     pub d_type: u8,
 }
 
-/// Every entry of the directory `fd` (opened for reading), `.` and `..` left out.
-pub fn read_dir_entries(fd: OwnedFd) -> io::Result<Vec<RawDirEntry>> {
+/// Up to `max` entries of the directory `fd` (opened for reading) from position `offset` (0:
+/// the start, else a position an earlier call returned), each with the position after it,
+/// `.` and `..` included. Positions are the filesystem's own cookies, which stay valid while
+/// entries come and go, so a listing read in pieces never skips or repeats an entry that was
+/// there throughout.
+pub fn read_dir_at(fd: OwnedFd, offset: u64, max: usize) -> io::Result<Vec<(RawDirEntry, u64)>> {
     use std::os::fd::IntoRawFd;
     let raw = fd.into_raw_fd();
     // SAFETY: `raw` is an open directory fd we own; fdopendir takes it over on success.
@@ -595,8 +600,15 @@ pub fn read_dir_entries(fd: OwnedFd) -> io::Result<Vec<RawDirEntry>> {
         unsafe { libc::close(raw) };
         return Err(e);
     }
+    if offset != 0 {
+        // SAFETY: `dir` is a valid DIR*; the position is one its own readdir returned.
+        unsafe { libc::seekdir(dir, offset as libc::c_long) };
+    }
     let mut out = Vec::new();
     let result = loop {
+        if out.len() >= max {
+            break Ok(());
+        }
         // SAFETY: errno is thread-local; reset so a NULL from readdir can be told apart.
         unsafe { *libc::__errno_location() = 0 };
         // SAFETY: `dir` is a valid DIR* until closedir below.
@@ -610,20 +622,22 @@ pub fn read_dir_entries(fd: OwnedFd) -> io::Result<Vec<RawDirEntry>> {
             };
         }
         // SAFETY: readdir returned a valid dirent whose d_name is NUL-terminated.
-        let (name, ino, d_type) = unsafe {
+        let (name, ino, d_type, next) = unsafe {
             (
                 CStr::from_ptr((*ent).d_name.as_ptr()).to_bytes(),
                 (*ent).d_ino,
                 (*ent).d_type,
+                (*ent).d_off,
             )
         };
-        if name != b"." && name != b".." {
-            out.push(RawDirEntry {
+        out.push((
+            RawDirEntry {
                 name: name.to_vec(),
                 ino,
                 d_type,
-            });
-        }
+            },
+            next as u64,
+        ));
     };
     // SAFETY: `dir` came from fdopendir and is closed exactly once.
     unsafe { libc::closedir(dir) };

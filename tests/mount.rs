@@ -231,6 +231,58 @@ fn unlink_and_rmdir() {
     });
 }
 
+/// A directory too large for one readdir reply is listed in pieces, each from the position the
+/// last one ended at (the filesystem's own cookies, not an index into a listing): while other
+/// names come and go beside them through the mount, which drops the kernel's kept listing each
+/// time, every name that is there throughout is listed exactly once, by plain readdir and by
+/// readdirplus (an `ls -l`-like pass makes the kernel ask for that) alike.
+#[test]
+fn a_large_directory_lists_each_name_once_while_others_come_and_go() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    scenario("a_large_directory_lists_each_name_once_while_others_come_and_go", |m| {
+        let d = m.p("big");
+        fs::create_dir(&d).unwrap();
+        for i in 0..3000 {
+            fs::write(d.join(format!("keep{i:05}")), b"").unwrap();
+        }
+        let stop = std::sync::Arc::new(AtomicBool::new(false));
+        let churn = {
+            let (d, stop) = (d.clone(), stop.clone());
+            std::thread::spawn(move || {
+                let mut j = 0u64;
+                while !stop.load(Ordering::Relaxed) {
+                    fs::write(d.join(format!("tmp{j}")), b"").unwrap();
+                    if j >= 50 {
+                        fs::remove_file(d.join(format!("tmp{}", j - 50))).unwrap();
+                    }
+                    j += 1;
+                }
+                j
+            })
+        };
+        for round in 0..16 {
+            let mut seen = std::collections::HashMap::<String, usize>::new();
+            for e in fs::read_dir(&d).unwrap() {
+                let e = e.unwrap();
+                if round % 2 == 1 {
+                    // Vanished meanwhile is fine; what is listed must be there to stat.
+                    let _ = e.metadata();
+                }
+                let name = e.file_name().into_string().unwrap();
+                if name.starts_with("keep") {
+                    *seen.entry(name).or_default() += 1;
+                }
+            }
+            let twice: Vec<_> = seen.iter().filter(|(_, &n)| n > 1).map(|(k, _)| k).collect();
+            assert!(twice.is_empty(), "round {round}: listed more than once: {twice:?}");
+            assert_eq!(seen.len(), 3000, "round {round}: names missing from the listing");
+        }
+        stop.store(true, Ordering::Relaxed);
+        let made = churn.join().unwrap();
+        assert!(made > 100, "the churn ran ({made} files)");
+    });
+}
+
 #[test]
 fn rename_plain_over_noreplace_exchange() {
     scenario("rename_plain_over_noreplace_exchange", |m| {
@@ -1109,6 +1161,59 @@ fn changes_behind_the_mount_show_through_it_at_once() {
         );
         std::thread::sleep(Duration::from_millis(20));
     }
+    m.finish();
+}
+
+/// Without a watcher the kernel keeps listings too (the mount opens no directory), and checks
+/// a kept one against the directory's mtime once its attributes are a second old: a name made
+/// or removed behind the mount shows in the listing through it within about a second, never
+/// later.
+#[test]
+fn without_a_watcher_a_kept_listing_is_at_most_a_second_behind() {
+    let before = |src: &Path| {
+        fs::create_dir(src.join("d")).unwrap();
+        fs::write(src.join("d/a"), b"a").unwrap();
+    };
+    let opts = Opts {
+        separate: true,
+        before: Some(&before),
+        extra: &["--no-watch"],
+        ..Opts::default()
+    };
+    let Some(m) = Mount::with("without_a_watcher_a_kept_listing_is_at_most_a_second_behind", opts) else {
+        return;
+    };
+    let names = |d: &Path| -> Vec<String> {
+        let mut v: Vec<String> = fs::read_dir(d)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        v.sort();
+        v
+    };
+    let through = m.mnt.join("d");
+    assert_eq!(names(&through), ["a"]);
+    let md = fs::metadata(m.src.join("d")).unwrap();
+    let within = |want: &[&str], what: &str| {
+        let t = Instant::now();
+        while names(&through) != want {
+            assert!(t.elapsed() < Duration::from_millis(1500), "{what}: still {:?}", names(&through));
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    };
+    fs::write(m.src.join("d/b"), b"made behind the mount").unwrap();
+    within(&["a", "b"], "a name made behind the mount");
+    fs::remove_file(m.src.join("d/b")).unwrap();
+    within(&["a"], "a name removed behind the mount");
+    // Nothing forwarded it: the source directory gets its old mtime back for the comparison.
+    let ok = Command::new("touch")
+        .arg("-m")
+        .arg("-d")
+        .arg(format!("@{}.{:09}", md.mtime(), md.mtime_nsec()))
+        .arg(m.src.join("d"))
+        .status()
+        .unwrap();
+    assert!(ok.success());
     m.finish();
 }
 

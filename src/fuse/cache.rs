@@ -6,8 +6,10 @@
 //! (names that do not exist) for a day, as libfuse's passthrough_hp does with `cache=always`.
 //! Without a watcher, or while part of the tree is not watched (the inotify limit), they are
 //! kept one second, which bounds how long a change behind the mount stays unseen. Listings
-//! are kept too while the tree is watched (`keeps_listings`): the kernel drops a listing itself
-//! when a change through the mount touches its directory.
+//! are always kept (the mount opens no directory, see `Ops::opendir`): the kernel drops a
+//! listing itself when a change through the mount touches its directory, and checks it against
+//! the directory's mtime whenever it reads it from the start, so without a watcher a listing,
+//! like an entry, is at most a second behind.
 //!
 //! For each path the watcher reports, the kernel's view (the inode table: which inode the
 //! kernel was told sits at that name, and the change time in the attributes it was last given)
@@ -71,11 +73,6 @@ impl Cache {
         } else {
             UNWATCHED
         }
-    }
-
-    /// The kernel may keep directory listings across opens (they are dropped like entries).
-    pub fn keeps_listings(&self) -> bool {
-        self.watched.load(Ordering::Relaxed)
     }
 
     /// Drops the kernel's attributes and kept listing of the directory `id`. A listing's pages

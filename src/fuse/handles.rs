@@ -1,18 +1,14 @@
 //! Open file and directory handles of the mount. A file handle is a real fd on the source inode,
 //! opened with the caller's flags less those the mount handles itself (`mirror::open_flags`); it
 //! remembers how the kernel serves it (passthrough, cached or direct) so the inode's I/O mode
-//! counts can be given back at release. A directory handle is the open directory and its listing,
-//! read at the first `readdir`: a directory whose listing the kernel keeps (see `fuse::cache`)
-//! is opened and released without being read.
+//! counts can be given back at release. Directories have no handles (see `Ops::opendir`).
 
 use super::inodes::Inode;
-use crate::sys::RawDirEntry;
 use parking_lot::Mutex;
 use std::collections::HashMap;
-use std::io;
 use std::os::fd::OwnedFd;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, OnceLock};
+use std::sync::Arc;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Served {
@@ -43,36 +39,6 @@ pub type Version = (i64, i64, i64, i64, i64);
 
 pub fn version(st: &libc::stat) -> Version {
     (st.st_size, st.st_mtime, st.st_mtime_nsec, st.st_ctime, st.st_ctime_nsec)
-}
-
-pub struct DirHandle {
-    /// Taken by the first `readdir`, which reads the listing from it.
-    fd: Mutex<Option<OwnedFd>>,
-    listing: OnceLock<Vec<RawDirEntry>>,
-}
-
-impl DirHandle {
-    pub fn new(fd: OwnedFd) -> DirHandle {
-        DirHandle {
-            fd: Mutex::new(Some(fd)),
-            listing: OnceLock::new(),
-        }
-    }
-
-    /// The directory's entries, read once, at the first call.
-    pub fn entries(&self) -> io::Result<&[RawDirEntry]> {
-        if let Some(l) = self.listing.get() {
-            return Ok(l);
-        }
-        let mut fd = self.fd.lock();
-        if let Some(l) = self.listing.get() {
-            return Ok(l);
-        }
-        // A listing that failed to be read took the fd with it: the handle stays unreadable.
-        let fd = fd.take().ok_or_else(|| io::Error::from_raw_os_error(libc::EIO))?;
-        let list = crate::sys::read_dir_entries(fd)?;
-        Ok(self.listing.get_or_init(|| list))
-    }
 }
 
 pub struct Handles<T> {

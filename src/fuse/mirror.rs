@@ -10,13 +10,13 @@
 //! have (the group of a set-group-ID directory is inherited).
 
 use super::cache::Cache;
-use super::handles::{DirHandle, FileHandle, Handles, Served};
+use super::handles::{FileHandle, Handles, Served};
 use super::inodes::{Inode, Inodes, ROOT};
 use crate::change::Change;
 use crate::fs::{Kind, SetTime, Time};
 use crate::path::RelPath;
 use crate::source::{Forward, Replicator};
-use crate::sys::{self, TimeSet};
+use crate::sys::{self, RawDirEntry, TimeSet};
 use std::ffi::CString;
 use std::io;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
@@ -56,7 +56,6 @@ pub struct SetAttrs {
 pub struct Mirror {
     pub inodes: Inodes,
     pub files: Handles<FileHandle>,
-    pub dirs: Handles<DirHandle>,
     rep: Arc<Rep>,
     /// Forward owners (only a root target can set them).
     owners: bool,
@@ -143,7 +142,6 @@ impl Mirror {
         Mirror {
             inodes,
             files: Handles::default(),
-            dirs: Handles::default(),
             rep,
             owners,
             passthrough: AtomicBool::new(false),
@@ -253,17 +251,12 @@ impl Mirror {
 
     // ---- Directories ----
 
-    pub fn opendir(&self, id: u64) -> io::Result<u64> {
+    /// Up to `max` entries of the directory `id` from position `offset`, each with the
+    /// position after it (`sys::read_dir_at`). The kernel opens no directory (see
+    /// `Ops::opendir`), so each read opens it afresh; the kernel keeps what it read.
+    pub fn read_dir(&self, id: u64, offset: u64, max: usize) -> io::Result<Vec<(RawDirEntry, u64)>> {
         let fd = sys::reopen(self.inode(id)?.fd()?.as_fd(), libc::O_RDONLY | libc::O_DIRECTORY)?;
-        Ok(self.dirs.insert(DirHandle::new(fd)))
-    }
-
-    pub fn dir(&self, fh: u64) -> io::Result<Arc<DirHandle>> {
-        self.dirs.get(fh).ok_or_else(ebadf)
-    }
-
-    pub fn releasedir(&self, fh: u64) {
-        self.dirs.remove(fh);
+        sys::read_dir_at(fd, offset, max)
     }
 
     // ---- Opening files ----

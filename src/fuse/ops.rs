@@ -28,6 +28,10 @@ pub struct Ops {
     pub want_passthrough: bool,
 }
 
+/// Directory entries read for one `readdir` (more than a reply's buffer holds; the rest are
+/// read again by the next one, from the position after the last that fit).
+const READDIR_ENTRIES: usize = 256;
+
 fn errno(e: io::Error) -> Errno {
     Errno::from_i32(e.raw_os_error().unwrap_or(libc::EIO))
 }
@@ -390,98 +394,65 @@ impl fuser::Filesystem for Ops {
         self.answer(move || empty(reply, r))
     }
 
-    /// While the watcher covers the tree the kernel keeps listings too (`FOPEN_CACHE_DIR`, kept
-    /// across opens): its own changes through the mount reset them, and `cache` drops those
-    /// that change behind it.
-    fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
-        let keep = if self.m.cache.keeps_listings() {
-            FopenFlags::FOPEN_CACHE_DIR | FopenFlags::FOPEN_KEEP_CACHE
-        } else {
-            FopenFlags::empty()
-        };
-        match self.m.opendir(ino.0) {
-            Ok(fh) => reply.opened(FileHandle(fh), keep),
-            Err(e) => reply.error(errno(e)),
-        }
+    /// Directories are never opened: the first `opendir` is answered `ENOSYS`, after which the
+    /// kernel sends none (nor `releasedir`) and keeps every listing it reads, as it does for a
+    /// filesystem without opendir (`FOPEN_CACHE_DIR | FOPEN_KEEP_CACHE`). Its own changes
+    /// through the mount reset a kept listing, `cache` drops those that change behind it, and
+    /// without a watcher the kernel checks a kept listing against the directory's mtime, which
+    /// it asks for again after the one-second attribute time. A `find` then costs one request
+    /// per directory (the kernel asks for its attributes after every listing, for the atime),
+    /// not three.
+    fn opendir(&self, _req: &Request, _ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
+        reply.error(Errno::ENOSYS)
     }
 
-    fn readdir(&self, _req: &Request, ino: INodeNo, fh: FileHandle, offset: u64, mut reply: ReplyDirectory) {
-        let d = match self.m.dir(fh.0) {
-            Ok(d) => d,
-            Err(e) => return reply.error(errno(e)),
-        };
-        let entries = match d.entries() {
+    fn readdir(&self, _req: &Request, ino: INodeNo, _fh: FileHandle, offset: u64, mut reply: ReplyDirectory) {
+        let entries = match self.m.read_dir(ino.0, offset, READDIR_ENTRIES) {
             Ok(l) => l,
             Err(e) => return reply.error(errno(e)),
         };
-        // Offsets: 1 is ".", 2 is "..", 2 + i + 1 is entry i.
-        let mut off = offset;
-        while off < 2 {
-            let (name, id) = if off == 0 { (".", ino.0) } else { ("..", ROOT) };
-            if reply.add(INodeNo(id), off + 1, FileType::Directory, name) {
-                return reply.ok();
-            }
-            off += 1;
-        }
-        for (i, e) in entries.iter().enumerate().skip((off - 2) as usize) {
-            if reply.add(
-                INodeNo(e.ino),
-                2 + i as u64 + 1,
-                d_kind(e.d_type),
-                OsStr::from_bytes(&e.name),
-            ) {
+        for (e, next) in &entries {
+            let id = match e.name.as_slice() {
+                b"." => ino.0,
+                b".." => ROOT,
+                _ => e.ino,
+            };
+            if reply.add(INodeNo(id), *next, d_kind(e.d_type), OsStr::from_bytes(&e.name)) {
                 break;
             }
         }
         reply.ok()
     }
 
-    fn readdirplus(&self, _req: &Request, ino: INodeNo, fh: FileHandle, offset: u64, mut reply: ReplyDirectoryPlus) {
+    fn readdirplus(&self, _req: &Request, ino: INodeNo, _fh: FileHandle, offset: u64, mut reply: ReplyDirectoryPlus) {
         let ttl = self.m.cache.ttl();
-        let d = match self.m.dir(fh.0) {
-            Ok(d) => d,
-            Err(e) => return reply.error(errno(e)),
-        };
-        let entries = match d.entries() {
+        let entries = match self.m.read_dir(ino.0, offset, READDIR_ENTRIES) {
             Ok(l) => l,
             Err(e) => return reply.error(errno(e)),
         };
-        let mut off = offset;
-        while off < 2 {
-            let name = if off == 0 { "." } else { ".." };
-            // The kernel takes no reference on "." and "..": no lookup is counted for them.
-            let st = match self.m.getattr(ino.0) {
-                Ok(st) => st,
-                Err(e) => return reply.error(errno(e)),
-            };
-            if reply.add(INodeNo(ino.0), off + 1, name, &ttl, &attr(ino.0, &st), Generation(0)) {
-                return reply.ok();
+        for (e, next) in &entries {
+            let name = OsStr::from_bytes(&e.name);
+            if e.name == b"." || e.name == b".." {
+                // The kernel takes no reference on "." and "..": no lookup is counted for them.
+                let st = match self.m.getattr(ino.0) {
+                    Ok(st) => st,
+                    Err(e) => return reply.error(errno(e)),
+                };
+                if reply.add(INodeNo(ino.0), *next, name, &ttl, &attr(ino.0, &st), Generation(0)) {
+                    break;
+                }
+                continue;
             }
-            off += 1;
-        }
-        for (i, e) in entries.iter().enumerate().skip((off - 2) as usize) {
-            // An entry that vanished since opendir is left out.
+            // An entry that vanished since the listing was read is left out.
             let Ok((id, st)) = self.m.lookup(ino.0, &e.name) else {
                 continue;
             };
-            if reply.add(
-                INodeNo(id),
-                2 + i as u64 + 1,
-                OsStr::from_bytes(&e.name),
-                &ttl,
-                &attr(id, &st),
-                Generation(0),
-            ) {
+            if reply.add(INodeNo(id), *next, name, &ttl, &attr(id, &st), Generation(0)) {
                 // Did not fit: the kernel never saw it, so the lookup is given back.
                 self.m.forget(id, 1);
                 break;
             }
         }
-        reply.ok()
-    }
-
-    fn releasedir(&self, _req: &Request, _ino: INodeNo, fh: FileHandle, _flags: OpenFlags, reply: ReplyEmpty) {
-        self.m.releasedir(fh.0);
         reply.ok()
     }
 
