@@ -21,6 +21,16 @@ fn sh(cmd: &str) {
     assert!(st.success(), "{cmd}");
 }
 
+/// The names in directory `d`, sorted.
+fn sorted_names(d: &Path) -> Vec<String> {
+    let mut v: Vec<String> = fs::read_dir(d)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    v.sort();
+    v
+}
+
 fn dir_fd(p: &Path) -> File {
     File::open(p).unwrap()
 }
@@ -1135,14 +1145,7 @@ fn changes_behind_the_mount_show_through_it_at_once() {
     // A name the kernel never looked up, only listed in a listing it keeps.
     fs::write(s.join("d/sub/listed"), b"only in a listing").unwrap();
     converge(&m, "changes behind the mount");
-    let names = |d: &Path| -> Vec<String> {
-        let mut v: Vec<String> = fs::read_dir(d)
-            .unwrap()
-            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
-            .collect();
-        v.sort();
-        v
-    };
+    let names = sorted_names;
     let deadline = Instant::now() + Duration::from_millis(400);
     while names(&m.mnt.join("d/sub")) != ["listed"] {
         assert!(Instant::now() < deadline, "the mount still lists d/sub as it was");
@@ -1183,14 +1186,7 @@ fn without_a_watcher_a_kept_listing_is_at_most_a_second_behind() {
     let Some(m) = Mount::with("without_a_watcher_a_kept_listing_is_at_most_a_second_behind", opts) else {
         return;
     };
-    let names = |d: &Path| -> Vec<String> {
-        let mut v: Vec<String> = fs::read_dir(d)
-            .unwrap()
-            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
-            .collect();
-        v.sort();
-        v
-    };
+    let names = sorted_names;
     let through = m.mnt.join("d");
     assert_eq!(names(&through), ["a"]);
     let md = fs::metadata(m.src.join("d")).unwrap();
