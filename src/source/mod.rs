@@ -91,11 +91,8 @@ impl Source {
         self.reconcile_with_progress(rpc, self.opts.progress, Some(hook))
     }
 
-    /// The whole-tree reconcile, streamed: the source is walked on a helper thread and the
-    /// target pages its walk in, both in path order, while the plan is made and applied
-    /// directory by directory. Memory follows the widest directory and the depth, not the
-    /// tree. A walk that stops early never counts as the end of its tree: what was planned
-    /// after it stopped is not applied.
+    /// The whole-tree reconcile, streamed (`stream_plan`): each batch of the plan is applied as
+    /// it comes.
     fn reconcile_with_progress(
         &self,
         rpc: &dyn Rpc,
@@ -107,71 +104,31 @@ impl Source {
         let scan = ScanOptions {
             checksum: self.opts.checksum,
         };
-        let mut walk = reconcile::Walk::tree(self.fs.clone(), self.root.clone(), scan).map_err(SyncError::Scan)?;
-        if let Some(hook) = hook {
-            walk = walk.before_listing(hook);
-        }
         let progress = Progress::new(progress, 0);
         let apply = ApplyOptions {
             owners: rpc.target_info().keeps_owners(),
         };
-        let source_stopped = Cell::new(false);
-        let target_failed = RefCell::new(None);
-        let first_page = rpc.submit(Request::Scan { checksum: scan.checksum, scope: None });
-        rpc.flush();
-        std::thread::scope(|sc| {
-            let (tx, rx) = crossbeam_channel::bounded::<Vec<(reconcile::Entry, bool)>>(SOURCE_BATCHES_AHEAD);
-            let walker = sc.spawn(move || walk_into(walk, tx));
-            let src = SourceStream {
-                rx,
-                batch: Vec::new().into_iter(),
-                ended: false,
-                stopped: &source_stopped,
-            };
-            let dst = TargetStream {
-                rpc,
-                next: Some(first_page),
-                page: Vec::new().into_iter(),
-                failed: &target_failed,
-            };
-            let mut exec = reconcile::Exec::new(self.fs.as_ref(), &self.root, rpc, &apply, &progress);
-            let planned = reconcile::plan_stream(src, dst, &opts, |ops| {
-                if source_stopped.get() {
-                    return Err(SyncError::Scan(FsError::msg(
-                        libc::EIO,
-                        "scan",
-                        &self.root,
-                        "the source walk stopped before its end",
-                    )));
-                }
-                if let Some(e) = target_failed.borrow_mut().take() {
-                    return Err(e);
-                }
-                progress.add_total(
-                    ops.iter()
-                        .filter_map(|o| match o {
-                            Op::Transfer { entry, .. } => Some(entry.meta.size),
-                            _ => None,
-                        })
-                        .sum(),
-                );
-                exec.run(&ops)?;
-                Ok(())
-            });
-            let problems = walker.join();
-            let not_mirrored = planned?;
-            let problems = problems.map_err(|_| {
-                SyncError::Scan(FsError::msg(libc::EIO, "scan", &self.root, "the source walk panicked"))
-            })?;
-            let mut report = exec.finish()?;
-            progress.finish();
-            report.not_mirrored = not_mirrored;
-            report
-                .problems
-                .extend(problems.iter().map(|p| format!("source scan: {p}")));
-            log::debug!("reconcile: {} operations in {:?}", report.ops, t0.elapsed());
-            Ok(report)
-        })
+        let mut exec = reconcile::Exec::new(self.fs.as_ref(), &self.root, rpc, &apply, &progress);
+        let (not_mirrored, problems) = stream_plan(&self.fs, &self.root, rpc, &opts, scan, hook, |ops| {
+            progress.add_total(
+                ops.iter()
+                    .filter_map(|o| match o {
+                        Op::Transfer { entry, .. } => Some(entry.meta.size),
+                        _ => None,
+                    })
+                    .sum(),
+            );
+            exec.run(&ops)?;
+            Ok(())
+        })?;
+        let mut report = exec.finish()?;
+        progress.finish();
+        report.not_mirrored = not_mirrored;
+        report
+            .problems
+            .extend(problems.iter().map(|p| format!("source scan: {p}")));
+        log::debug!("reconcile: {} operations in {:?}", report.ops, t0.elapsed());
+        Ok(report)
     }
 
     /// Makes the target equal to the source within `scope` only (what a watcher saw change, or
@@ -351,17 +308,100 @@ pub fn verify_only(
     root: RelPath,
     rpc: &dyn Rpc,
 ) -> Result<(Vec<String>, reconcile::NotMirrored), SyncError> {
-    let (src, dst) = scan_both(fs.as_ref(), &root, rpc, true, None)?;
     let opts = PlanOptions {
         checksum: true,
         owners: rpc.target_info().keeps_owners(),
         allow_mass_delete: true,
         root_unlisted: false,
     };
-    let plan = reconcile::plan(&src, &dst, &opts)?;
-    let mut out: Vec<String> = plan.ops.iter().map(|op| reconcile::describe(op, &src, &dst)).collect();
-    out.extend(src.problems.iter().map(|p| format!("could not read source: {p}")));
-    Ok((out, plan.not_mirrored))
+    let mut ops = Vec::new();
+    let scan = ScanOptions { checksum: true };
+    let (not_mirrored, problems) = stream_plan(&fs, &root, rpc, &opts, scan, None, |batch| {
+        ops.extend(batch);
+        Ok(())
+    })?;
+    // Only the differences are held, and described from both sides' entries at their paths.
+    let scope = Scope::of(ops.iter().map(|op| (op.path().clone(), Depth::Entry)));
+    let (src, dst) = if ops.is_empty() {
+        (Snapshot::default(), Snapshot::default())
+    } else {
+        scan_both(fs.as_ref(), &root, rpc, false, Some(&scope))?
+    };
+    let mut out: Vec<String> = ops.iter().map(|op| reconcile::describe(op, &src, &dst)).collect();
+    out.extend(problems.iter().map(|p| format!("could not read source: {p}")));
+    Ok((out, not_mirrored))
+}
+
+/// The plan of the whole tree, streamed: the source is walked on a helper thread and the target
+/// pages its walk in, both in path order, and `sink` gets each batch of operations as the merge
+/// makes it. Memory follows the widest directory and the depth, not the tree. A walk that stops
+/// early never counts as the end of its tree: nothing planned after it reaches `sink`, and the
+/// whole fails. Returns what the plan leaves out and the source walk's problems.
+fn stream_plan(
+    fs: &Arc<dyn FileSystem>,
+    root: &RelPath,
+    rpc: &dyn Rpc,
+    opts: &PlanOptions,
+    scan: ScanOptions,
+    hook: Option<reconcile::ListingHook>,
+    mut sink: impl FnMut(Vec<Op>) -> Result<(), SyncError>,
+) -> Result<(reconcile::NotMirrored, Vec<FsError>), SyncError> {
+    let mut walk = reconcile::Walk::tree(fs.clone(), root.clone(), scan).map_err(SyncError::Scan)?;
+    if let Some(hook) = hook {
+        walk = walk.before_listing(hook);
+    }
+    let source_stopped = Cell::new(false);
+    let target_failed = RefCell::new(None);
+    let stopped = || {
+        SyncError::Scan(FsError::msg(
+            libc::EIO,
+            "scan",
+            root,
+            "the source walk stopped before its end",
+        ))
+    };
+    let first_page = rpc.submit(Request::Scan {
+        checksum: scan.checksum,
+        scope: None,
+    });
+    rpc.flush();
+    std::thread::scope(|sc| {
+        let (tx, rx) = crossbeam_channel::bounded::<Vec<(reconcile::Entry, bool)>>(SOURCE_BATCHES_AHEAD);
+        let walker = sc.spawn(move || walk_into(walk, tx));
+        let src = SourceStream {
+            rx,
+            batch: Vec::new().into_iter(),
+            ended: false,
+            stopped: &source_stopped,
+        };
+        let dst = TargetStream {
+            rpc,
+            next: Some(first_page),
+            page: Vec::new().into_iter(),
+            failed: &target_failed,
+        };
+        let planned = reconcile::plan_stream(src, dst, opts, |ops| {
+            if source_stopped.get() {
+                return Err(stopped());
+            }
+            if let Some(e) = target_failed.borrow_mut().take() {
+                return Err(e);
+            }
+            sink(ops)
+        });
+        let problems = walker.join();
+        let not_mirrored = planned?;
+        let problems = problems
+            .map_err(|_| SyncError::Scan(FsError::msg(libc::EIO, "scan", root, "the source walk panicked")))?;
+        // A walk that ended early after the last batch was handed on.
+        if source_stopped.get() {
+            return Err(stopped());
+        }
+        if let Some(e) = target_failed.borrow_mut().take() {
+            return Err(e);
+        }
+        Ok((not_mirrored, problems))
+    })
 }
 
 /// Source entries are handed from the walking thread in batches of this many...
