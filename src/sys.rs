@@ -399,7 +399,11 @@ pub fn lremovexattr(dir: BorrowedFd<'_>, name: &[u8], attr: &[u8]) -> io::Result
 /// Lists the names in the directory `fd` (without `.` and `..`). The fd must be opened for reading.
 pub fn read_dir_names(fd: OwnedFd) -> io::Result<Vec<Vec<u8>>> {
     let all = read_dir_at(fd, 0, usize::MAX)?;
-    Ok(all.into_iter().map(|(e, _)| e.name).filter(|n| n != b"." && n != b"..").collect())
+    Ok(all
+        .into_iter()
+        .map(|(e, _)| e.name)
+        .filter(|n| n != b"." && n != b"..")
+        .collect())
 }
 
 /// A read-only memory map of a whole file, unmapped on drop. Used for the rsync basis on the

@@ -1193,7 +1193,11 @@ fn without_a_watcher_a_kept_listing_is_at_most_a_second_behind() {
     let within = |want: &[&str], what: &str| {
         let t = Instant::now();
         while names(&through) != want {
-            assert!(t.elapsed() < Duration::from_millis(1500), "{what}: still {:?}", names(&through));
+            assert!(
+                t.elapsed() < Duration::from_millis(1500),
+                "{what}: still {:?}",
+                names(&through)
+            );
             std::thread::sleep(Duration::from_millis(20));
         }
     };

@@ -267,7 +267,10 @@ fn one_timeout_gives_the_connection_up_for_every_request_on_it() {
     let r = first.wait();
     let waited = t.elapsed();
     assert!(matches!(r, Err(RpcError::Timeout(_))), "{r:?}");
-    assert!(waited >= limit && waited < limit * 3, "the first request waited {waited:?}");
+    assert!(
+        waited >= limit && waited < limit * 3,
+        "the first request waited {waited:?}"
+    );
     let t = Instant::now();
     let r = second.wait();
     assert!(r.is_err(), "{r:?}");

@@ -290,7 +290,9 @@ impl Table {
         if key.0 != self.root_dev {
             return None;
         }
-        self.node(key.1).filter(|n| self.key(n.inode.id) == key).map(|n| n.inode.id)
+        self.node(key.1)
+            .filter(|n| self.key(n.inode.id) == key)
+            .map(|n| n.inode.id)
     }
 
     /// The (dev, ino) of the node `id`.
@@ -700,7 +702,10 @@ mod tests {
     #[test]
     fn a_node_and_its_inode_stay_small() {
         let (node, inode) = (std::mem::size_of::<Option<Node>>(), std::mem::size_of::<Inode>());
-        eprintln!("node {node} B, inode {inode} B, anchor {} B", std::mem::size_of::<Anchor>());
+        eprintln!(
+            "node {node} B, inode {inode} B, anchor {} B",
+            std::mem::size_of::<Anchor>()
+        );
         assert!(node <= 64, "a node takes {node} bytes");
         assert!(inode <= 88, "an inode takes {inode} bytes");
     }

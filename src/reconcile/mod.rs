@@ -13,5 +13,5 @@ pub mod scope;
 
 pub use apply::{execute, ApplyOptions, Exec, Report};
 pub use plan::{describe, plan, plan_stream, NotMirrored, Op, Plan, PlanError, PlanOptions};
-pub use scan::{scan, scan_scope, Entries, Entry, ScanOptions, ListingHook, Snapshot, Walk};
+pub use scan::{scan, scan_scope, Entries, Entry, ListingHook, ScanOptions, Snapshot, Walk};
 pub use scope::{Depth, Scope};

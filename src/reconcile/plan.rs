@@ -33,12 +33,18 @@ pub enum Op {
     /// Make a directory (private until its metadata is given when the walk leaves it).
     Mkdir(RelPath),
     /// Send content; `basis` says the target has a regular file there to delta against.
-    Transfer { entry: Entry, basis: bool },
+    Transfer {
+        entry: Entry,
+        basis: bool,
+    },
     /// Same size, other mtime (a `touch`): compare content hashes, send content only if they
     /// differ, otherwise only metadata.
     Check(Entry),
     /// Make `path` a hard link of `leader`, which is already in place.
-    Link { path: RelPath, leader: RelPath },
+    Link {
+        path: RelPath,
+        leader: RelPath,
+    },
     Symlink(Entry),
     /// fifo, socket or device node.
     Mknod(Entry),
@@ -147,7 +153,9 @@ const BATCH: usize = 1024;
 pub fn plan(src: &Snapshot, dst: &Snapshot, opts: &PlanOptions) -> Result<Plan, PlanError> {
     let mut ops = Vec::new();
     let not_mirrored = plan_stream(
-        src.entries.values().map(|e| (e.clone(), src.incomplete.contains(&e.path))),
+        src.entries
+            .values()
+            .map(|e| (e.clone(), src.incomplete.contains(&e.path))),
         dst.entries.values().cloned(),
         opts,
         |batch| {
@@ -444,9 +452,10 @@ impl Planner {
         for (s, t) in linked {
             let group = is_linked(&s).then(|| self.src_groups[&inode(&s)].clone());
             if let Some(leader) = group.as_ref().map(|g| &g[0]).filter(|l| **l != s.path) {
-                let in_place = t.as_ref().zip(target_inode.get(leader)).is_some_and(|(te, tl)| {
-                    inode(te) == *tl && !rewritten.contains(leader)
-                });
+                let in_place = t
+                    .as_ref()
+                    .zip(target_inode.get(leader))
+                    .is_some_and(|(te, tl)| inode(te) == *tl && !rewritten.contains(leader));
                 if !in_place {
                     self.push(Op::Link {
                         path: s.path,
@@ -777,7 +786,14 @@ mod tests {
             (
                 "a target-only tree goes from its top, whatever lies beneath",
                 &["d:a"],
-                &["d:a", "d:a/old", "d:a/old/deep", "f:a/old/deep/f:1:1", "h:a/old/l:3", "h:a/m:3"],
+                &[
+                    "d:a",
+                    "d:a/old",
+                    "d:a/old/deep",
+                    "f:a/old/deep/f:1:1",
+                    "h:a/old/l:3",
+                    "h:a/m:3",
+                ],
                 &["rm a/m", "rm a/old", "attrs a"],
             ),
             (
@@ -829,7 +845,10 @@ mod tests {
         // Every entry made, each directory given its attrs, and the root's.
         assert_eq!(ops, total + 100 + 1);
         let first = first_batch_at.unwrap();
-        assert!(first <= 2 * BATCH, "the first batch came after {first} of {total} entries");
+        assert!(
+            first <= 2 * BATCH,
+            "the first batch came after {first} of {total} entries"
+        );
     }
 
     #[test]

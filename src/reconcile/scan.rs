@@ -168,7 +168,12 @@ pub fn scan(fs: &(dyn FileSystem + 'static), root: &RelPath, opts: ScanOptions) 
 /// path does not exist (or has a non-directory on the way) contributes nothing: absent on this
 /// side. A region that cannot be read for another reason marks its parent incomplete, so the
 /// planner deletes nothing on its strength.
-pub fn scan_scope(fs: &(dyn FileSystem + 'static), root: &RelPath, scope: &Scope, opts: ScanOptions) -> Result<Snapshot, FsError> {
+pub fn scan_scope(
+    fs: &(dyn FileSystem + 'static),
+    root: &RelPath,
+    scope: &Scope,
+    opts: ScanOptions,
+) -> Result<Snapshot, FsError> {
     check_root(fs, root)?;
     let mut snap = Snapshot::default();
     // Collected first and sorted once at the end: cheaper than keeping a map in order.

@@ -391,8 +391,8 @@ fn stream_plan(
         });
         let problems = walker.join();
         let not_mirrored = planned?;
-        let problems = problems
-            .map_err(|_| SyncError::Scan(FsError::msg(libc::EIO, "scan", root, "the source walk panicked")))?;
+        let problems =
+            problems.map_err(|_| SyncError::Scan(FsError::msg(libc::EIO, "scan", root, "the source walk panicked")))?;
         // A walk that ended early after the last batch was handed on.
         if source_stopped.get() {
             return Err(stopped());
