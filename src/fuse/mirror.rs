@@ -53,6 +53,16 @@ pub struct SetAttrs {
     pub kill_set_id: bool,
 }
 
+/// What `Mirror::open` made: the handle, the backing file when the kernel serves it by
+/// passthrough, and whether a close of it must reach the daemon before it returns. Only a
+/// passthrough writer's does (`push`): every other write was forwarded when it was made, so
+/// the kernel is told to skip the flush (`FOPEN_NOFLUSH`), one round trip less per close.
+pub struct Opened {
+    pub fh: u64,
+    pub backing: Option<Arc<fuser::BackingId>>,
+    pub flush: bool,
+}
+
 pub struct Mirror {
     pub inodes: Inodes,
     pub files: Handles<FileHandle>,
@@ -263,13 +273,14 @@ impl Mirror {
 
     /// Opens inode `id` with the caller's `flags`. `backing` registers an fd for kernel
     /// passthrough; it is asked only for read-only opens of inodes with no cached open. The
-    /// backing id comes back when the kernel is to serve the open by passthrough.
+    /// backing id comes back when the kernel is to serve the open by passthrough, and
+    /// `Opened::flush` says whether its close has anything to do (`push`).
     pub fn open(
         &self,
         id: u64,
         flags: i32,
         backing: impl FnOnce(&OwnedFd) -> io::Result<fuser::BackingId>,
-    ) -> io::Result<(u64, Option<Arc<fuser::BackingId>>)> {
+    ) -> io::Result<Opened> {
         let inode = self.inode(id)?;
         let fd = sys::reopen(inode.fd()?.as_fd(), open_flags(flags))?;
         let writable = flags & libc::O_ACCMODE != libc::O_RDONLY;
@@ -324,7 +335,11 @@ impl Mirror {
             backing: held.clone(),
             pushed: parking_lot::Mutex::new(None),
         });
-        Ok((fh, held))
+        Ok(Opened {
+            fh,
+            backing: held,
+            flush: push_at_close,
+        })
     }
 
     /// Sends the whole file behind a passthrough writer to the target (see `push_at_close`),

@@ -325,8 +325,17 @@ impl fuser::Filesystem for Ops {
         // O_TRUNC makes an open a mutation.
         let r = self.m.open(ino.0, flags.0, |fd| reply.open_backing(fd));
         self.answer(move || match r {
-            Ok((fh, Some(b))) => reply.opened_passthrough(FileHandle(fh), FopenFlags::empty(), &b),
-            Ok((fh, None)) => reply.opened(FileHandle(fh), FopenFlags::empty()),
+            Ok(o) => {
+                let flags = if o.flush {
+                    FopenFlags::empty()
+                } else {
+                    FopenFlags::FOPEN_NOFLUSH
+                };
+                match o.backing {
+                    Some(b) => reply.opened_passthrough(FileHandle(o.fh), flags, &b),
+                    None => reply.opened(FileHandle(o.fh), flags),
+                }
+            }
             Err(e) => reply.error(errno(e)),
         })
     }
@@ -522,7 +531,14 @@ impl fuser::Filesystem for Ops {
         let ttl = self.m.cache.ttl();
         let r = self.m.create(parent.0, name.as_bytes(), mode, flags, caller(req));
         self.answer(move || match r {
-            Ok((id, st, fh)) => reply.created(&ttl, &attr(id, &st), Generation(0), FileHandle(fh), FopenFlags::empty()),
+            // A new file has no passthrough opens, so its close has nothing to push (`Opened`).
+            Ok((id, st, fh)) => reply.created(
+                &ttl,
+                &attr(id, &st),
+                Generation(0),
+                FileHandle(fh),
+                FopenFlags::FOPEN_NOFLUSH,
+            ),
             Err(e) => reply.error(errno(e)),
         })
     }
