@@ -246,9 +246,10 @@ fn mount(a: MountArgs) -> Result<ExitCode, String> {
     match watcher {
         Some(Ok(t)) => match t.join() {
             Ok(st) => log::info!(
-                "watcher: {} events, {} partial reconciles, {} full rescans, {} files sent",
+                "watcher: {} events, {} partial reconciles ({} listings), {} full rescans, {} files sent",
                 st.events,
                 st.reconciles,
+                st.listings,
                 st.rescans,
                 st.files_sent
             ),
@@ -554,10 +555,11 @@ fn watch(a: WatchArgs) -> Result<ExitCode, String> {
     log::info!("watching {}", src.display());
     let stats = w.run(rep.as_ref(), &mirrorfs::watch::NoObserver, &wopts, &stop);
     log::info!(
-        "stopped watching {}: {} events, {} partial reconciles, {} full rescans, {} renames forwarded",
+        "stopped watching {}: {} events, {} partial reconciles ({} listings), {} full rescans, {} renames forwarded",
         src.display(),
         stats.events,
         stats.reconciles,
+        stats.listings,
         stats.rescans,
         stats.renames
     );

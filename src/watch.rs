@@ -86,6 +86,8 @@ pub struct WatchStats {
     pub events: u64,
     /// Partial reconciles.
     pub reconciles: u64,
+    /// Directory listings those covered (a region of its children or its whole tree).
+    pub listings: u64,
     /// Whole-tree reconciles (overflow, watch errors).
     pub rescans: u64,
     pub renames: u64,
@@ -302,7 +304,7 @@ impl Watch {
         loop {
             let periodic = !self.uncovered.is_empty();
             let tick = periodic.then_some(last_tick + every);
-            let batch = match self.next_batch(opts, stop, tick, &|p| mirror.is_busy(p)) {
+            let batch = match self.next_batch(opts, stop, tick, &|p| mirror.is_busy(p), &|p| mirror.is_echo(p)) {
                 None => return stats,
                 Some(b) => b,
             };
@@ -351,6 +353,7 @@ impl Watch {
                 mirror.reconcile_all()
             } else {
                 stats.reconciles += 1;
+                stats.listings += scope.regions().filter(|(_, d)| *d != Depth::Entry).count() as u64;
                 mirror.reconcile_scope(scope.clone())
             };
             if ticked {
@@ -412,6 +415,7 @@ impl Watch {
         stop: &AtomicBool,
         tick: Option<Instant>,
         busy: &dyn Fn(&RelPath) -> bool,
+        echo: &dyn Fn(&RelPath) -> bool,
     ) -> Option<Batch> {
         let poll = Duration::from_millis(100);
         let mut batch = Batch::default();
@@ -452,7 +456,7 @@ impl Watch {
                 Err(()) => break,
             }
         }
-        batch.finish(opts, busy);
+        batch.finish(opts, busy, echo);
         Some(batch)
     }
 }
@@ -554,12 +558,29 @@ impl Batch {
     }
 
     /// Turns the entries seen into regions: one each, or the directory's listing when many.
-    /// Entries the caller is itself forwarding are left out.
-    fn finish(&mut self, opts: &WatchOptions, busy: &dyn Fn(&RelPath) -> bool) {
+    /// Entries the caller is itself forwarding are left out, and so are the echoes of its own
+    /// removals (`Reconciler::is_echo`), which the observer is not told of either: the mount
+    /// made them, so the kernel already knows. Their directory is still looked at itself (its
+    /// own entry, not its listing): a name made and removed again behind the mount leaves it
+    /// as it was but for its mtime.
+    fn finish(&mut self, opts: &WatchOptions, busy: &dyn Fn(&RelPath) -> bool, echo: &dyn Fn(&RelPath) -> bool) {
+        let mut echoes = std::collections::HashSet::new();
         for (parent, mut paths) in std::mem::take(&mut self.entries) {
             paths.sort_unstable();
             paths.dedup();
-            paths.retain(|p| !busy(p));
+            let mut echoed = false;
+            paths.retain(|p| {
+                if echo(p) {
+                    echoes.insert(p.clone());
+                    echoed = true;
+                    return false;
+                }
+                !busy(p)
+            });
+            if echoed {
+                self.scope.add(parent.clone(), Depth::Entry);
+                self.touched.push(parent.clone());
+            }
             if paths.is_empty() {
                 continue;
             }
@@ -570,6 +591,9 @@ impl Batch {
                     self.scope.add(p, Depth::Entry);
                 }
             }
+        }
+        if !echoes.is_empty() {
+            self.touched.retain(|p| !echoes.contains(p));
         }
     }
 }
@@ -592,10 +616,11 @@ mod tests {
             roll_up: 3,
             ..WatchOptions::default()
         };
-        // (entries seen, busy paths, expected regions)
-        let table: Vec<(Vec<&str>, Vec<&str>, Vec<(&str, Depth)>)> = vec![
+        // (entries seen, busy paths, echoes, expected regions)
+        let table: Vec<(Vec<&str>, Vec<&str>, Vec<&str>, Vec<(&str, Depth)>)> = vec![
             (
                 vec!["d/a", "d/b"],
+                vec![],
                 vec![],
                 vec![
                     ("", Depth::Entry),
@@ -608,31 +633,56 @@ mod tests {
             (
                 vec!["d/a", "d/a", "d/a", "d/a"],
                 vec![],
+                vec![],
                 vec![("", Depth::Entry), ("d", Depth::Entry), ("d/a", Depth::Entry)],
             ),
             (
                 vec!["d/a", "d/b", "d/c", "d/e", "x"],
+                vec![],
                 vec![],
                 vec![("", Depth::Entry), ("d", Depth::Children), ("x", Depth::Entry)],
             ),
             (
                 vec!["d/a", "d/b"],
                 vec!["d/a"],
+                vec![],
                 vec![("", Depth::Entry), ("d", Depth::Entry), ("d/b", Depth::Entry)],
             ),
-            (vec!["d/a"], vec!["d/a"], vec![]),
+            (vec!["d/a"], vec!["d/a"], vec![], vec![]),
+            // The echoes of the caller's own removals make no region, nor a roll-up: four
+            // removals in d, three of them echoes, leave one entry.
+            (
+                vec!["d/a", "d/b", "d/c", "d/e"],
+                vec![],
+                vec!["d/a", "d/b", "d/c"],
+                vec![("", Depth::Entry), ("d", Depth::Entry), ("d/e", Depth::Entry)],
+            ),
+            // Their directory itself is looked at, not its listing.
+            (
+                vec!["d/a", "d/b"],
+                vec![],
+                vec!["d/a", "d/b"],
+                vec![("", Depth::Entry), ("d", Depth::Entry)],
+            ),
         ];
-        for (seen, busy, want) in table {
+        for (seen, busy, echoes, want) in table {
             let mut b = Batch::default();
             for s in &seen {
                 let s = p(s);
-                b.entries.entry(s.parent().unwrap()).or_default().push(s);
+                b.entries.entry(s.parent().unwrap()).or_default().push(s.clone());
+                b.touched.push(s);
             }
             let busy: Vec<RelPath> = busy.iter().map(|s| p(s)).collect();
-            b.finish(&opts, &|x| busy.contains(x));
+            let echoes: Vec<RelPath> = echoes.iter().map(|s| p(s)).collect();
+            b.finish(&opts, &|x| busy.contains(x), &|x| echoes.contains(x));
             let got: Vec<(RelPath, Depth)> = b.scope.regions().map(|(x, d)| (x.clone(), d)).collect();
             let want: Vec<(RelPath, Depth)> = want.iter().map(|(x, d)| (p(x), *d)).collect();
             assert_eq!(got, want, "seen {seen:?}");
+            let mut told: Vec<RelPath> = seen.iter().map(|s| p(s)).filter(|x| !echoes.contains(x)).collect();
+            if !echoes.is_empty() {
+                told.push(p("d"));
+            }
+            assert_eq!(b.touched, told, "the observer is told of all but the echoes: {seen:?}");
         }
     }
 }

@@ -963,6 +963,101 @@ fn a_mountpoint_inside_the_source_is_refused() {
     assert!(!mounted(&tmp.path().join("src/inner")));
 }
 
+/// The watcher sees the mount's own removals too. Those are echoes: it reconciles none of
+/// them, however many (before, `rm -rf` of a tree made it rescan each directory's listing,
+/// holding the mount's operations back meanwhile).
+#[test]
+fn the_mounts_own_removals_make_the_watcher_reconcile_nothing() {
+    let before = |src: &Path| {
+        for d in 0..4 {
+            fs::create_dir_all(src.join(format!("tree/d{d}/sub"))).unwrap();
+            for f in 0..150 {
+                fs::write(src.join(format!("tree/d{d}/f{f}")), b"x").unwrap();
+            }
+            fs::write(src.join(format!("tree/d{d}/sub/deep")), b"y").unwrap();
+        }
+    };
+    let opts = Opts {
+        before: Some(&before),
+        ..Opts::default()
+    };
+    let Some(mut m) = Mount::with("the_mounts_own_removals_make_the_watcher_reconcile_nothing", opts) else {
+        return;
+    };
+    fs::remove_dir_all(m.p("tree")).unwrap();
+    fs::write(m.p("after"), b"made after the removals").unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    let st = m.unmount();
+    let log = m.log_text();
+    assert!(st.success(), "daemon exited {st}:\n{log}");
+    let line = log
+        .lines()
+        .find(|l| l.contains("watcher:"))
+        .unwrap_or_else(|| panic!("no watcher line:\n{log}"));
+    // The directories the removals were in are looked at themselves, never their listings.
+    assert!(
+        line.contains(" 0 full rescans") && field_before(line, " listings") == 0,
+        "the watcher rescanned listings for the mount's own removals: {line}"
+    );
+    assert_same_tree(&m.src, &m.dst);
+}
+
+/// The number just before `what` in a log line.
+fn field_before(line: &str, what: &str) -> u64 {
+    let head = &line[..line.find(what).unwrap_or_else(|| panic!("no {what:?} in {line}"))];
+    head.rsplit(|c: char| !c.is_ascii_digit())
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap()
+}
+
+/// A name the mount removed is an echo to the watcher only while nothing else has been made of
+/// it: made again behind the mount (a file, then a directory with a file in it), it reaches the
+/// target, and removed again behind the mount, it leaves the target too.
+#[test]
+fn a_name_the_mount_removed_then_made_and_removed_behind_it_leaves_the_target() {
+    let opts = Opts {
+        separate: true,
+        ..Opts::default()
+    };
+    let Some(m) = Mount::with(
+        "a_name_the_mount_removed_then_made_and_removed_behind_it_leaves_the_target",
+        opts,
+    ) else {
+        return;
+    };
+    fs::write(m.p("x"), b"through the mount").unwrap();
+    fs::create_dir_all(m.p("d/e")).unwrap();
+    fs::remove_file(m.p("x")).unwrap();
+    fs::remove_dir_all(m.p("d")).unwrap();
+    converge(&m, "removals through the mount");
+    fs::write(m.src.join("x"), b"behind the mount").unwrap();
+    fs::create_dir_all(m.src.join("d/e")).unwrap();
+    fs::write(m.src.join("d/e/f"), b"behind, deeper").unwrap();
+    converge(&m, "names made again behind the mount");
+    assert_eq!(fs::read(m.dst.join("d/e/f")).unwrap(), b"behind, deeper");
+    fs::remove_file(m.src.join("x")).unwrap();
+    fs::remove_dir_all(m.src.join("d")).unwrap();
+    converge(&m, "names removed again behind the mount");
+    assert!(
+        fs::symlink_metadata(m.dst.join("x")).is_err(),
+        "x is still on the target"
+    );
+    assert!(
+        fs::symlink_metadata(m.dst.join("d")).is_err(),
+        "d is still on the target"
+    );
+    // Made and removed behind the mount in one breath: the target never needs it.
+    fs::write(m.p("y"), b"through").unwrap();
+    fs::remove_file(m.p("y")).unwrap();
+    fs::write(m.src.join("y"), b"behind").unwrap();
+    fs::remove_file(m.src.join("y")).unwrap();
+    std::thread::sleep(Duration::from_millis(200));
+    converge(&m, "a name made and removed at once");
+    m.finish();
+}
+
 /// A process whose working directory is the source from before the mount writes beneath the
 /// mount's back; the watcher on the backing directory carries it to the target.
 #[test]

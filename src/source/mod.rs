@@ -55,6 +55,11 @@ pub trait Reconciler {
     fn is_busy(&self, _p: &RelPath) -> bool {
         false
     }
+    /// Paths whose events are the echo of the caller's own forwarded removal (the mount's
+    /// `rm`): still absent, and last removed on the target by the caller. They are skipped.
+    fn is_echo(&self, _p: &RelPath) -> bool {
+        false
+    }
 }
 
 /// The source side of a mirror, without a target: the tree (`fs` and `root` within it) and the

@@ -28,7 +28,7 @@ use crate::protocol::Request;
 use crate::reconcile::{Depth, Report, Scope};
 use crate::rpc::{Pending, Rpc};
 use parking_lot::Mutex;
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -38,6 +38,10 @@ thread_local! {
     /// `hold`, taken by `answer`.
     static HOLD: std::cell::Cell<u64> = const { std::cell::Cell::new(0) };
 }
+
+/// The most removals `Echoes` remembers; past it, it forgets them all (the watcher then
+/// reconciles what it sees, as it would without them).
+const ECHOES_MAX: usize = 1 << 16;
 
 /// Above this many regions, a catch-up round runs without the order lock first.
 const LOCKED_CATCH_UP: usize = 256;
@@ -92,6 +96,13 @@ pub struct Replicator {
     /// writers beside passthrough readers), with their count of such opens: the watcher
     /// leaves them alone.
     deferred: Mutex<HashMap<(u64, u64), usize>>,
+    /// Names this mount removed (unlink, rmdir) and forwarded as removed: the watcher sees the
+    /// removal too, and skips a name that is still absent (`is_echo`). A name is forgotten
+    /// when the mount makes anything else of it, and all are forgotten when a rename or a
+    /// reconcile (the watcher's, a catch-up) may have put something on the target that no
+    /// removal of the mount's accounts for. So a skipped name is absent on the source, and the
+    /// last thing that touched it on the target was the mount's removal.
+    echoes: Mutex<HashSet<RelPath>>,
 }
 
 impl Replicator {
@@ -104,6 +115,7 @@ impl Replicator {
             catching: Mutex::new(()),
             stop: AtomicBool::new(false),
             deferred: Mutex::new(HashMap::new()),
+            echoes: Mutex::new(HashSet::new()),
         }
     }
 
@@ -172,6 +184,7 @@ impl Replicator {
         if fwd.changes.is_empty() {
             return Ok(value);
         }
+        self.note_echoes(&fwd.changes);
         let Some(session) = session else {
             let n = self.link.mark(&fwd.changes);
             drop(guard);
@@ -182,6 +195,34 @@ impl Replicator {
         drop(guard);
         self.settle(q);
         Ok(value)
+    }
+
+    /// Keeps `echoes` true of the changes just made by the mount (the caller holds the order
+    /// lock): removals are remembered, anything else done to a name forgets it, and a rename
+    /// (which may bring a whole tree under other names) forgets them all.
+    fn note_echoes(&self, changes: &[Change]) {
+        let mut e = self.echoes.lock();
+        for c in changes {
+            match c {
+                Change::Unlink { path } | Change::Rmdir { path } => {
+                    if e.len() >= ECHOES_MAX {
+                        e.clear();
+                    }
+                    e.insert(path.clone());
+                }
+                Change::Rename { .. } => e.clear(),
+                c if !e.is_empty() => {
+                    for p in c.paths() {
+                        e.remove(p);
+                    }
+                }
+                _ => {}
+            }
+        }
+    }
+
+    fn forget_echoes(&self) {
+        self.echoes.lock().clear();
     }
 
     /// Under `Policy::Block`, the calling thread's operation is not done until a catch-up has
@@ -329,6 +370,7 @@ impl Replicator {
     /// One reconcile of `scope` through session `s`; a loss ends the session, per-path
     /// problems leave the scope to be tried again.
     fn reconcile_on(&self, s: &Arc<Session>, scope: Scope) -> Result<(), String> {
+        self.forget_echoes();
         let rpc = s.rpc.as_ref();
         let t = Instant::now();
         let whole = scope.is_full();
@@ -499,6 +541,7 @@ impl Replicator {
     /// connected, the scope joins the changed paths instead, for the catch-up.
     fn reconcile_with(&self, scope: Scope) -> Result<Report, SyncError> {
         let _g = self.order.lock();
+        self.forget_echoes();
         let Some(s) = self.link.forwarding() else {
             self.link.mark_scope(scope);
             return Ok(Report::default());
@@ -528,6 +571,7 @@ impl Reconciler for Replicator {
 
     fn rename(&self, from: &RelPath, to: &RelPath) -> bool {
         let _g = self.order.lock();
+        self.forget_echoes();
         match self.link.forwarding() {
             Some(s) => super::forward_rename(s.rpc.as_ref(), from, to),
             None => false,
@@ -540,5 +584,12 @@ impl Reconciler for Replicator {
             return false;
         }
         self.source.stat(p).is_ok_and(|m| d.contains_key(&(m.dev, m.ino)))
+    }
+
+    fn is_echo(&self, p: &RelPath) -> bool {
+        if !self.echoes.lock().contains(p) {
+            return false;
+        }
+        matches!(self.source.stat(p), Err(e) if e.errno == libc::ENOENT)
     }
 }
