@@ -317,7 +317,7 @@ fn start_mount_watch(src: &std::path::Path) -> Option<(std::os::fd::OwnedFd, mir
     // followed).
     let top = std::path::PathBuf::from(format!("/proc/self/fd/{}/.", std::os::fd::AsRawFd::as_raw_fd(&fd)));
     // Its watches are added by the startup walk, as it lists each directory.
-    match mirrorfs::watch::Watch::unwatched(&top, src) {
+    match mirrorfs::watch::Watch::others_only(&top, src) {
         Ok(w) => Some((fd, w)),
         Err(e) => {
             log::error!("{e}; changes made behind the mount's back reach the target at the next mount only");

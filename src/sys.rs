@@ -753,7 +753,7 @@ pub fn getpid() -> u32 {
 /// A file handle (name_to_handle_at(2)): names an inode on its filesystem without holding an
 /// fd open. The mount keeps one per inode past its fd budget, so a short handle (ext4's, xfs's
 /// and btrfs's are 8 to 20 bytes) is held inline, a longer one on the heap.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub enum FileHandle {
     /// The filesystem's handle type, the length and the bytes.
     Inline(i32, u8, [u8; HANDLE_INLINE]),
@@ -914,4 +914,54 @@ pub fn peer_uid(fd: BorrowedFd<'_>) -> io::Result<u32> {
         )
     })?;
     Ok(cred.uid)
+}
+
+/// `fanotify_init(2)`: a notification group reporting directory handles and names.
+pub fn fanotify_init(flags: u32) -> io::Result<OwnedFd> {
+    // SAFETY: plain syscall with integer arguments.
+    let fd = check(unsafe { libc::fanotify_init(flags, (libc::O_RDONLY | libc::O_CLOEXEC) as u32) })?;
+    // SAFETY: `fd` was just returned and is owned by nobody else.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// `fanotify_mark(2)` adding `mask` to the inode `dir` refers to (no path: the fd itself).
+pub fn fanotify_mark_add(group: BorrowedFd<'_>, mask: u64, dir: BorrowedFd<'_>) -> io::Result<()> {
+    // SAFETY: a null pathname makes the kernel mark the object `dir` refers to.
+    check(unsafe {
+        libc::fanotify_mark(
+            group.as_raw_fd(),
+            libc::FAN_MARK_ADD,
+            mask,
+            dir.as_raw_fd(),
+            std::ptr::null(),
+        )
+    })
+    .map(|_| ())
+}
+
+/// Waits up to `ms` for `fd` to be readable: true when it is.
+pub fn poll_readable(fd: BorrowedFd<'_>, ms: i32) -> io::Result<bool> {
+    let mut p = libc::pollfd {
+        fd: fd.as_raw_fd(),
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    // SAFETY: one valid pollfd, count 1.
+    match unsafe { libc::poll(&mut p, 1, ms) } {
+        -1 => {
+            let e = io::Error::last_os_error();
+            if e.raw_os_error() == Some(libc::EINTR) {
+                Ok(false)
+            } else {
+                Err(e)
+            }
+        }
+        n => Ok(n > 0),
+    }
+}
+
+/// `read(2)` into `buf`.
+pub fn read(fd: BorrowedFd<'_>, buf: &mut [u8]) -> io::Result<usize> {
+    // SAFETY: `buf` is valid for writes of its length.
+    check_size(unsafe { libc::read(fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len()) })
 }

@@ -1,4 +1,4 @@
-//! Watching: keeps a target mirrored from inotify events (through `notify`), for
+//! Watching: keeps a target mirrored from filesystem events, for
 //! `mirrorfs watch` (no FUSE needed) and under the mount (changes made behind its back). Events
 //! are only hints: each marks a region of the tree dirty, and a burst of them (coalesced by a
 //! short debounce, bounded in total) is answered by a partial reconcile of those regions from
@@ -13,14 +13,19 @@
 //! - A queue overflow or a watch error means a full rescan, after the whole tree is watched
 //!   again: coverage is never dropped silently. A reconcile that fails is tried again with the
 //!   next batch. Symlinks are never followed.
-//! - Where the kernel's watch limit is hit, the message names `fs.inotify.max_user_watches`,
+//! - Where the kernel's watch limit is hit, the message names the sysctl to raise,
 //!   and the part left uncovered (or a directory whose watch failed otherwise) is rescanned
 //!   periodically, at most a fifth of the time, and watched again once possible.
+//! - Events come from inotify (through `notify`), or under the mount from fanotify
+//!   (`fanotify.rs`), which leaves out the mount's own changes. With inotify the mount's own
+//!   removals are recognised as echoes (`Reconciler::is_echo`) and cost no listing rescan.
 //!
 //! Setting up the watch comes before (`Watch::start`) or with (`Watch::unwatched` and its
 //! listing hook) the caller's startup walk, so nothing changed during that walk goes unnoticed.
 //! With the hook, the walk watches each directory just before it reads its listing, which
 //! spares a walk of the whole tree of its own.
+
+mod fanotify;
 
 use crate::path::RelPath;
 use crate::reconcile::{Depth, Scope};
@@ -115,10 +120,34 @@ type Events = Receiver<notify::Result<notify::Event>>;
 /// Directories whose watch could not be added while a walk listed them, and why.
 type Failed = Arc<Mutex<Vec<(RelPath, notify::Error)>>>;
 
+/// Where events come from: inotify through `notify` (every process's changes), or fanotify,
+/// which leaves out this process's own (`Watch::others_only`).
+enum Backend {
+    Inotify(notify::RecommendedWatcher),
+    Fanotify(fanotify::Fanotify),
+}
+
+impl Backend {
+    fn watch(&mut self, p: &Path, mode: RecursiveMode) -> Result<(), notify::Error> {
+        match self {
+            Backend::Inotify(w) => w.watch(p, mode),
+            Backend::Fanotify(f) => f.watch(p, mode),
+        }
+    }
+
+    /// The sysctl that bounds how many directories can be watched.
+    fn limit(&self) -> &'static str {
+        match self {
+            Backend::Inotify(_) => "fs.inotify.max_user_watches",
+            Backend::Fanotify(_) => "fs.fanotify.max_user_marks",
+        }
+    }
+}
+
 /// A recursive watch on a source tree, set up and collecting events.
 pub struct Watch {
     /// Shared with the startup walk's listing hook, which adds the first watches.
-    watcher: Arc<Mutex<notify::RecommendedWatcher>>,
+    watcher: Arc<Mutex<Backend>>,
     /// Filled by the listing hook; taken up when `run` starts.
     failed: Failed,
     rx: Events,
@@ -154,6 +183,43 @@ impl Watch {
     /// lists each directory, through `listing_hook`, instead of a walk of its own first.
     pub fn unwatched(top: &Path, shown: &Path) -> Result<Watch, WatchError> {
         let (tx, rx) = crossbeam_channel::unbounded();
+        Watch::inotify(top, shown, tx, rx)
+    }
+
+    /// `unwatched`, seeing only the changes other processes make (the mount's watcher: its
+    /// own changes were forwarded as it made them). That takes fanotify; where the kernel or
+    /// the filesystem does not offer it, the watch uses inotify and sees them all.
+    pub fn others_only(top: &Path, shown: &Path) -> Result<Watch, WatchError> {
+        let (tx, rx) = crossbeam_channel::unbounded();
+        // For tests and for ruling fanotify out when something looks wrong.
+        if std::env::var_os("MIRRORFS_NO_FANOTIFY").is_some() {
+            log::info!("MIRRORFS_NO_FANOTIFY is set: watching {} with inotify", shown.display());
+            return Watch::inotify(top, shown, tx, rx);
+        }
+        match fanotify::Fanotify::new(top, tx.clone()) {
+            Ok(f) => {
+                log::info!(
+                    "watching {} with fanotify: the mount's own changes are left out",
+                    shown.display()
+                );
+                Ok(Watch::with(Backend::Fanotify(f), rx, top, shown))
+            }
+            Err(e) => {
+                log::info!(
+                    "fanotify is not available for {} ({e}); watching with inotify, which sees the mount's own changes too",
+                    shown.display()
+                );
+                Watch::inotify(top, shown, tx, rx)
+            }
+        }
+    }
+
+    fn inotify(
+        top: &Path,
+        shown: &Path,
+        tx: crossbeam_channel::Sender<notify::Result<notify::Event>>,
+        rx: Events,
+    ) -> Result<Watch, WatchError> {
         // Symlinks are entries like any other: following one would watch a directory under a
         // second name (inotify keeps one watch per inode) or reach outside the tree.
         let config = notify::Config::default().with_follow_symlinks(false);
@@ -164,8 +230,12 @@ impl Watch {
             config,
         )
         .map_err(|e| WatchError::Watch(shown.display().to_string(), e))?;
-        Ok(Watch {
-            watcher: Arc::new(Mutex::new(watcher)),
+        Ok(Watch::with(Backend::Inotify(watcher), rx, top, shown))
+    }
+
+    fn with(backend: Backend, rx: Events, top: &Path, shown: &Path) -> Watch {
+        Watch {
+            watcher: Arc::new(Mutex::new(backend)),
             failed: Failed::default(),
             rx,
             top: top.to_path_buf(),
@@ -173,7 +243,7 @@ impl Watch {
             uncovered: Scope::default(),
             pending: Scope::default(),
             limit_reported: false,
-        })
+        }
     }
 
     /// For the startup walk of an `unwatched` watch: called with each directory just before
@@ -212,10 +282,10 @@ impl Watch {
     fn limit_hit(&mut self, p: RelPath) {
         if !self.limit_reported {
             self.limit_reported = true;
+            let knob = self.watcher.lock().limit();
             log::error!(
-                "the inotify watch limit is reached under {}; raise fs.inotify.max_user_watches \
-                 (sysctl fs.inotify.max_user_watches=N). Until then what is not watched is rescanned \
-                 periodically",
+                "the watch limit is reached under {}; raise {knob} (sysctl {knob}=N). Until then \
+                 what is not watched is rescanned periodically",
                 self.shown.join(p.as_path()).display(),
             );
         }

@@ -963,9 +963,70 @@ fn a_mountpoint_inside_the_source_is_refused() {
     assert!(!mounted(&tmp.path().join("src/inner")));
 }
 
-/// The watcher sees the mount's own removals too. Those are echoes: it reconciles none of
-/// them, however many (before, `rm -rf` of a tree made it rescan each directory's listing,
-/// holding the mount's operations back meanwhile).
+/// With fanotify the watcher is not even told of the mount's own changes, of any kind: they
+/// were forwarded as they were made. (With inotify it saw each, and reconciled every burst of
+/// them under the mount's order lock.) What others change is still seen: the tests of changes
+/// behind the mount run with it.
+#[test]
+fn the_mounts_own_changes_never_reach_its_watcher() {
+    let before = |src: &Path| {
+        fs::create_dir_all(src.join("old/sub")).unwrap();
+        fs::write(src.join("old/sub/f"), b"from before").unwrap();
+    };
+    let opts = Opts {
+        before: Some(&before),
+        ..Opts::default()
+    };
+    let Some(mut m) = Mount::with("the_mounts_own_changes_never_reach_its_watcher", opts) else {
+        return;
+    };
+    for d in 0..3 {
+        fs::create_dir(m.p(&format!("d{d}"))).unwrap();
+        for f in 0..50 {
+            let p = m.p(&format!("d{d}/f{f}"));
+            fs::write(&p, vec![b'x'; 3000]).unwrap();
+            fs::set_permissions(&p, fs::Permissions::from_mode(0o640)).unwrap();
+            common::set_mtime(&p, 1_000_000_000 + f as i64, 5);
+        }
+    }
+    std::os::unix::fs::chown(m.p("d0/f0"), Some(1), Some(1)).unwrap();
+    xattr::set(m.p("d0/f1"), "user.k", b"v").unwrap();
+    symlink("f2", m.p("d0/link")).unwrap();
+    fs::hard_link(m.p("d0/f3"), m.p("d1/hard")).unwrap();
+    fs::rename(m.p("d0/f4"), m.p("d2/moved")).unwrap();
+    fs::rename(m.p("old"), m.p("new")).unwrap();
+    fs::write(m.p("new/sub/g"), b"in the moved directory").unwrap();
+    OpenOptions::new()
+        .append(true)
+        .open(m.p("d1/f5"))
+        .unwrap()
+        .write_all(b"more")
+        .unwrap();
+    fs::remove_file(m.p("d1/f6")).unwrap();
+    fs::remove_dir_all(m.p("d2")).unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    let st = m.unmount();
+    let log = m.log_text();
+    assert!(st.success(), "daemon exited {st}:\n{log}");
+    assert!(
+        log.contains("with fanotify"),
+        "the mount's watcher does not use fanotify here:\n{log}"
+    );
+    let line = log
+        .lines()
+        .find(|l| l.contains("watcher:"))
+        .unwrap_or_else(|| panic!("no watcher line:\n{log}"));
+    assert_eq!(
+        field_before(line, " events"),
+        0,
+        "the watcher saw the mount's own changes: {line}"
+    );
+    assert_same_tree(&m.src, &m.dst);
+}
+
+/// With inotify (where fanotify is not offered) the watcher sees the mount's own removals too.
+/// Those are echoes: it reconciles none of them, however many (before, `rm -rf` of a tree made
+/// it rescan each directory's listing, holding the mount's operations back meanwhile).
 #[test]
 fn the_mounts_own_removals_make_the_watcher_reconcile_nothing() {
     let before = |src: &Path| {
@@ -979,6 +1040,7 @@ fn the_mounts_own_removals_make_the_watcher_reconcile_nothing() {
     };
     let opts = Opts {
         before: Some(&before),
+        env: &[("MIRRORFS_NO_FANOTIFY", "1")],
         ..Opts::default()
     };
     let Some(mut m) = Mount::with("the_mounts_own_removals_make_the_watcher_reconcile_nothing", opts) else {
@@ -1017,14 +1079,28 @@ fn field_before(line: &str, what: &str) -> u64 {
 /// target, and removed again behind the mount, it leaves the target too.
 #[test]
 fn a_name_the_mount_removed_then_made_and_removed_behind_it_leaves_the_target() {
+    removed_then_made_and_removed_behind(
+        "a_name_the_mount_removed_then_made_and_removed_behind_it_leaves_the_target",
+        &[],
+    );
+}
+
+/// The same with inotify, which sees the mount's removals and takes them for echoes.
+#[test]
+fn with_inotify_a_name_the_mount_removed_then_made_and_removed_behind_it_leaves_the_target() {
+    removed_then_made_and_removed_behind(
+        "with_inotify_a_name_the_mount_removed_then_made_and_removed_behind_it_leaves_the_target",
+        &[("MIRRORFS_NO_FANOTIFY", "1")],
+    );
+}
+
+fn removed_then_made_and_removed_behind(test: &str, env: &[(&str, &str)]) {
     let opts = Opts {
         separate: true,
+        env,
         ..Opts::default()
     };
-    let Some(m) = Mount::with(
-        "a_name_the_mount_removed_then_made_and_removed_behind_it_leaves_the_target",
-        opts,
-    ) else {
+    let Some(m) = Mount::with(test, opts) else {
         return;
     };
     fs::write(m.p("x"), b"through the mount").unwrap();
