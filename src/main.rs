@@ -202,6 +202,8 @@ fn mount(a: MountArgs) -> Result<ExitCode, String> {
         passthrough: !a.no_passthrough,
         watched: watch.is_some(),
     };
+    let own = watch.as_ref().is_some_and(|(_, w)| w.sees_own_changes());
+    rep.track_echoes(own);
     let mounted = mirrorfs::fuse::mount(root, &root_st, rep.clone(), &cfg).map_err(|e| e.to_string())?;
     watch_signals(mountpoint.clone(), rep.clone())?;
     let _ = std::env::set_current_dir("/");
@@ -233,7 +235,7 @@ fn mount(a: MountArgs) -> Result<ExitCode, String> {
             let st = w.run(
                 rep.as_ref(),
                 &caches,
-                &mirrorfs::watch::WatchOptions::under_mount(),
+                &mirrorfs::watch::WatchOptions::under_mount(own),
                 &stop,
             );
             // Nothing reports changes behind the mount any more.

@@ -519,6 +519,16 @@ pub fn fstatvfs(fd: BorrowedFd<'_>) -> io::Result<libc::statvfs> {
     Ok(unsafe { st.assume_init() })
 }
 
+/// The filesystem id of the filesystem `fd` is on, as fanotify reports it (statfs's
+/// `f_fsid`, as its 8 bytes).
+pub fn fsid(fd: BorrowedFd<'_>) -> io::Result<[u8; 8]> {
+    let mut st = std::mem::MaybeUninit::<libc::statfs>::uninit();
+    // SAFETY: `st` is a writable buffer read only after success.
+    check(unsafe { libc::fstatfs(fd.as_raw_fd(), st.as_mut_ptr()) })?;
+    // SAFETY: fstatfs succeeded and filled `st`; fsid_t is two ints, 8 plain bytes.
+    Ok(unsafe { std::mem::transmute::<libc::fsid_t, [u8; 8]>(st.assume_init().f_fsid) })
+}
+
 /// `utimensat(fd, "", AT_EMPTY_PATH)`: sets the times of the inode `fd` refers to, symlinks
 /// included.
 pub fn utimens_fd(fd: BorrowedFd<'_>, atime: TimeSet, mtime: TimeSet) -> io::Result<()> {

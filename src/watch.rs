@@ -66,12 +66,17 @@ impl Default for WatchOptions {
 }
 
 impl WatchOptions {
-    /// For the watcher under a mount: it sees the mount's own writes to the source too, and
-    /// each of its reconciles holds the mount's order lock, so it waits for a quiet 20 ms and
-    /// takes a burst whole rather than answering every event at once.
-    pub fn under_mount() -> WatchOptions {
+    /// For the watcher under a mount. One that sees the mount's own writes to the source too
+    /// (inotify), each of whose reconciles holds the mount's order lock, waits for a quiet
+    /// 20 ms and takes a burst whole rather than answering every event at once; one that sees
+    /// only others' changes (fanotify) answers at once, as `mirrorfs watch` does.
+    pub fn under_mount(sees_own_changes: bool) -> WatchOptions {
         WatchOptions {
-            debounce: Duration::from_millis(20),
+            debounce: if sees_own_changes {
+                Duration::from_millis(20)
+            } else {
+                Duration::ZERO
+            },
             ..WatchOptions::default()
         }
     }
@@ -244,6 +249,12 @@ impl Watch {
             pending: Scope::default(),
             limit_reported: false,
         }
+    }
+
+    /// Whether the events include this process's own changes (inotify does; fanotify leaves
+    /// them out).
+    pub fn sees_own_changes(&self) -> bool {
+        matches!(*self.watcher.lock(), Backend::Inotify(_))
     }
 
     /// For the startup walk of an `unwatched` watch: called with each directory just before

@@ -103,6 +103,8 @@ pub struct Replicator {
     /// removal of the mount's accounts for. So a skipped name is absent on the source, and the
     /// last thing that touched it on the target was the mount's removal.
     echoes: Mutex<HashSet<RelPath>>,
+    /// Only a watcher that sees the mount's own changes (inotify) needs `echoes`.
+    track_echoes: AtomicBool,
 }
 
 impl Replicator {
@@ -116,6 +118,7 @@ impl Replicator {
             stop: AtomicBool::new(false),
             deferred: Mutex::new(HashMap::new()),
             echoes: Mutex::new(HashSet::new()),
+            track_echoes: AtomicBool::new(false),
         }
     }
 
@@ -201,6 +204,9 @@ impl Replicator {
     /// lock): removals are remembered, anything else done to a name forgets it, and a rename
     /// (which may bring a whole tree under other names) forgets them all.
     fn note_echoes(&self, changes: &[Change]) {
+        if !self.track_echoes.load(Ordering::Relaxed) {
+            return;
+        }
         let mut e = self.echoes.lock();
         for c in changes {
             match c {
@@ -219,6 +225,11 @@ impl Replicator {
                 _ => {}
             }
         }
+    }
+
+    /// Set when the mount's watcher sees the mount's own changes (`Watch::sees_own_changes`).
+    pub fn track_echoes(&self, on: bool) {
+        self.track_echoes.store(on, Ordering::Relaxed);
     }
 
     fn forget_echoes(&self) {

@@ -40,8 +40,12 @@ const DIR_MASK: u64 = libc::FAN_CREATE
 /// The top also reports being moved away.
 const TOP_MASK: u64 = DIR_MASK | libc::FAN_MOVE_SELF;
 
-/// Marked directories by handle: their path under the top, or `None` once moved out of it.
-type Dirs = HashMap<FileHandle, Option<PathBuf>>;
+/// A directory as events name it: its filesystem's id and its handle there (two filesystems
+/// may hand out the same handle).
+type Key = ([u8; 8], FileHandle);
+
+/// Marked directories: their path under the top, or `None` once moved out of it.
+type Dirs = HashMap<Key, Option<PathBuf>>;
 
 pub struct Fanotify {
     group: Arc<OwnedFd>,
@@ -86,9 +90,9 @@ impl Fanotify {
             .read(true)
             .custom_flags(libc::O_DIRECTORY | libc::O_NOFOLLOW)
             .open(p)?;
-        let h = sys::fd_to_handle(dir.as_fd())?;
+        let key = (sys::fsid(dir.as_fd())?, sys::fd_to_handle(dir.as_fd())?);
         // Known before it is marked, so its first event finds it.
-        self.dirs.lock().insert(h, Some(p.to_path_buf()));
+        self.dirs.lock().insert(key, Some(p.to_path_buf()));
         let mask = if p == self.top { TOP_MASK } else { DIR_MASK };
         sys::fanotify_mark_add(self.group.as_fd(), mask, dir.as_fd())
     }
@@ -180,7 +184,7 @@ struct Raw<'a> {
 #[derive(Debug)]
 struct Record<'a> {
     ty: u8,
-    handle: FileHandle,
+    key: Key,
     /// The entry's name, for the `*DFID_NAME` records.
     name: &'a [u8],
 }
@@ -214,7 +218,7 @@ fn parse(buf: &[u8]) -> Vec<Raw<'_>> {
                     let name = &rest[..rest.iter().position(|&c| c == 0).unwrap_or(rest.len())];
                     records.push(Record {
                         ty,
-                        handle: FileHandle::new(ht as i32, h),
+                        key: (rec[4..12].try_into().unwrap(), FileHandle::new(ht as i32, h)),
                         name,
                     });
                 }
@@ -243,7 +247,7 @@ fn translate(raw: &Raw<'_>, me: i32, dirs: &mut Dirs) -> Vec<Event> {
     // Some(path) of a record: None when its directory has left the top; `outside()` when the
     // directory is unknown.
     let resolve = |dirs: &Dirs, r: &Record<'_>| -> Option<PathBuf> {
-        match dirs.get(&r.handle) {
+        match dirs.get(&r.key) {
             Some(Some(d)) if r.name.is_empty() || r.name == b"." => Some(d.clone()),
             Some(Some(d)) => Some(d.join(OsStr::from_bytes(r.name))),
             Some(None) => None,
@@ -255,7 +259,7 @@ fn translate(raw: &Raw<'_>, me: i32, dirs: &mut Dirs) -> Vec<Event> {
     if m & libc::FAN_RENAME != 0 {
         let end = |ty: u8| {
             let r = rec(ty)?;
-            let d = dirs.get(&r.handle).cloned().flatten()?;
+            let d = dirs.get(&r.key).cloned().flatten()?;
             Some(d.join(OsStr::from_bytes(r.name)))
         };
         let from = end(libc::FAN_EVENT_INFO_TYPE_OLD_DFID_NAME);
@@ -279,7 +283,7 @@ fn translate(raw: &Raw<'_>, me: i32, dirs: &mut Dirs) -> Vec<Event> {
     let mut removed_dir = None;
     if m & libc::FAN_DELETE_SELF != 0 {
         if let Some(r) = own.or(named) {
-            removed_dir = dirs.remove(&r.handle).flatten();
+            removed_dir = dirs.remove(&r.key).flatten();
         }
     }
     if raw.pid == me {
@@ -354,7 +358,7 @@ mod tests {
         let mut recs = Vec::new();
         for &(ty, h, name) in records {
             let mut r = vec![ty, 0, 0, 0];
-            r.extend_from_slice(&[0u8; 8]); // fsid
+            r.extend_from_slice(&FSID); // fsid
             r.extend_from_slice(&8u32.to_ne_bytes());
             r.extend_from_slice(&1i32.to_ne_bytes());
             r.extend_from_slice(&[h; 8]);
@@ -381,8 +385,10 @@ mod tests {
         e
     }
 
-    fn h(b: u8) -> FileHandle {
-        FileHandle::new(1, &[b; 8])
+    const FSID: [u8; 8] = [9, 8, 7, 6, 5, 4, 3, 2];
+
+    fn h(b: u8) -> Key {
+        (FSID, FileHandle::new(1, &[b; 8]))
     }
 
     fn show(evs: &[Event]) -> Vec<String> {
@@ -452,6 +458,8 @@ mod tests {
             ),
             // An unknown directory: a whole rescan.
             (libc::FAN_CREATE, OTHER, vec![(DN, 7, "x")], vec!["Create(File) /"]),
+            // Handle 5 is known on another filesystem only.
+            (libc::FAN_CREATE, OTHER, vec![(DN, 5, "x")], vec!["Create(File) /"]),
             (libc::FAN_Q_OVERFLOW, OTHER, vec![], vec!["Other  rescan"]),
             (libc::FAN_Q_OVERFLOW, ME, vec![], vec!["Other  rescan"]),
         ];
@@ -459,6 +467,10 @@ mod tests {
             let mut dirs: Dirs = HashMap::new();
             dirs.insert(h(1), Some(PathBuf::from("/t")));
             dirs.insert(h(2), Some(PathBuf::from("/t/d")));
+            dirs.insert(
+                ([1; 8], FileHandle::new(1, &[5; 8])),
+                Some(PathBuf::from("/t/other-fs")),
+            );
             let buf = event(mask, pid, &records);
             let raws = parse(&buf);
             assert_eq!(raws.len(), 1, "{records:?}");
