@@ -98,10 +98,10 @@ pub struct Replicator {
     deferred: Mutex<HashMap<(u64, u64), usize>>,
     /// Names this mount removed (unlink, rmdir) and forwarded as removed: the watcher sees the
     /// removal too, and skips a name that is still absent (`is_echo`). A name is forgotten
-    /// when the mount makes anything else of it, and all are forgotten when a rename or a
-    /// reconcile (the watcher's, a catch-up) may have put something on the target that no
-    /// removal of the mount's accounts for. So a skipped name is absent on the source, and the
-    /// last thing that touched it on the target was the mount's removal.
+    /// when the mount makes anything else of it, and all are forgotten when a rename, a
+    /// catch-up or a watcher's reconcile that changed the target may have put something there
+    /// that no removal of the mount's accounts for. So a skipped name is absent on the source,
+    /// and the last thing that touched it on the target was the mount's removal.
     echoes: Mutex<HashSet<RelPath>>,
     /// Only a watcher that sees the mount's own changes (inotify) needs `echoes`.
     track_echoes: AtomicBool,
@@ -552,12 +552,16 @@ impl Replicator {
     /// connected, the scope joins the changed paths instead, for the catch-up.
     fn reconcile_with(&self, scope: Scope) -> Result<Report, SyncError> {
         let _g = self.order.lock();
-        self.forget_echoes();
         let Some(s) = self.link.forwarding() else {
             self.link.mark_scope(scope);
             return Ok(Report::default());
         };
         let r = self.source.reconcile_scope(s.rpc.as_ref(), scope.clone());
+        // One that changed the target may have made there a name the mount had removed.
+        // The watcher, the only one to consult the echoes, asks again only after this.
+        if !matches!(&r, Ok(rep) if rep.ops == 0) {
+            self.forget_echoes();
+        }
         match r {
             Err(SyncError::Rpc(e)) if is_loss(&e) => {
                 self.link.mark_scope(scope);
