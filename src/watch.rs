@@ -698,7 +698,8 @@ mod tests {
             ..WatchOptions::default()
         };
         // (entries seen, busy paths, echoes, expected regions)
-        let table: Vec<(Vec<&str>, Vec<&str>, Vec<&str>, Vec<(&str, Depth)>)> = vec![
+        type Row<'a> = (Vec<&'a str>, Vec<&'a str>, Vec<&'a str>, Vec<(&'a str, Depth)>);
+        let table: Vec<Row> = vec![
             (
                 vec!["d/a", "d/b"],
                 vec![],

@@ -423,7 +423,9 @@ mod tests {
 
     #[test]
     fn events_become_notify_events_and_the_mounts_own_are_dropped() {
-        let table: Vec<(u64, i32, Vec<(u8, u8, &str)>, Vec<&str>)> = vec![
+        // (mask, process, records, events wanted)
+        type Row<'a> = (u64, i32, Vec<(u8, u8, &'a str)>, Vec<&'a str>);
+        let table: Vec<Row> = vec![
             (libc::FAN_CREATE, OTHER, vec![(DN, 1, "f")], vec!["Create(File) /t/f"]),
             (libc::FAN_CREATE, ME, vec![(DN, 1, "f")], vec![]),
             (
