@@ -204,6 +204,9 @@ fn mount(a: MountArgs) -> Result<ExitCode, String> {
     };
     let own = watch.as_ref().is_some_and(|(_, w)| w.sees_own_changes());
     rep.track_echoes(own);
+    if let Some(made) = watch.as_ref().and_then(|(_, w)| w.made_dirs()) {
+        rep.on_made_dirs(made);
+    }
     let mounted = mirrorfs::fuse::mount(root, &root_st, rep.clone(), &cfg).map_err(|e| e.to_string())?;
     watch_signals(mountpoint.clone(), rep.clone())?;
     let _ = std::env::set_current_dir("/");

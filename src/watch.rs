@@ -257,6 +257,18 @@ impl Watch {
         matches!(*self.watcher.lock(), Backend::Inotify(_))
     }
 
+    /// For a watch that does not see this process's own changes: what watches a directory the
+    /// mount made (given relative to the top), since no event will say it was made.
+    pub fn made_dirs(&self) -> Option<crate::source::MadeDirs> {
+        match &*self.watcher.lock() {
+            Backend::Fanotify(f) => {
+                let marks = f.marks();
+                Some(Box::new(move |p: &RelPath| marks.made(p.as_path())))
+            }
+            Backend::Inotify(_) => None,
+        }
+    }
+
     /// For the startup walk of an `unwatched` watch: called with each directory just before
     /// the walk reads its listing, it watches that directory alone. A change made in it from
     /// then on raises an event; one made before is in the listing. Directories made later are

@@ -1024,6 +1024,33 @@ fn the_mounts_own_changes_never_reach_its_watcher() {
     assert_same_tree(&m.src, &m.dst);
 }
 
+/// A directory the mount makes raises no event the watcher sees (it is the mount's own), so the
+/// mount watches it itself: what is written into it behind the mount, just after and later,
+/// reaches the target.
+#[test]
+fn what_is_written_behind_the_mount_into_its_own_new_directories_reaches_the_target() {
+    let opts = Opts {
+        separate: true,
+        ..Opts::default()
+    };
+    let Some(m) = Mount::with(
+        "what_is_written_behind_the_mount_into_its_own_new_directories_reaches_the_target",
+        opts,
+    ) else {
+        return;
+    };
+    fs::create_dir_all(m.p("a/b/c")).unwrap();
+    fs::write(m.src.join("a/b/c/at-once"), b"behind, at once").unwrap();
+    converge(&m, "a file behind the mount in a directory it made");
+    std::thread::sleep(Duration::from_millis(100));
+    fs::write(m.src.join("a/b/later"), b"behind, later").unwrap();
+    fs::create_dir(m.src.join("a/b/c/d")).unwrap();
+    fs::write(m.src.join("a/b/c/d/deeper"), b"behind, deeper").unwrap();
+    converge(&m, "more behind the mount");
+    assert_eq!(fs::read(m.dst.join("a/b/later")).unwrap(), b"behind, later");
+    m.finish();
+}
+
 /// With inotify (where fanotify is not offered) the watcher sees the mount's own removals too.
 /// Those are echoes: it reconciles none of them, however many (before, `rm -rf` of a tree made
 /// it rescan each directory's listing, holding the mount's operations back meanwhile).

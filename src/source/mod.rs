@@ -19,7 +19,7 @@ pub mod changed;
 pub mod link;
 pub mod replicator;
 pub use link::{Link, LinkState, Policy};
-pub use replicator::{Forward, Replicator};
+pub use replicator::{Forward, MadeDirs, Replicator};
 
 #[derive(Debug, Clone, Copy, Default)]
 pub struct SyncOptions {

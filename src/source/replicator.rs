@@ -105,7 +105,13 @@ pub struct Replicator {
     echoes: Mutex<HashSet<RelPath>>,
     /// Only a watcher that sees the mount's own changes (inotify) needs `echoes`.
     track_echoes: AtomicBool,
+    /// Told of each directory the mount makes, before the mount answers: a watcher that does
+    /// not see the mount's own changes (fanotify) watches it from there.
+    made_dirs: std::sync::OnceLock<MadeDirs>,
 }
+
+/// See `Replicator::made_dirs`.
+pub type MadeDirs = Box<dyn Fn(&RelPath) + Send + Sync>;
 
 impl Replicator {
     /// Wraps a source and a link whose target has just been reconciled.
@@ -119,6 +125,7 @@ impl Replicator {
             deferred: Mutex::new(HashMap::new()),
             echoes: Mutex::new(HashSet::new()),
             track_echoes: AtomicBool::new(false),
+            made_dirs: std::sync::OnceLock::new(),
         }
     }
 
@@ -187,7 +194,7 @@ impl Replicator {
         if fwd.changes.is_empty() {
             return Ok(value);
         }
-        self.note_echoes(&fwd.changes);
+        self.note_own(&fwd.changes);
         let Some(session) = session else {
             let n = self.link.mark(&fwd.changes);
             drop(guard);
@@ -200,10 +207,18 @@ impl Replicator {
         Ok(value)
     }
 
-    /// Keeps `echoes` true of the changes just made by the mount (the caller holds the order
-    /// lock): removals are remembered, anything else done to a name forgets it, and a rename
-    /// (which may bring a whole tree under other names) forgets them all.
-    fn note_echoes(&self, changes: &[Change]) {
+    /// Tells the watcher of the changes just made by the mount (the caller holds the order
+    /// lock). The directories it made go to `made_dirs`. In `echoes` removals are remembered,
+    /// anything else done to a name forgets it, and a rename (which may bring a whole tree
+    /// under other names) forgets them all.
+    fn note_own(&self, changes: &[Change]) {
+        if let Some(made) = self.made_dirs.get() {
+            for c in changes {
+                if let Change::Mkdir { path, .. } = c {
+                    made(path);
+                }
+            }
+        }
         if !self.track_echoes.load(Ordering::Relaxed) {
             return;
         }
@@ -230,6 +245,11 @@ impl Replicator {
     /// Set when the mount's watcher sees the mount's own changes (`Watch::sees_own_changes`).
     pub fn track_echoes(&self, on: bool) {
         self.track_echoes.store(on, Ordering::Relaxed);
+    }
+
+    /// Set once, by a mount whose watcher does not see its own changes (`Watch::made_dirs`).
+    pub fn on_made_dirs(&self, f: MadeDirs) {
+        let _ = self.made_dirs.set(f);
     }
 
     fn forget_echoes(&self) {

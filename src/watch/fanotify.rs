@@ -48,11 +48,19 @@ type Key = ([u8; 8], FileHandle);
 type Dirs = HashMap<Key, Option<PathBuf>>;
 
 pub struct Fanotify {
+    marks: Marks,
+    stop: Arc<AtomicBool>,
+    reader: Option<std::thread::JoinHandle<()>>,
+}
+
+/// The group and what it marked, shared by the watcher's `watch`, the reader and the mount's
+/// `made` (directories it makes itself).
+#[derive(Clone)]
+pub struct Marks {
     group: Arc<OwnedFd>,
     top: PathBuf,
     dirs: Arc<Mutex<Dirs>>,
-    stop: Arc<AtomicBool>,
-    reader: Option<std::thread::JoinHandle<()>>,
+    tx: Sender<notify::Result<Event>>,
 }
 
 impl Fanotify {
@@ -67,40 +75,35 @@ impl Fanotify {
         // An unbounded queue needs CAP_SYS_ADMIN; without it an overflow means a whole rescan,
         // as it does with inotify.
         let group = sys::fanotify_init(flags | libc::FAN_UNLIMITED_QUEUE).or_else(|_| sys::fanotify_init(flags))?;
-        let mut f = Fanotify {
+        let marks = Marks {
             group: Arc::new(group),
             top: top.to_path_buf(),
             dirs: Arc::default(),
-            stop: Arc::default(),
-            reader: None,
+            tx,
         };
-        f.mark(top)?;
-        let (group, dirs, stop) = (f.group.clone(), f.dirs.clone(), f.stop.clone());
+        marks.mark(top)?;
+        let stop = Arc::<AtomicBool>::default();
+        let (m, halt) = (marks.clone(), stop.clone());
         let me = std::process::id() as i32;
-        f.reader = Some(
-            std::thread::Builder::new()
-                .name("fanotify".into())
-                .spawn(move || read_loop(&group, &dirs, &stop, &tx, me))?,
-        );
-        Ok(f)
+        let reader = std::thread::Builder::new()
+            .name("fanotify".into())
+            .spawn(move || read_loop(&m.group, &m.dirs, &halt, &m.tx, me))?;
+        Ok(Fanotify {
+            marks,
+            stop,
+            reader: Some(reader),
+        })
     }
 
-    fn mark(&self, p: &Path) -> io::Result<()> {
-        let dir = std::fs::OpenOptions::new()
-            .read(true)
-            .custom_flags(libc::O_DIRECTORY | libc::O_NOFOLLOW)
-            .open(p)?;
-        let key = (sys::fsid(dir.as_fd())?, sys::fd_to_handle(dir.as_fd())?);
-        // Known before it is marked, so its first event finds it.
-        self.dirs.lock().insert(key, Some(p.to_path_buf()));
-        let mask = if p == self.top { TOP_MASK } else { DIR_MASK };
-        sys::fanotify_mark_add(self.group.as_fd(), mask, dir.as_fd())
+    /// For the mount, which marks the directories it makes itself (`Marks::made`).
+    pub fn marks(&self) -> Marks {
+        self.marks.clone()
     }
 
     /// Marks `p`, or (recursively) every directory beneath it too, never through a symlink.
     /// A directory that vanishes during the walk is skipped; `p` itself must be there.
     pub fn watch(&self, p: &Path, mode: RecursiveMode) -> Result<(), notify::Error> {
-        self.mark(p).map_err(|e| to_notify(e, p))?;
+        self.marks.mark(p).map_err(|e| to_notify(e, p))?;
         if mode == RecursiveMode::NonRecursive {
             return Ok(());
         }
@@ -116,7 +119,7 @@ impl Fanotify {
                     continue;
                 }
                 let sub = e.path();
-                match self.mark(&sub) {
+                match self.marks.mark(&sub) {
                     Ok(()) => todo.push(sub),
                     Err(e) if gone(&e) => {}
                     Err(e) => return Err(to_notify(e, &sub)),
@@ -124,6 +127,35 @@ impl Fanotify {
             }
         }
         Ok(())
+    }
+}
+
+impl Marks {
+    fn mark(&self, p: &Path) -> io::Result<()> {
+        let dir = std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_DIRECTORY | libc::O_NOFOLLOW)
+            .open(p)?;
+        let key = (sys::fsid(dir.as_fd())?, sys::fd_to_handle(dir.as_fd())?);
+        // Known before it is marked, so its first event finds it.
+        self.dirs.lock().insert(key, Some(p.to_path_buf()));
+        let mask = if p == self.top { TOP_MASK } else { DIR_MASK };
+        sys::fanotify_mark_add(self.group.as_fd(), mask, dir.as_fd())
+    }
+
+    /// The mount made directory `rel` (its creation is one of its own events, which the reader
+    /// drops): it is marked before the mount answers. Whatever someone else put in it before
+    /// the mark is in its listing, so a directory found not empty is reported as new, to be
+    /// scanned whole; a mark that fails is reported as the watch would report it.
+    pub fn made(&self, rel: &Path) {
+        let p = self.top.join(rel);
+        let ev = match self.mark(&p) {
+            Ok(()) if std::fs::read_dir(&p).is_ok_and(|mut it| it.next().is_none()) => return,
+            Ok(()) => Ok(Event::new(EventKind::Create(CreateKind::Folder)).add_path(p)),
+            Err(e) if gone(&e) => return,
+            Err(e) => Err(to_notify(e, &p)),
+        };
+        let _ = self.tx.send(ev);
     }
 }
 
