@@ -79,6 +79,11 @@ pub struct MountArgs {
     /// source left unchanged).
     #[arg(long, default_value = "continue", value_parser = clap::value_parser!(crate::source::Policy))]
     pub on_disconnect: crate::source::Policy,
+    /// When a write returns: syscall (once the target has its bytes), or fsync (from the page
+    /// cache; fsync and close return once the target has the file). Every other change returns
+    /// once the target has it, in both.
+    #[arg(long, default_value = "syscall", value_parser = clap::value_parser!(crate::fuse::Ack))]
+    pub ack: crate::fuse::Ack,
     /// Where the daemon writes its log (default: a file under the temp directory).
     #[arg(long)]
     pub log_file: Option<PathBuf>,

@@ -201,6 +201,7 @@ fn mount(a: MountArgs) -> Result<ExitCode, String> {
         threads: a.threads as usize,
         passthrough: !a.no_passthrough,
         watched: watch.is_some(),
+        ack: a.ack,
     };
     let own = watch.as_ref().is_some_and(|(_, w)| w.sees_own_changes());
     rep.track_echoes(own);

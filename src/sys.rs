@@ -469,6 +469,14 @@ pub fn geteuid() -> u32 {
     unsafe { libc::geteuid() }
 }
 
+/// Sends `sig` to process `pid` without forking (a child's exec would close, and so flush, every
+/// file the caller holds open).
+pub fn send_signal(pid: u32, sig: i32) -> io::Result<()> {
+    let pid = libc::pid_t::try_from(pid).map_err(|_| io::Error::from_raw_os_error(libc::ESRCH))?;
+    // SAFETY: kill takes two integers and touches no memory.
+    check(unsafe { libc::kill(pid, sig) }).map(drop)
+}
+
 pub fn os(bytes: &[u8]) -> &OsStr {
     OsStr::from_bytes(bytes)
 }

@@ -5,7 +5,7 @@
 //! `mirrorfs mount` command line and runs it (which returns once the mount is live).
 //!
 //! mirrorfs options: `target=` (required), `token_file=`, `ssh=`, `remote_mirrorfs=`, `remote_option=`, `timeout=`,
-//! `on_disconnect=`, `log_file=`, `threads=`, `no_passthrough`, `allow_mass_delete`, `no_watch`.
+//! `on_disconnect=`, `ack=`, `log_file=`, `threads=`, `no_passthrough`, `allow_mass_delete`, `no_watch`.
 //! A value with commas is written in double quotes; fstab writes a space as `\040`. Generic options mount(8) or fstab add (`rw`,
 //! `defaults`, `auto`, `noauto`, `user`, `nofail`, `_netdev`, `x-*`, …) are ignored; anything else
 //! is an error, unless `-s` (sloppy) was given.
@@ -145,6 +145,7 @@ fn mirrorfs_args(c: &Call) -> Result<Vec<String>, String> {
             }
             "timeout" => args.extend(flag("timeout")?),
             "on_disconnect" => args.extend(flag("on-disconnect")?),
+            "ack" => args.extend(flag("ack")?),
             "log_file" => args.extend(flag("log-file")?),
             "threads" => args.extend(flag("threads")?),
             "no_passthrough" => args.push("--no-passthrough".into()),
@@ -153,7 +154,7 @@ fn mirrorfs_args(c: &Call) -> Result<Vec<String>, String> {
             "ro" => return Err("mirrorfs mounts are read-write; drop the ro option".into()),
             _ if generic(o) => {}
             _ if c.sloppy => {}
-            _ => return Err(format!("unknown option {o:?} (mirrorfs options: target=, token_file=, ssh=, remote_mirrorfs=, remote_option=, timeout=, on_disconnect=, log_file=, threads=, no_passthrough, allow_mass_delete, no_watch)")),
+            _ => return Err(format!("unknown option {o:?} (mirrorfs options: target=, token_file=, ssh=, remote_mirrorfs=, remote_option=, timeout=, on_disconnect=, ack=, log_file=, threads=, no_passthrough, allow_mass_delete, no_watch)")),
         }
     }
     let target = target
@@ -243,13 +244,15 @@ mod tests {
                 Ok(&["mount", "/s", "--target", "/b", "--quiet"]),
             ),
             (
-                &["/s", "/m", "-o", "target=unix:/run/t.sock,timeout=5", "-v"],
+                &["/s", "/m", "-o", "target=unix:/run/t.sock,timeout=5,ack=fsync", "-v"],
                 Ok(&[
                     "mount",
                     "/s",
                     "/m",
                     "--timeout",
                     "5",
+                    "--ack",
+                    "fsync",
                     "--target",
                     "unix:/run/t.sock",
                     "--quiet",

@@ -1,5 +1,5 @@
 //! Open file and directory handles of the mount. A file handle is a real fd on the source inode,
-//! opened with the caller's flags less those the mount handles itself (`mirror::open_flags`); it
+//! opened with the caller's flags less those the mount handles itself (`Mirror::open_flags`); it
 //! remembers how the kernel serves it (passthrough, cached or direct) so the inode's I/O mode
 //! counts can be given back at release. Directories have no handles (see `Ops::opendir`).
 

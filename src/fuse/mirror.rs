@@ -74,6 +74,9 @@ pub struct Mirror {
     pub cache: Cache,
     /// The kernel left clearing set-ID bits to us (FUSE_HANDLE_KILLPRIV_V2 agreed at init).
     pub killpriv: AtomicBool,
+    /// The kernel's writeback cache is on (`--ack=fsync` agreed at init): it may read a page
+    /// through any open before it writes part of it, write-only ones included.
+    pub writeback: AtomicBool,
 }
 
 /// Clears the set-user-ID bit of a regular file, and its set-group-ID bit where group execute
@@ -157,6 +160,7 @@ impl Mirror {
             passthrough: AtomicBool::new(false),
             cache,
             killpriv: AtomicBool::new(false),
+            writeback: AtomicBool::new(false),
         }
     }
 
@@ -171,6 +175,22 @@ impl Mirror {
             self.cache.inval_attrs(h.inode.id);
         }
         Ok(killed)
+    }
+
+    /// The flags a source fd is opened with: the caller's, less those the mount handles itself.
+    /// `O_APPEND` goes because the kernel already gives appends their offset (and writeback of
+    /// cached pages must land where the page is); `O_TRUNC` arrives as its own setattr;
+    /// `O_DIRECT` would need aligned buffers. With the writeback cache a write-only open is
+    /// opened for reading too, as libfuse's passthrough_hp does, since the kernel reads the rest
+    /// of a page it writes in part.
+    fn open_flags(&self, flags: i32) -> i32 {
+        let mut f = (flags
+            & !(libc::O_APPEND | libc::O_TRUNC | libc::O_CREAT | libc::O_EXCL | libc::O_DIRECT | libc::O_NOCTTY))
+            | libc::O_NOFOLLOW;
+        if self.writeback.load(Ordering::Relaxed) && f & libc::O_ACCMODE == libc::O_WRONLY {
+            f = (f & !libc::O_ACCMODE) | libc::O_RDWR;
+        }
+        f
     }
 
     pub fn replicator(&self) -> &Rep {
@@ -282,7 +302,7 @@ impl Mirror {
         backing: impl FnOnce(&OwnedFd) -> io::Result<fuser::BackingId>,
     ) -> io::Result<Opened> {
         let inode = self.inode(id)?;
-        let fd = sys::reopen(inode.fd()?.as_fd(), open_flags(flags))?;
+        let fd = sys::reopen(inode.fd()?.as_fd(), self.open_flags(flags))?;
         let writable = flags & libc::O_ACCMODE != libc::O_RDONLY;
         let mut io = inode.io.lock();
         // The kernel refuses any open but a passthrough one while the inode has passthrough
@@ -577,7 +597,7 @@ impl Mirror {
         flags: i32,
         who: Caller,
     ) -> io::Result<(u64, libc::stat, u64)> {
-        let open = open_flags(flags) | libc::O_CREAT | (flags & (libc::O_TRUNC | libc::O_EXCL));
+        let open = self.open_flags(flags) | libc::O_CREAT | (flags & (libc::O_TRUNC | libc::O_EXCL));
         let (id, st, fd) = self.make(
             parent,
             name,
@@ -991,13 +1011,4 @@ impl Mirror {
                 .unwrap_or_else(|_| Err(io::Error::other("fsync thread panicked")))
         })
     }
-}
-
-/// The flags a source fd is opened with: the caller's, less those the mount handles itself.
-/// `O_APPEND` goes because the kernel already gives appends their offset (and writeback of
-/// mmapped pages must land where the page is); `O_TRUNC` arrives as its own setattr;
-/// `O_DIRECT` would need aligned buffers.
-fn open_flags(flags: i32) -> i32 {
-    (flags & !(libc::O_APPEND | libc::O_TRUNC | libc::O_CREAT | libc::O_EXCL | libc::O_DIRECT | libc::O_NOCTTY))
-        | libc::O_NOFOLLOW
 }

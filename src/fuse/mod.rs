@@ -33,6 +33,32 @@ pub enum MountError {
     NoFuse(io::Error),
 }
 
+/// When the mount answers a write (`--ack`). Namespace and metadata operations (create, rename,
+/// unlink, chmod, xattrs, …) return once the target has them in either mode.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Ack {
+    /// Every syscall returns once the target has its change: a `write` once the target holds
+    /// its bytes (DRBD's protocol C).
+    #[default]
+    Syscall,
+    /// The kernel's writeback cache is on: a `write` returns once it is in the page cache, and
+    /// the kernel hands the pages to the daemon at writeback, which forwards them like any
+    /// write. `fsync` and every `close` of a file return only once the target has that file's
+    /// data and mtime (the kernel writes a file's pages and its times back before both).
+    Fsync,
+}
+
+impl std::str::FromStr for Ack {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Ack, String> {
+        match s {
+            "syscall" => Ok(Ack::Syscall),
+            "fsync" => Ok(Ack::Fsync),
+            _ => Err(format!("{s:?} is not one of syscall, fsync")),
+        }
+    }
+}
+
 /// What a mounted session needs.
 pub struct MountConfig {
     pub mountpoint: PathBuf,
@@ -42,6 +68,7 @@ pub struct MountConfig {
     pub passthrough: bool,
     /// A watcher beneath the mount reports changes made behind it (see `cache`).
     pub watched: bool,
+    pub ack: Ack,
 }
 
 /// One line of /proc/self/mountinfo: where, and which filesystem type.
@@ -179,6 +206,7 @@ pub fn mount(
     let ops = ops::Ops {
         m: mirror.clone(),
         want_passthrough: cfg.passthrough,
+        want_writeback: cfg.ack == Ack::Fsync,
     };
     let mut config = fuser::Config::default();
     config.mount_options = vec![

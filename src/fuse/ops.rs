@@ -26,6 +26,8 @@ pub struct Ops {
     pub m: Arc<Mirror>,
     /// Ask the kernel for passthrough at init.
     pub want_passthrough: bool,
+    /// Ask the kernel for its writeback cache at init (`--ack=fsync`).
+    pub want_writeback: bool,
 }
 
 /// Directory entries read for one `readdir` (more than a reply's buffer holds; the rest are
@@ -176,7 +178,26 @@ impl fuser::Filesystem for Ops {
         if config.add_capabilities(InitFlags::FUSE_HANDLE_KILLPRIV_V2).is_ok() {
             self.m.killpriv.store(true, Ordering::Relaxed);
         }
-        if self.want_passthrough {
+        if self.want_writeback {
+            // The kernel writes a file's cached pages and then its times back before each
+            // fsync and close (FOPEN_NOFLUSH does not skip that with this cache on), and each
+            // such write is forwarded like any other before it is answered.
+            match config.add_capabilities(InitFlags::FUSE_WRITEBACK_CACHE) {
+                Ok(()) => {
+                    self.m.writeback.store(true, Ordering::Relaxed);
+                    log::info!(
+                        "--ack=fsync: writes return from the page cache; fsync and close return once the target has the file"
+                    );
+                    if self.want_passthrough {
+                        log::info!("no kernel passthrough for reads: the kernel cannot mix it with the writeback cache");
+                    }
+                }
+                Err(_) => log::warn!(
+                    "the kernel offers no writeback cache: every write returns once the target has it, as without --ack=fsync"
+                ),
+            }
+        }
+        if self.want_passthrough && !self.m.writeback.load(Ordering::Relaxed) {
             match config.add_capabilities(InitFlags::FUSE_PASSTHROUGH) {
                 Ok(()) => {
                     let _ = config.set_max_stack_depth(1);
