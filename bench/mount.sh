@@ -14,12 +14,15 @@
 #   BASE=/path/to/older/mirrorfs bench/mount.sh   # adds that build as a fourth config, to
 #                                                 # compare two versions in one run
 #   CONFIGS="native mirrorfs base" BASE=... bench/mount.sh   # a subset of the configs
+#   CONFIGS="native bindfs mirrorfs ackfsync" bench/mount.sh  # adds mirrorfs --ack=fsync
+#   MOUNT_ARGS="--ack fsync" BASE=... bench/mount.sh  # options for the mirrorfs and base mounts
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROUNDS=${ROUNDS:-3}
 WORK=${WORK:-/var/tmp/mirrorfs-mbench}
 WORKLOADS=${WORKLOADS:-seqwrite seqread randwrite cpa tarx rmrf findcold findwarm readall compile}
 IMG_GIB=${IMG_GIB:-6}
+MOUNT_ARGS=${MOUNT_ARGS:-}
 need=()
 command -v bindfs >/dev/null || need+=(bindfs)
 command -v fio >/dev/null || need+=(fio)
@@ -55,11 +58,15 @@ fresh() {
     bindfs) mkdir "$FS/bsrc" "$FS/bmnt"; bindfs "$FS/bsrc" "$FS/bmnt"; D=$FS/bmnt ;;
     mirrorfs)
       mkdir "$FS/msrc" "$FS/mdst"
-      "$M" mount "$FS/msrc" --target "$FS/mdst" -q --log-file "$WORK/mirrorfs.log" >/dev/null 2>&1
+      "$M" mount "$FS/msrc" --target "$FS/mdst" $MOUNT_ARGS -q --log-file "$WORK/mirrorfs.log" >/dev/null 2>&1
+      D=$FS/msrc ;;
+    ackfsync)
+      mkdir "$FS/msrc" "$FS/mdst"
+      "$M" mount "$FS/msrc" --target "$FS/mdst" --ack fsync -q --log-file "$WORK/ackfsync.log" >/dev/null 2>&1
       D=$FS/msrc ;;
     base)
       mkdir "$FS/basesrc" "$FS/basedst"
-      "$BASE" mount "$FS/basesrc" --target "$FS/basedst" -q --log-file "$WORK/base.log" >/dev/null 2>&1
+      "$BASE" mount "$FS/basesrc" --target "$FS/basedst" $MOUNT_ARGS -q --log-file "$WORK/base.log" >/dev/null 2>&1
       D=$FS/basesrc ;;
   esac
 }
@@ -99,7 +106,7 @@ bench() {
       sync
       t0=$(now); eval "$cmd" >/dev/null 2>&1; t1=$(now)
       runs[$c]+="$(awk -v a="$t0" -v b="$t1" 'BEGIN { printf "%.6f", b - a }') "
-      if [ "$c" = mirrorfs ] && ! diff -rq "$FS/msrc" "$FS/mdst" >/dev/null 2>&1; then
+      if [[ $c == mirrorfs || $c == ackfsync ]] && ! diff -rq "$FS/msrc" "$FS/mdst" >/dev/null 2>&1; then
         echo "WARNING: $name: the mirrorfs target differs from its source" >&2
       fi
     done
@@ -136,6 +143,8 @@ trap - EXIT
 echo "# mirrorfs mount vs bindfs vs native: median of $ROUNDS, a fresh ext4 per run, $(nproc) cores"
 printf '%-40s %9s %9s %9s %10s %10s' workload native_s bindfs_s mirror_s bindfs mirrorfs
 [ -n "${BASE:-}" ] && printf ' %10s %12s' base mirror/base
+ACK=""; [[ " ${CONFIGS[*]} " == *" ackfsync "* ]] && ACK=1
+[ -n "$ACK" ] && printf ' %10s %10s %13s' ackfsync_s ackfsync ackfsync/mirr
 echo
 line() { # NAME KEY MODE: MODE speed = native/x (higher better), time = x/native (lower better)
   [ -n "${T[$2,native]:-}" ] || return 0
@@ -146,6 +155,10 @@ line() { # NAME KEY MODE: MODE speed = native/x (higher better), time = x/native
   if [ -n "${BASE:-}" ]; then
     local x=${T[$2,base]}
     printf ' %9.2fx %11.3f' "$(r "$x")" "$(awk -v a="$m" -v b="$x" 'BEGIN{print a/b}')"
+  fi
+  if [ -n "$ACK" ]; then
+    local k=${T[$2,ackfsync]}
+    printf ' %10.3f %9.2fx %13.3f' "$k" "$(r "$k")" "$(awk -v a="$k" -v b="$m" 'BEGIN{print a/b}')"
   fi
   echo
 }

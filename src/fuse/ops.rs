@@ -400,7 +400,7 @@ impl fuser::Filesystem for Ops {
     }
 
     fn flush(&self, _req: &Request, _ino: INodeNo, fh: FileHandle, _lock_owner: LockOwner, reply: ReplyEmpty) {
-        let r = self.m.push(fh.0);
+        let r = self.m.flush(fh.0);
         self.answer(move || empty(reply, r))
     }
 
