@@ -956,7 +956,13 @@ impl Mirror {
                 } else {
                     SetTime::Omit
                 },
-                mtime: SetTime::At(mtime_of(&st)),
+                // A chmod or chown leaves the mtime alone, on both sides: only a change of times
+                // or size (whose truncation on the target moved its mtime) sends it.
+                mtime: if a.atime.is_some() || a.mtime.is_some() || a.size.is_some() {
+                    SetTime::At(mtime_of(&st))
+                } else {
+                    SetTime::Omit
+                },
             });
             Ok((st, Forward::of(reqs)))
         }
