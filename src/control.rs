@@ -30,6 +30,10 @@ pub struct MirrorStatus {
     pub source: String,
     /// `None` for a watch.
     pub mountpoint: Option<String>,
+    /// When a mount's writes return, as the kernel agreed (`syscall` or `fsync`, see `--ack`);
+    /// `None` for a watch.
+    #[serde(default)]
+    pub ack: Option<String>,
     /// The target's own figures: `target`, `state`, `since`, `forwarded_ops`, …
     #[serde(flatten)]
     pub link: LinkStatus,
@@ -42,8 +46,14 @@ impl MirrorStatus {
             pid: std::process::id(),
             source: source.display().to_string(),
             mountpoint: mountpoint.map(|m| m.display().to_string()),
+            ack: None,
             link,
         }
+    }
+
+    pub fn with_ack(mut self, ack: &str) -> MirrorStatus {
+        self.ack = Some(ack.into());
+        self
     }
 
     pub fn connected(&self) -> bool {

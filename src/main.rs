@@ -229,7 +229,7 @@ fn mount(a: MountArgs) -> Result<ExitCode, String> {
         ),
     }
     let recovery = spawn_recovery(&rep)?;
-    let control = answer_status(&rep, "mount", &src, Some(&mountpoint));
+    let control = answer_status(&rep, "mount", &src, Some((&mountpoint, Box::new(mounted.ack()))));
     let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let watcher = watch.map(|(fd, w)| {
         let (rep, stop, caches) = (rep.clone(), stop.clone(), mounted.caches());
@@ -374,11 +374,17 @@ fn answer_status(
     rep: &Arc<mirrorfs::source::Replicator>,
     kind: &'static str,
     src: &std::path::Path,
-    mountpoint: Option<&std::path::Path>,
+    mount: Option<(&std::path::Path, Box<dyn Fn() -> mirrorfs::fuse::Ack + Send + Sync>)>,
 ) -> Option<mirrorfs::control::Control> {
-    let (rep, src, mnt) = (rep.clone(), src.to_path_buf(), mountpoint.map(|m| m.to_path_buf()));
+    let (rep, src) = (rep.clone(), src.to_path_buf());
+    let mount = mount.map(|(m, ack)| (m.to_path_buf(), ack));
     match mirrorfs::control::serve(move || {
-        mirrorfs::control::MirrorStatus::from_link(kind, &src, mnt.as_deref(), rep.link().status())
+        let mnt = mount.as_ref().map(|(m, _)| m.as_path());
+        let st = mirrorfs::control::MirrorStatus::from_link(kind, &src, mnt, rep.link().status());
+        match &mount {
+            Some((_, ack)) => st.with_ack(ack().name()),
+            None => st,
+        }
     }) {
         Ok(c) => Some(c),
         Err(e) => {
@@ -605,6 +611,13 @@ fn status(a: StatusArgs) -> Result<ExitCode, String> {
             let l = &m.link;
             println!("{at} -> {}  [pid {}]", l.target, m.pid);
             println!("  state:     {} since {}", l.state, l.since);
+            match m.ack.as_deref() {
+                Some("fsync") => println!(
+                    "  ack:       fsync (writes return from the page cache; fsync and close wait for the target)"
+                ),
+                Some(a) => println!("  ack:       {a} (every syscall waits for the target)"),
+                None => {}
+            }
             println!(
                 "  forwarded: {} operations, {} content bytes; waits p50 {:.2} ms, p99 {:.2} ms (last minute)",
                 l.forwarded_ops, l.forwarded_bytes, l.wait_p50_ms, l.wait_p99_ms

@@ -56,6 +56,12 @@ fn writes_return_from_the_page_cache_and_fsync_and_close_wait_for_the_target() {
         ..Opts::default()
     };
     let Some(m) = Mount::with(test, opts) else { return };
+    let (_, st) = m.status();
+    assert_eq!(
+        st.expect("listed").ack.as_deref(),
+        Some("fsync"),
+        "status names the promise"
+    );
     fs::write(m.p("synced"), b"before").unwrap();
     fs::write(m.p("closed"), b"before").unwrap();
     assert_eq!(fs::read(m.dst.join("closed")).unwrap(), b"before", "a close waits");

@@ -337,6 +337,12 @@ fn every_write_is_on_the_target_when_it_returns() {
     let Some(m) = Mount::with("every_write_is_on_the_target_when_it_returns", opts) else {
         return;
     };
+    let (_, st) = m.status();
+    assert_eq!(
+        st.expect("listed").ack.as_deref(),
+        Some("syscall"),
+        "status names the promise"
+    );
     let f = OpenOptions::new().write(true).create_new(true).open(m.p("f")).unwrap();
     // Small and unaligned writes, page writes, and 1 MiB aligned ones (the target's O_DIRECT
     // path), at offsets that extend the file, overwrite it, and leave holes.

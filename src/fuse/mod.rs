@@ -48,6 +48,15 @@ pub enum Ack {
     Fsync,
 }
 
+impl Ack {
+    pub fn name(self) -> &'static str {
+        match self {
+            Ack::Syscall => "syscall",
+            Ack::Fsync => "fsync",
+        }
+    }
+}
+
 impl std::str::FromStr for Ack {
     type Err = String;
     fn from_str(s: &str) -> Result<Ack, String> {
@@ -228,6 +237,15 @@ pub fn mount(
 }
 
 impl Mounted {
+    /// When writes return, as the kernel agreed at init (until then, `Ack::Syscall`).
+    pub fn ack(&self) -> impl Fn() -> Ack + Send + Sync + 'static {
+        let m = self.mirror.clone();
+        move || match m.writeback.load(std::sync::atomic::Ordering::Relaxed) {
+            true => Ack::Fsync,
+            false => Ack::Syscall,
+        }
+    }
+
     /// For the watcher beneath the mount.
     pub fn caches(&self) -> KernelCaches {
         KernelCaches(self.mirror.clone())
