@@ -240,9 +240,12 @@ impl Mounted {
     /// When writes return, as the kernel agreed at init (until then, `Ack::Syscall`).
     pub fn ack(&self) -> impl Fn() -> Ack + Send + Sync + 'static {
         let m = self.mirror.clone();
-        move || match m.writeback.load(std::sync::atomic::Ordering::Relaxed) {
-            true => Ack::Fsync,
-            false => Ack::Syscall,
+        move || {
+            if m.writeback.load(std::sync::atomic::Ordering::Relaxed) {
+                Ack::Fsync
+            } else {
+                Ack::Syscall
+            }
         }
     }
 
