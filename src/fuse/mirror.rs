@@ -56,7 +56,9 @@ pub struct SetAttrs {
 /// What `Mirror::open` made: the handle, the backing file when the kernel serves it by
 /// passthrough, and whether a close of it must reach the daemon before it returns. Only a
 /// passthrough writer's does (`push`): every other write was forwarded when it was made, so
-/// the kernel is told to skip the flush (`FOPEN_NOFLUSH`), one round trip less per close.
+/// the kernel is told to skip the flush (`FOPEN_NOFLUSH`), one round trip less per close. With
+/// the writeback cache (`--ack=fsync`) the kernel ignores that flag and writes the file back at
+/// every close; `flush` then says what the daemon answers.
 pub struct Opened {
     pub fh: u64,
     pub backing: Option<Arc<fuser::BackingId>>,
