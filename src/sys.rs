@@ -481,9 +481,34 @@ pub fn os(bytes: &[u8]) -> &OsStr {
     OsStr::from_bytes(bytes)
 }
 
-/// `chmod` of the inode an `O_PATH` fd refers to, through its `/proc/self/fd` link (fchmod
-/// refuses O_PATH fds). The fd pins the inode, so no symlink can be swapped in.
+/// Set once the kernel has said it lacks fchmodat2(2) (Linux < 6.6).
+static NO_FCHMODAT2: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// `chmod` of the inode an `O_PATH` fd refers to (fchmod refuses O_PATH fds): fchmodat2(2) with
+/// `AT_EMPTY_PATH` where the kernel has it, else through the fd's `/proc/self/fd` link, a path
+/// walk more. The fd pins the inode, so no symlink can be swapped in.
 pub fn chmod_opath(fd: BorrowedFd<'_>, mode: u32) -> io::Result<()> {
+    use std::sync::atomic::Ordering;
+    if !NO_FCHMODAT2.load(Ordering::Relaxed) {
+        // SAFETY: the empty name is a valid C string; plain syscall on a valid fd.
+        let r = unsafe {
+            libc::syscall(
+                libc::SYS_fchmodat2,
+                fd.as_raw_fd(),
+                c"".as_ptr(),
+                mode as libc::c_uint,
+                libc::AT_EMPTY_PATH as libc::c_uint,
+            )
+        };
+        if r == 0 {
+            return Ok(());
+        }
+        let e = io::Error::last_os_error();
+        if e.raw_os_error() != Some(libc::ENOSYS) {
+            return Err(e);
+        }
+        NO_FCHMODAT2.store(true, Ordering::Relaxed);
+    }
     let p = fd_path(fd, b"")?;
     // SAFETY: `p` is a valid NUL-terminated path.
     check(unsafe { libc::chmod(p.as_ptr(), mode as libc::mode_t) }).map(drop)

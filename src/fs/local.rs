@@ -3,8 +3,10 @@
 //! `openat2(RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS)` (see `sys::open_beneath`), so no `..` and no
 //! symlink is ever followed while resolving, and every call acts on the last component without
 //! following it. Content is read and written through fds opened `O_NONBLOCK`, so a fifo at a path
-//! never blocks the caller.
+//! never blocks the caller. Parent directories resolved that way are kept a moment for the next
+//! requests (`dirs`).
 
+use super::dirs::DirCache;
 use super::fake::{self, Record};
 use super::{Attrs, DirEntry, FileBytes, FileData, FileSystem, FsError, FsResult, Kind, Meta, SetTime, Xattr};
 use crate::path::RelPath;
@@ -23,12 +25,14 @@ pub struct LocalFs {
     lock: std::sync::OnceLock<OwnedFd>,
     /// `--fake-super`: owners, full modes and special files are kept in records (see `fake`).
     fake: bool,
+    /// Directories resolved recently, dropped by this `LocalFs`'s own renames and rmdirs.
+    dirs: DirCache,
 }
 
 /// The directory holding an entry: the root itself, or a resolved subdirectory.
 enum Dir<'a> {
     Root(BorrowedFd<'a>),
-    Sub(OwnedFd),
+    Sub(std::sync::Arc<OwnedFd>),
 }
 
 impl Dir<'_> {
@@ -68,6 +72,7 @@ impl LocalFs {
             direct: false,
             lock: std::sync::OnceLock::new(),
             fake: false,
+            dirs: DirCache::default(),
         })
     }
 
@@ -179,16 +184,20 @@ impl LocalFs {
         let dir = if parent.is_empty() {
             Dir::Root(self.root.as_fd())
         } else {
+            let resolve = || sys::open_beneath(self.root.as_fd(), parent, libc::O_PATH | libc::O_DIRECTORY);
             Dir::Sub(
-                sys::open_beneath(self.root.as_fd(), parent, libc::O_PATH | libc::O_DIRECTORY)
+                self.dirs
+                    .get(parent, std::time::Instant::now(), resolve)
                     .map_err(|e| FsError::io(e, op, p))?,
             )
         };
         Ok((dir, sys::cstr(name).map_err(|e| FsError::io(e, op, p))?))
     }
 
+    /// Opens `p` itself (never a symlink at its last name) with `flags`.
     fn open(&self, p: &RelPath, flags: i32, op: &str) -> FsResult<OwnedFd> {
-        sys::open_beneath(self.root.as_fd(), p.as_bytes(), flags).map_err(|e| FsError::io(e, op, p))
+        let (dir, name) = self.at(p, op)?;
+        sys::openat(dir.fd(), &name, flags | libc::O_NOFOLLOW, 0).map_err(|e| FsError::io(e, op, p))
     }
 
     /// Opens a regular file with `flags`, and its stat; anything else is refused.
@@ -493,7 +502,11 @@ impl FileSystem for LocalFs {
         }
         let (od, on) = self.at(from, "rename")?;
         let (nd, nn) = self.at(to, "rename")?;
-        sys::renameat2(od.fd(), &on, nd.fd(), &nn, flags).map_err(|e| FsError::io(e, "rename", from))
+        let r = sys::renameat2(od.fd(), &on, nd.fd(), &nn, flags).map_err(|e| FsError::io(e, "rename", from));
+        // Either name may have been a directory, or (RENAME_EXCHANGE) both.
+        self.dirs.forget_under(from.as_bytes());
+        self.dirs.forget_under(to.as_bytes());
+        r
     }
 
     fn unlink(&self, p: &RelPath) -> FsResult<()> {
@@ -506,7 +519,9 @@ impl FileSystem for LocalFs {
             return Err(FsError::new(libc::EBUSY, "rmdir", p));
         }
         let (dir, name) = self.at(p, "rmdir")?;
-        sys::unlinkat(dir.fd(), &name, true).map_err(|e| FsError::io(e, "rmdir", p))
+        let r = sys::unlinkat(dir.fd(), &name, true).map_err(|e| FsError::io(e, "rmdir", p));
+        self.dirs.forget_under(p.as_bytes());
+        r
     }
 
     fn set_perm(&self, p: &RelPath, perm: u32) -> FsResult<()> {

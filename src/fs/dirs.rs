@@ -1,0 +1,153 @@
+//! `DirCache`: the directories `LocalFs` has resolved beneath its root, kept open (`O_PATH`) for
+//! a short while, so the steps of a request and the requests that follow in the same directory
+//! resolve only their last name instead of walking the whole path again with `openat2`.
+//!
+//! An entry is trusted for `TTL` at most, and only while `LocalFs` itself has not moved or
+//! removed the directory or one above it: every rename and rmdir it applies drops the entries at
+//! and beneath both paths (`forget_under`). A directory renamed by someone else on the target's
+//! machine keeps its cached fd until the entry expires, so for up to `TTL` requests may still
+//! land in it where it now is, the same thing that can happen to a single `openat2` racing that
+//! rename, with a wider window. Paths from the peer still never resolve through `..` or a
+//! symlink: every entry was resolved with `openat2(RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS)`.
+
+use parking_lot::Mutex;
+use std::collections::HashMap;
+use std::io;
+use std::os::fd::OwnedFd;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// How long a resolution is trusted.
+pub const TTL: Duration = Duration::from_secs(1);
+/// Most directories kept; a full cache is emptied (the working set is a few directories).
+const CAP: usize = 256;
+
+struct Entry {
+    fd: Arc<OwnedFd>,
+    at: Instant,
+}
+
+#[derive(Default)]
+pub struct DirCache {
+    map: Mutex<HashMap<Vec<u8>, Entry>>,
+}
+
+impl DirCache {
+    /// The directory at `path` (relative to the root, not empty): from the cache when it was
+    /// resolved less than `TTL` before `now`, else resolved afresh with `resolve`.
+    pub fn get(
+        &self,
+        path: &[u8],
+        now: Instant,
+        resolve: impl FnOnce() -> io::Result<OwnedFd>,
+    ) -> io::Result<Arc<OwnedFd>> {
+        if let Some(e) = self.map.lock().get(path) {
+            if now.saturating_duration_since(e.at) < TTL {
+                return Ok(e.fd.clone());
+            }
+        }
+        let fd = Arc::new(resolve()?);
+        let mut map = self.map.lock();
+        if map.len() >= CAP && !map.contains_key(path) {
+            map.clear();
+        }
+        map.insert(path.to_vec(), Entry { fd: fd.clone(), at: now });
+        Ok(fd)
+    }
+
+    /// Drops `path` and every directory beneath it.
+    pub fn forget_under(&self, path: &[u8]) {
+        let mut map = self.map.lock();
+        if map.is_empty() {
+            return;
+        }
+        map.retain(|k, _| !is_under(k, path));
+    }
+
+    #[cfg(test)]
+    fn cached(&self) -> Vec<Vec<u8>> {
+        let mut v: Vec<_> = self.map.lock().keys().cloned().collect();
+        v.sort();
+        v
+    }
+}
+
+/// Whether `p` is `base` or beneath it (whole components: `ab` is not beneath `a`).
+fn is_under(p: &[u8], base: &[u8]) -> bool {
+    base.is_empty() || (p.starts_with(base) && (p.len() == base.len() || p[base.len()] == b'/'))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::cell::Cell;
+
+    fn dir() -> io::Result<OwnedFd> {
+        Ok(OwnedFd::from(std::fs::File::open("/")?))
+    }
+
+    #[test]
+    fn under_is_by_whole_components() {
+        for (p, base, want) in [
+            ("a", "a", true),
+            ("a/b", "a", true),
+            ("a/b/c", "a/b", true),
+            ("ab", "a", false),
+            ("ab/c", "a", false),
+            ("a", "a/b", false),
+            ("b/a", "a", false),
+            ("x", "", true),
+        ] {
+            assert_eq!(is_under(p.as_bytes(), base.as_bytes()), want, "{p} under {base}");
+        }
+    }
+
+    #[test]
+    fn resolves_once_within_the_ttl_and_again_after() {
+        let c = DirCache::default();
+        let calls = Cell::new(0);
+        let resolve = || {
+            calls.set(calls.get() + 1);
+            dir()
+        };
+        let t0 = Instant::now();
+        c.get(b"a/b", t0, resolve).unwrap();
+        c.get(b"a/b", t0 + TTL / 2, resolve).unwrap();
+        assert_eq!(calls.get(), 1, "a second use within the TTL must not resolve again");
+        c.get(b"a/b", t0 + TTL, resolve).unwrap();
+        assert_eq!(calls.get(), 2, "an expired entry must be resolved again");
+    }
+
+    #[test]
+    fn forgetting_drops_the_path_and_what_is_beneath_it_only() {
+        let c = DirCache::default();
+        let now = Instant::now();
+        for p in ["a", "a/b", "a/b/c", "ab", "b/a"] {
+            c.get(p.as_bytes(), now, dir).unwrap();
+        }
+        c.forget_under(b"a/b");
+        assert_eq!(c.cached(), vec![b"a".to_vec(), b"ab".to_vec(), b"b/a".to_vec()]);
+        c.forget_under(b"a");
+        assert_eq!(c.cached(), vec![b"ab".to_vec(), b"b/a".to_vec()]);
+    }
+
+    #[test]
+    fn a_failed_resolution_is_not_cached() {
+        let c = DirCache::default();
+        let now = Instant::now();
+        assert!(c.get(b"x", now, || Err(io::Error::from_raw_os_error(libc::ENOENT))).is_err());
+        assert!(c.cached().is_empty());
+    }
+
+    #[test]
+    fn a_full_cache_starts_over() {
+        let c = DirCache::default();
+        let now = Instant::now();
+        for i in 0..CAP {
+            c.get(format!("d{i}").as_bytes(), now, dir).unwrap();
+        }
+        assert_eq!(c.cached().len(), CAP);
+        c.get(b"one-more", now, dir).unwrap();
+        assert_eq!(c.cached(), vec![b"one-more".to_vec()]);
+    }
+}
