@@ -275,6 +275,19 @@ pub trait FileSystem: Send + Sync {
     fn xattrs(&self, p: &RelPath) -> FsResult<Vec<Xattr>>;
 
     fn write_at(&self, p: &RelPath, offset: u64, data: &[u8]) -> FsResult<()>;
+    /// Forgets the directories resolved earlier (see `dirs`); says whether there were any.
+    fn forget_resolved(&self) -> bool {
+        false
+    }
+    /// Writes `data` at `offset`, then sets the mtime to `mtime` when given: a mirrored write.
+    /// `LocalFs` does both through one fd.
+    fn write_stamped(&self, p: &RelPath, offset: u64, data: &[u8], mtime: Option<Time>) -> FsResult<()> {
+        self.write_at(p, offset, data)?;
+        match mtime {
+            Some(t) => self.set_times(p, SetTime::Omit, SetTime::At(t)),
+            None => Ok(()),
+        }
+    }
     /// Creates a regular file; with `exclusive` it must not exist, otherwise it is truncated.
     fn create(&self, p: &RelPath, perm: u32, exclusive: bool) -> FsResult<()>;
     fn mkdir(&self, p: &RelPath, perm: u32) -> FsResult<()>;

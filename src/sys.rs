@@ -305,6 +305,60 @@ fn fd_path(dir: BorrowedFd<'_>, name: &[u8]) -> io::Result<CString> {
     cstr(&p)
 }
 
+/// `/proc/self/fd`, opened once (`O_PATH`): the inode behind an fd is then reached by the fd's
+/// number alone (one name and its magic link) instead of a walk of `/proc/self/fd/N` from `/`.
+/// -1 until first used, and again in a forked child, whose fd table is its own.
+static PROC_FD_DIR: std::sync::atomic::AtomicI32 = std::sync::atomic::AtomicI32::new(-1);
+
+extern "C" fn forget_proc_fd_dir() {
+    PROC_FD_DIR.store(-1, std::sync::atomic::Ordering::Relaxed);
+}
+
+/// `/proc/self/fd` and the name of `fd` in it.
+fn proc_fd(fd: BorrowedFd<'_>) -> io::Result<(BorrowedFd<'static>, CString)> {
+    use std::sync::atomic::Ordering;
+    let name = cstr(fd.as_raw_fd().to_string().as_bytes())?;
+    let mut dir = PROC_FD_DIR.load(Ordering::Acquire);
+    if dir < 0 {
+        static AT_FORK: std::sync::Once = std::sync::Once::new();
+        // SAFETY: the handler only stores to an atomic, which is async-signal-safe.
+        AT_FORK.call_once(|| unsafe {
+            libc::pthread_atfork(None, None, Some(forget_proc_fd_dir));
+        });
+        let opened = openat(
+            // SAFETY: AT_FDCWD is a valid dirfd for the life of the process; the path is absolute.
+            unsafe { BorrowedFd::borrow_raw(libc::AT_FDCWD) },
+            c"/proc/self/fd",
+            libc::O_PATH | libc::O_DIRECTORY,
+            0,
+        )?;
+        use std::os::fd::IntoRawFd;
+        let raw = opened.into_raw_fd();
+        dir = match PROC_FD_DIR.compare_exchange(-1, raw, Ordering::AcqRel, Ordering::Acquire) {
+            Ok(_) => raw,
+            Err(theirs) => {
+                // SAFETY: `raw` is ours alone and was never published.
+                drop(unsafe { OwnedFd::from_raw_fd(raw) });
+                theirs
+            }
+        };
+    }
+    // SAFETY: the published fd stays open for the life of the process (it is never closed).
+    Ok((unsafe { BorrowedFd::borrow_raw(dir) }, name))
+}
+
+/// Set once the kernel has said it lacks getxattrat(2) (Linux < 6.13).
+static NO_GETXATTRAT: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+const SYS_GETXATTRAT: libc::c_long = 464;
+
+/// `struct xattr_args` of getxattrat(2).
+#[repr(C)]
+struct XattrArgs {
+    value: u64,
+    size: u32,
+    flags: u32,
+}
+
 /// Set once the kernel has said it lacks listxattrat(2) (Linux < 6.13).
 static NO_LISTXATTRAT: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
 const SYS_LISTXATTRAT: libc::c_long = 465;
@@ -509,9 +563,9 @@ pub fn chmod_opath(fd: BorrowedFd<'_>, mode: u32) -> io::Result<()> {
         }
         NO_FCHMODAT2.store(true, Ordering::Relaxed);
     }
-    let p = fd_path(fd, b"")?;
-    // SAFETY: `p` is a valid NUL-terminated path.
-    check(unsafe { libc::chmod(p.as_ptr(), mode as libc::mode_t) }).map(drop)
+    let (dir, name) = proc_fd(fd)?;
+    // SAFETY: `name` is NUL-terminated; plain syscall (following the fd's magic link).
+    check(unsafe { libc::fchmodat(dir.as_raw_fd(), name.as_ptr(), mode as libc::mode_t, 0) }).map(drop)
 }
 
 /// `copy_file_range(2)` between two fds; returns the bytes copied (0 at end of input).
@@ -527,15 +581,45 @@ pub fn copy_file_range(
 
 // ---- Calls used by the FUSE mount (`fuse/`) ----
 
+/// `chmod` of `name` in `dir`, never following a symlink there (a symlink is refused with
+/// `EOPNOTSUPP`): fchmodat2(2) with `AT_SYMLINK_NOFOLLOW` where the kernel has it (Linux 6.6),
+/// else through an `O_PATH` fd of the entry.
+pub fn chmod_at(dir: BorrowedFd<'_>, name: &CStr, mode: u32) -> io::Result<()> {
+    use std::sync::atomic::Ordering;
+    if !NO_FCHMODAT2.load(Ordering::Relaxed) {
+        // SAFETY: `name` is NUL-terminated; plain syscall on a valid fd.
+        let r = unsafe {
+            libc::syscall(
+                libc::SYS_fchmodat2,
+                dir.as_raw_fd(),
+                name.as_ptr(),
+                mode as libc::c_uint,
+                libc::AT_SYMLINK_NOFOLLOW as libc::c_uint,
+            )
+        };
+        if r == 0 {
+            return Ok(());
+        }
+        let e = io::Error::last_os_error();
+        if e.raw_os_error() != Some(libc::ENOSYS) {
+            return Err(e);
+        }
+        NO_FCHMODAT2.store(true, Ordering::Relaxed);
+    }
+    let fd = openat(dir, name, libc::O_PATH | libc::O_NOFOLLOW, 0)?;
+    chmod_opath(fd.as_fd(), mode)
+}
+
 /// Opens the inode behind `fd` (usually an `O_PATH` fd) again with `flags`, through its
 /// `/proc/self/fd` link. `O_NOFOLLOW` and `O_CREAT` are dropped: the link names the inode itself.
 pub fn reopen(fd: BorrowedFd<'_>, flags: i32) -> io::Result<OwnedFd> {
-    let p = fd_path(fd, b"")?;
-    let flags = (flags & !(libc::O_NOFOLLOW | libc::O_CREAT | libc::O_EXCL)) | libc::O_CLOEXEC;
-    // SAFETY: `p` is NUL-terminated; the returned fd is new and ours alone.
-    let r = check(unsafe { libc::open(p.as_ptr(), flags) })?;
-    // SAFETY: `r` was just returned by open and is owned by nobody else.
-    Ok(unsafe { OwnedFd::from_raw_fd(r) })
+    let (dir, name) = proc_fd(fd)?;
+    openat(
+        dir,
+        &name,
+        flags & !(libc::O_NOFOLLOW | libc::O_CREAT | libc::O_EXCL),
+        0,
+    )
 }
 
 /// `fstat` of any fd, `O_PATH` ones included.
@@ -580,11 +664,11 @@ pub fn fchown_fd(fd: BorrowedFd<'_>, uid: u32, gid: u32) -> io::Result<()> {
 /// Links the inode behind `fd` (an `O_PATH` fd) under `name` in `dir`, through its
 /// `/proc/self/fd` link (`AT_SYMLINK_FOLLOW` follows the magic link only).
 pub fn link_fd(fd: BorrowedFd<'_>, dir: BorrowedFd<'_>, name: &CStr) -> io::Result<()> {
-    let p = fd_path(fd, b"")?;
+    let (proc_dir, p) = proc_fd(fd)?;
     // SAFETY: both names are NUL-terminated; plain syscall.
     check(unsafe {
         libc::linkat(
-            libc::AT_FDCWD,
+            proc_dir.as_raw_fd(),
             p.as_ptr(),
             dir.as_raw_fd(),
             name.as_ptr(),
@@ -598,8 +682,38 @@ pub fn link_fd(fd: BorrowedFd<'_>, dir: BorrowedFd<'_>, name: &CStr) -> io::Resu
 /// link is followed, nothing beyond it). Sizes follow the xattr(7) convention: a zero-length
 /// buffer asks for the size.
 pub fn fd_getxattr(fd: BorrowedFd<'_>, attr: &[u8], buf: &mut [u8]) -> io::Result<usize> {
-    let p = fd_path(fd, b"")?;
+    use std::sync::atomic::Ordering;
     let a = cstr(attr)?;
+    if !NO_GETXATTRAT.load(Ordering::Relaxed) {
+        let (dir, name) = proc_fd(fd)?;
+        let args = XattrArgs {
+            value: buf.as_mut_ptr() as u64,
+            size: u32::try_from(buf.len()).unwrap_or(u32::MAX),
+            flags: 0,
+        };
+        // SAFETY: names are NUL-terminated, `args` points into `buf` for at most its length,
+        // and the size passed is `args`'s own.
+        let r = unsafe {
+            libc::syscall(
+                SYS_GETXATTRAT,
+                dir.as_raw_fd(),
+                name.as_ptr(),
+                0 as libc::c_uint,
+                a.as_ptr(),
+                &args as *const XattrArgs,
+                std::mem::size_of::<XattrArgs>(),
+            )
+        };
+        if r >= 0 {
+            return Ok(r as usize);
+        }
+        let e = io::Error::last_os_error();
+        if e.raw_os_error() != Some(libc::ENOSYS) {
+            return Err(e);
+        }
+        NO_GETXATTRAT.store(true, Ordering::Relaxed);
+    }
+    let p = fd_path(fd, b"")?;
     // SAFETY: `buf` is writable for its length; names are NUL-terminated.
     check_size(unsafe { libc::getxattr(p.as_ptr(), a.as_ptr(), buf.as_mut_ptr().cast(), buf.len()) })
 }

@@ -150,40 +150,36 @@ impl ReplicatorTarget {
     }
 
     /// Applies one operation as the source made it.
-    fn apply_change(&self, c: Change) -> FsResult<()> {
+    fn apply_change(&self, c: &Change) -> FsResult<()> {
         let fs = self.fs.as_ref();
         match c {
-            Change::Create { path, perm, exclusive } => fs.create(&self.full(&path), perm, exclusive)?,
-            Change::Mkdir { path, perm } => fs.mkdir(&self.full(&path), perm)?,
-            Change::Mknod { path, kind, perm, rdev } => fs.mknod(&self.full(&path), kind, perm, rdev)?,
-            Change::Symlink { path, target } => fs.symlink(&target, &self.full(&path))?,
-            Change::Link { existing, path } => fs.link(&self.full(&existing), &self.full(&path))?,
+            Change::Create { path, perm, exclusive } => fs.create(&self.full(path), *perm, *exclusive)?,
+            Change::Mkdir { path, perm } => fs.mkdir(&self.full(path), *perm)?,
+            Change::Mknod { path, kind, perm, rdev } => fs.mknod(&self.full(path), *kind, *perm, *rdev)?,
+            Change::Symlink { path, target } => fs.symlink(target, &self.full(path))?,
+            Change::Link { existing, path } => fs.link(&self.full(existing), &self.full(path))?,
             Change::Write {
                 path,
                 offset,
                 data,
                 mtime,
             } => {
-                let p = self.full(&path);
-                fs.write_at(&p, offset, &data)?;
-                if let Some(t) = mtime {
-                    fs.set_times(&p, SetTime::Omit, SetTime::At(t))?;
-                }
+                fs.write_stamped(&self.full(path), *offset, data, *mtime)?;
             }
-            Change::Truncate { path, size } => fs.truncate(&self.full(&path), size)?,
+            Change::Truncate { path, size } => fs.truncate(&self.full(path), *size)?,
             Change::Fallocate {
                 path,
                 mode,
                 offset,
                 len,
-            } => fs.fallocate(&self.full(&path), mode, offset, len)?,
+            } => fs.fallocate(&self.full(path), *mode, *offset, *len)?,
             Change::CopyRange {
                 src,
                 src_offset,
                 dst,
                 dst_offset,
                 len,
-            } => fs.copy_range(&self.full(&src), src_offset, &self.full(&dst), dst_offset, len)?,
+            } => fs.copy_range(&self.full(src), *src_offset, &self.full(dst), *dst_offset, *len)?,
             Change::SetAttr {
                 path,
                 perm,
@@ -192,33 +188,33 @@ impl ReplicatorTarget {
                 atime,
                 mtime,
             } => {
-                let p = self.full(&path);
+                let p = self.full(path);
                 if uid.is_some() || gid.is_some() {
-                    fs.set_owner(&p, uid, gid)?;
+                    fs.set_owner(&p, *uid, *gid)?;
                 }
                 if let Some(m) = perm {
-                    fs.set_perm(&p, m)?;
+                    fs.set_perm(&p, *m)?;
                 }
-                if atime != SetTime::Omit || mtime != SetTime::Omit {
-                    fs.set_times(&p, atime, mtime)?;
+                if *atime != SetTime::Omit || *mtime != SetTime::Omit {
+                    fs.set_times(&p, *atime, *mtime)?;
                 }
             }
             Change::SetXattr { name, .. } | Change::RemoveXattr { name, .. }
-                if crate::session::is_reserved_xattr(&name) =>
+                if crate::session::is_reserved_xattr(name) =>
             {
                 return Err(FsError::msg(
                     libc::EPERM,
                     "setxattr",
                     &RelPath::root(),
-                    format!("{} is mirrorfs's own attribute", String::from_utf8_lossy(&name)),
+                    format!("{} is mirrorfs's own attribute", String::from_utf8_lossy(name)),
                 ))
             }
-            Change::SetXattr { path, name, value } => fs.set_xattr(&self.full(&path), &name, &value)?,
-            Change::RemoveXattr { path, name } => fs.remove_xattr(&self.full(&path), &name)?,
-            Change::Unlink { path } => fs.unlink(&self.full(&path))?,
-            Change::Rmdir { path } => fs.rmdir(&self.full(&path))?,
-            Change::Rename { from, to, flags } => fs.rename(&self.full(&from), &self.full(&to), flags)?,
-            Change::Fsync { path, datasync } => fs.fsync(&self.full(&path), datasync)?,
+            Change::SetXattr { path, name, value } => fs.set_xattr(&self.full(path), name, value)?,
+            Change::RemoveXattr { path, name } => fs.remove_xattr(&self.full(path), name)?,
+            Change::Unlink { path } => fs.unlink(&self.full(path))?,
+            Change::Rmdir { path } => fs.rmdir(&self.full(path))?,
+            Change::Rename { from, to, flags } => fs.rename(&self.full(from), &self.full(to), *flags)?,
+            Change::Fsync { path, datasync } => fs.fsync(&self.full(path), *datasync)?,
         }
         Ok(())
     }
@@ -227,7 +223,15 @@ impl ReplicatorTarget {
         let fs = self.fs.clone();
         let fs = fs.as_ref();
         match req {
-            Request::Change(c) => self.apply_change(c)?,
+            Request::Change(c) => match self.apply_change(&c) {
+                // A directory on the way may have been removed or replaced behind the target's
+                // back since it was resolved: once more, resolving every path afresh. A request
+                // that failed with one of these errors changed nothing.
+                Err(e) if matches!(e.errno, libc::ENOENT | libc::ENOTDIR) && fs.forget_resolved() => {
+                    self.apply_change(&c)?
+                }
+                r => r?,
+            },
             Request::Claim { known } => {
                 let c = fs.claim_session(known)?;
                 self.epoch = c.generation.map(|_| c.epoch);

@@ -4,11 +4,14 @@
 //!
 //! An entry is trusted for `TTL` at most, and only while `LocalFs` itself has not moved or
 //! removed the directory or one above it: every rename and rmdir it applies drops the entries at
-//! and beneath both paths (`forget_under`). A directory renamed by someone else on the target's
-//! machine keeps its cached fd until the entry expires, so for up to `TTL` requests may still
-//! land in it where it now is, the same thing that can happen to a single `openat2` racing that
-//! rename, with a wider window. Paths from the peer still never resolve through `..` or a
-//! symlink: every entry was resolved with `openat2(RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS)`.
+//! and beneath both paths (`forget_under`). A request that fails because a directory on its way
+//! is gone is applied once more with every entry dropped (`forget_all`, from the target), so a
+//! directory removed or replaced behind the target's back costs one retry, not a wrong answer.
+//! A directory renamed by someone else on the target's machine keeps its cached fd until the
+//! entry expires, so for up to `TTL` requests may still land in it where it now is: what can
+//! happen to a single `openat2` racing that rename, with a window of `TTL` instead of
+//! microseconds. Paths from the peer still never resolve through `..` or a symlink: every entry
+//! was resolved with `openat2(RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS)`.
 
 use parking_lot::Mutex;
 use std::collections::HashMap;
@@ -18,7 +21,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 /// How long a resolution is trusted.
-pub const TTL: Duration = Duration::from_secs(1);
+pub const TTL: Duration = Duration::from_millis(100);
 /// Most directories kept; a full cache is emptied (the working set is a few directories).
 const CAP: usize = 256;
 
@@ -51,7 +54,13 @@ impl DirCache {
         if map.len() >= CAP && !map.contains_key(path) {
             map.clear();
         }
-        map.insert(path.to_vec(), Entry { fd: fd.clone(), at: now });
+        map.insert(
+            path.to_vec(),
+            Entry {
+                fd: fd.clone(),
+                at: now,
+            },
+        );
         Ok(fd)
     }
 
@@ -62,6 +71,14 @@ impl DirCache {
             return;
         }
         map.retain(|k, _| !is_under(k, path));
+    }
+
+    /// Drops every entry; says whether there were any.
+    pub fn forget_all(&self) -> bool {
+        let mut map = self.map.lock();
+        let had = !map.is_empty();
+        map.clear();
+        had
     }
 
     #[cfg(test)]
@@ -135,7 +152,9 @@ mod tests {
     fn a_failed_resolution_is_not_cached() {
         let c = DirCache::default();
         let now = Instant::now();
-        assert!(c.get(b"x", now, || Err(io::Error::from_raw_os_error(libc::ENOENT))).is_err());
+        assert!(c
+            .get(b"x", now, || Err(io::Error::from_raw_os_error(libc::ENOENT)))
+            .is_err());
         assert!(c.cached().is_empty());
     }
 

@@ -8,7 +8,7 @@
 
 use super::dirs::DirCache;
 use super::fake::{self, Record};
-use super::{Attrs, DirEntry, FileBytes, FileData, FileSystem, FsError, FsResult, Kind, Meta, SetTime, Xattr};
+use super::{Attrs, DirEntry, FileBytes, FileData, FileSystem, FsError, FsResult, Kind, Meta, SetTime, Time, Xattr};
 use crate::path::RelPath;
 use crate::sys;
 use std::ffi::CString;
@@ -215,6 +215,32 @@ impl LocalFs {
         Ok(self.open_regular(p, WR, op)?.0)
     }
 
+    /// Writes `data` at `offset` of the regular file `p`, and returns the fd it wrote through.
+    /// With `direct`, large aligned writes bypass the page cache (`O_DIRECT`): a mirror's
+    /// files are written, not read, so caching them costs a copy of every byte. Anything else,
+    /// or a file system without `O_DIRECT`, is written through the cache.
+    fn write_fd(&self, p: &RelPath, offset: u64, data: &[u8]) -> FsResult<OwnedFd> {
+        const DIRECT_MIN: usize = 256 << 10;
+        let align = sys::AlignedBuf::ALIGN;
+        if self.direct && data.len() >= DIRECT_MIN && data.len() % align == 0 && offset % align as u64 == 0 {
+            let direct = self
+                .open(p, WR | libc::O_DIRECT, "write")
+                .ok()
+                .filter(|fd| sys::fstat(fd.as_fd()).is_ok_and(|st| Kind::from_mode(st.st_mode) == Kind::File));
+            if let Some(fd) = direct {
+                let buf = sys::AlignedBuf::copy_of(data).map_err(|e| FsError::io(e, "write", p))?;
+                match sys::pwrite_all(fd.as_fd(), &buf, offset) {
+                    Ok(()) => return Ok(fd),
+                    Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {}
+                    Err(e) => return Err(FsError::io(e, "write", p)),
+                }
+            }
+        }
+        let fd = self.open_file_wr(p, "write")?;
+        sys::pwrite_all(fd.as_fd(), data, offset).map_err(|e| FsError::io(e, "write", p))?;
+        Ok(fd)
+    }
+
     fn entry(dir: BorrowedFd<'_>, name: &[u8], xattrs: bool, fake: bool) -> io::Result<DirEntry> {
         let c = sys::cstr(name)?;
         let mut meta = Meta::from_stat(&sys::fstatat(dir, &c, false)?);
@@ -416,28 +442,21 @@ impl FileSystem for LocalFs {
         read_xattrs(dir.fd(), name.as_bytes()).map_err(|e| FsError::io(e, "listxattr", p))
     }
 
-    /// With `direct`, large aligned writes bypass the page cache (`O_DIRECT`): a mirror's
-    /// files are written, not read, so caching them costs a copy of every byte. Anything else,
-    /// or a file system without `O_DIRECT`, is written through the cache.
+    fn forget_resolved(&self) -> bool {
+        self.dirs.forget_all()
+    }
+
     fn write_at(&self, p: &RelPath, offset: u64, data: &[u8]) -> FsResult<()> {
-        const DIRECT_MIN: usize = 256 << 10;
-        let align = sys::AlignedBuf::ALIGN;
-        if self.direct && data.len() >= DIRECT_MIN && data.len() % align == 0 && offset % align as u64 == 0 {
-            let direct = self
-                .open(p, WR | libc::O_DIRECT, "write")
-                .ok()
-                .filter(|fd| sys::fstat(fd.as_fd()).is_ok_and(|st| Kind::from_mode(st.st_mode) == Kind::File));
-            if let Some(fd) = direct {
-                let buf = sys::AlignedBuf::copy_of(data).map_err(|e| FsError::io(e, "write", p))?;
-                match sys::pwrite_all(fd.as_fd(), &buf, offset) {
-                    Ok(()) => return Ok(()),
-                    Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {}
-                    Err(e) => return Err(FsError::io(e, "write", p)),
-                }
-            }
+        self.write_fd(p, offset, data).map(drop)
+    }
+
+    fn write_stamped(&self, p: &RelPath, offset: u64, data: &[u8], mtime: Option<Time>) -> FsResult<()> {
+        let fd = self.write_fd(p, offset, data)?;
+        match mtime {
+            Some(t) => sys::futimens(fd.as_fd(), sys::TimeSet::Omit, sys::TimeSet::At(t.sec, t.nsec))
+                .map_err(|e| FsError::io(e, "utimens", p)),
+            None => Ok(()),
         }
-        let fd = self.open_file_wr(p, "write")?;
-        sys::pwrite_all(fd.as_fd(), data, offset).map_err(|e| FsError::io(e, "write", p))
     }
 
     fn create(&self, p: &RelPath, perm: u32, exclusive: bool) -> FsResult<()> {
@@ -450,7 +469,10 @@ impl FileSystem for LocalFs {
 
     fn mkdir(&self, p: &RelPath, perm: u32) -> FsResult<()> {
         let (dir, name) = self.at(p, "mkdir")?;
-        sys::mkdirat(dir.fd(), &name, perm).map_err(|e| FsError::io(e, "mkdir", p))
+        sys::mkdirat(dir.fd(), &name, perm).map_err(|e| FsError::io(e, "mkdir", p))?;
+        // Whatever was resolved at this path before is gone: the name was free.
+        self.dirs.forget_under(p.as_bytes());
+        Ok(())
     }
 
     fn mknod(&self, p: &RelPath, kind: Kind, perm: u32, rdev: u64) -> FsResult<()> {
@@ -528,9 +550,9 @@ impl FileSystem for LocalFs {
         if self.fake {
             return self.update_record(p, "chmod", |r| r.mode = (r.mode & libc::S_IFMT) | (perm & 0o7777));
         }
-        // O_PATH with no symlink resolution: a symlink at the path is refused, never followed.
-        let fd = self.open(p, libc::O_PATH, "chmod")?;
-        sys::chmod_opath(fd.as_fd(), perm).map_err(|e| FsError::io(e, "chmod", p))
+        // A symlink at the path is refused, never followed.
+        let (dir, name) = self.at(p, "chmod")?;
+        sys::chmod_at(dir.fd(), &name, perm).map_err(|e| FsError::io(e, "chmod", p))
     }
 
     fn set_owner(&self, p: &RelPath, uid: Option<u32>, gid: Option<u32>) -> FsResult<()> {
