@@ -399,6 +399,9 @@ impl Watch {
             let tick = periodic.then_some(last_tick + every);
             let batch = match self.next_batch(opts, stop, tick, &|p| mirror.is_busy(p), &|p| mirror.is_echo(p)) {
                 None => return stats,
+                // Once the mount has ended, what the batch names is left to the next startup
+                // walk: another mount of the same tree may be writing the target by now.
+                Some(_) if stop.load(Ordering::Relaxed) => return stats,
                 Some(b) => b,
             };
             stats.events += batch.events;

@@ -454,10 +454,10 @@ impl Mirror {
 
     // ---- Creating entries ----
 
-    /// Gives a new entry to the caller (as the kernel would have created it) and returns its
-    /// final stat; set-ID bits that the chown cleared are put back.
-    fn give(&self, dir: BorrowedFd<'_>, dst: &libc::stat, name: &CString, who: Caller) -> io::Result<libc::stat> {
-        let st = sys::fstatat(dir, name, false)?;
+    /// Gives a new entry (`fd`, its `O_PATH` fd, and `st`, its stat) to the caller, as the
+    /// kernel would have created it, in the directory whose stat is `dst`, and returns its final
+    /// stat; set-ID bits that the chown cleared are put back.
+    fn give(&self, fd: BorrowedFd<'_>, st: libc::stat, dst: &libc::stat, who: Caller) -> io::Result<libc::stat> {
         let gid = if dst.st_mode & libc::S_ISGID != 0 {
             dst.st_gid
         } else {
@@ -466,11 +466,11 @@ impl Mirror {
         if st.st_uid == who.uid && st.st_gid == gid {
             return Ok(st);
         }
-        sys::fchownat(dir, name, who.uid, gid)?;
-        let after = sys::fstatat(dir, name, false)?;
+        sys::fchown_fd(fd, who.uid, gid)?;
+        let after = sys::fstat(fd)?;
         if after.st_mode != st.st_mode && st.st_mode & libc::S_IFMT != libc::S_IFLNK {
-            sys::fchmodat(dir, name, st.st_mode & 0o7777)?;
-            return sys::fstatat(dir, name, false);
+            sys::chmod_opath(fd, st.st_mode & 0o7777)?;
+            return sys::fstat(fd);
         }
         Ok(after)
     }
@@ -514,10 +514,12 @@ impl Mirror {
                 // The entry exists now: a failure from here on leaves the target behind, so it
                 // is resynced from the source, and the caller gets the error.
                 let after = || -> io::Result<((u64, libc::stat), Forward)> {
+                    // The directory's stat serves both the set-group-ID rule and the stamp: the
+                    // chown of the new entry does not change it.
                     let dst = sys::fstat(d)?;
-                    self.give(d, &dst, &cname, who)?;
-                    let dst = sys::fstat(d)?;
-                    let (id, st) = self.enter(parent, d, &cname)?;
+                    let fd = sys::openat(d, &cname, libc::O_PATH | libc::O_NOFOLLOW, 0)?;
+                    let st = self.give(fd.as_fd(), sys::fstat(fd.as_fd())?, &dst, who)?;
+                    let id = self.inodes.found(parent, cname.as_bytes(), fd, &st);
                     let fwd = match (self.inodes.path(id), self.inodes.path(parent)) {
                         (Some(path), Some(dir)) => match first(path.clone(), &st) {
                             Some(Some(req)) => {
