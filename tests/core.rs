@@ -883,3 +883,72 @@ fn a_signature_is_bounded_whatever_block_size_is_asked() {
         })
         .is_ok());
 }
+
+/// The target keeps resolved directories a moment (`fs::dirs`). A directory removed and made
+/// again behind its back costs the next change one retry, and the change lands in the new one.
+#[test]
+fn a_directory_replaced_behind_the_target_gets_the_next_change() {
+    let d = tempfile::tempdir().unwrap();
+    let root = d.path().join("root");
+    fs::create_dir(&root).unwrap();
+    let mut t = ReplicatorTarget::new(Arc::new(LocalFs::new(&root).unwrap()), RelPath::root());
+    let ch = |t: &mut ReplicatorTarget, c: Change| t.handle_request(Request::Change(c));
+    ch(
+        &mut t,
+        Change::Mkdir {
+            path: p("d"),
+            perm: 0o755,
+        },
+    )
+    .unwrap();
+    let create = |name: &str| Change::Create {
+        path: p(&format!("d/{name}")),
+        perm: 0o644,
+        exclusive: true,
+    };
+    ch(&mut t, create("f")).unwrap();
+    // Removed and made again by someone else: the resolved fd names a deleted directory.
+    fs::remove_dir_all(root.join("d")).unwrap();
+    fs::create_dir(root.join("d")).unwrap();
+    ch(&mut t, create("g")).unwrap();
+    assert!(root.join("d/g").exists(), "the change landed in the directory now at d");
+    // Removed for good: the change fails as it would have without the cache.
+    fs::remove_dir_all(root.join("d")).unwrap();
+    let e = ch(&mut t, create("h")).unwrap_err();
+    assert_eq!(e.errno, libc::ENOENT);
+}
+
+/// A directory that someone moves out of the root behind the target's back: its resolution is
+/// trusted for `fs::dirs::TTL` at most, after which nothing reaches it where it now is.
+#[test]
+fn a_directory_moved_out_of_the_root_is_not_written_after_the_ttl() {
+    let d = tempfile::tempdir().unwrap();
+    let (root, outside) = (d.path().join("root"), d.path().join("outside"));
+    fs::create_dir_all(root.join("d")).unwrap();
+    fs::create_dir(&outside).unwrap();
+    let mut t = ReplicatorTarget::new(Arc::new(LocalFs::new(&root).unwrap()), RelPath::root());
+    let write = |t: &mut ReplicatorTarget, data: &[u8]| {
+        t.handle_request(Request::Change(Change::Write {
+            path: p("d/f"),
+            offset: 0,
+            data: data.to_vec(),
+            mtime: None,
+        }))
+    };
+    t.handle_request(Request::Change(Change::Create {
+        path: p("d/f"),
+        perm: 0o644,
+        exclusive: true,
+    }))
+    .unwrap();
+    write(&mut t, b"inside").unwrap();
+    fs::rename(root.join("d"), outside.join("d")).unwrap();
+    std::thread::sleep(mirrorfs::fs::dirs::TTL + Duration::from_millis(20));
+    let e = write(&mut t, b"escaped").unwrap_err();
+    assert_eq!(e.errno, libc::ENOENT);
+    assert_eq!(
+        fs::read(outside.join("d/f")).unwrap(),
+        b"inside",
+        "nothing reached it outside"
+    );
+}
