@@ -93,13 +93,18 @@ now() { date +%s.%N; }
 median() { sort -g | awk '{a[NR]=$1} END {print a[int((NR+1)/2)]}'; }
 
 # bench NAME PREP CMD: for every round and config, a fresh filesystem, then PREP (untimed) and
-# CMD (timed), both with D set to the config's directory. The config that goes first rotates.
+# CMD (timed), both with D set to the config's directory. The config that goes first rotates,
+# and every other round runs in the opposite order.
 declare -A T
 bench() {
   local name=$1 prep=$2 cmd=$3 c t0 t1 round=0 i n=${#CONFIGS[@]}
   declare -A runs=()
   for _ in $(seq "$ROUNDS"); do
     for i in $(seq 0 $((n - 1))); do
+      # Every other round runs backwards: with a fixed direction each config would always
+      # follow the same neighbour, and a run is affected by what the one before it left behind
+      # (seen with the seq write: in pairs of runs of one build, the second was the faster).
+      ((round % 2)) && i=$((n - 1 - i))
       c=${CONFIGS[$(((i + round) % n))]}
       fresh "$c"
       eval "$prep" >/dev/null 2>&1
