@@ -538,30 +538,39 @@ pub fn os(bytes: &[u8]) -> &OsStr {
 /// Set once the kernel has said it lacks fchmodat2(2) (Linux < 6.6).
 static NO_FCHMODAT2: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
 
+/// fchmodat2(2) (Linux 6.6); `None` once the kernel has said it lacks it.
+fn fchmodat2(dir: BorrowedFd<'_>, name: &CStr, mode: u32, flags: i32) -> Option<io::Result<()>> {
+    use std::sync::atomic::Ordering;
+    if NO_FCHMODAT2.load(Ordering::Relaxed) {
+        return None;
+    }
+    // SAFETY: `name` is NUL-terminated; plain syscall on a valid fd.
+    let r = unsafe {
+        libc::syscall(
+            libc::SYS_fchmodat2,
+            dir.as_raw_fd(),
+            name.as_ptr(),
+            mode as libc::c_uint,
+            flags as libc::c_uint,
+        )
+    };
+    if r == 0 {
+        return Some(Ok(()));
+    }
+    let e = io::Error::last_os_error();
+    if e.raw_os_error() != Some(libc::ENOSYS) {
+        return Some(Err(e));
+    }
+    NO_FCHMODAT2.store(true, Ordering::Relaxed);
+    None
+}
+
 /// `chmod` of the inode an `O_PATH` fd refers to (fchmod refuses O_PATH fds): fchmodat2(2) with
 /// `AT_EMPTY_PATH` where the kernel has it, else through the fd's `/proc/self/fd` link, a path
 /// walk more. The fd pins the inode, so no symlink can be swapped in.
 pub fn chmod_opath(fd: BorrowedFd<'_>, mode: u32) -> io::Result<()> {
-    use std::sync::atomic::Ordering;
-    if !NO_FCHMODAT2.load(Ordering::Relaxed) {
-        // SAFETY: the empty name is a valid C string; plain syscall on a valid fd.
-        let r = unsafe {
-            libc::syscall(
-                libc::SYS_fchmodat2,
-                fd.as_raw_fd(),
-                c"".as_ptr(),
-                mode as libc::c_uint,
-                libc::AT_EMPTY_PATH as libc::c_uint,
-            )
-        };
-        if r == 0 {
-            return Ok(());
-        }
-        let e = io::Error::last_os_error();
-        if e.raw_os_error() != Some(libc::ENOSYS) {
-            return Err(e);
-        }
-        NO_FCHMODAT2.store(true, Ordering::Relaxed);
+    if let Some(r) = fchmodat2(fd, c"", mode, libc::AT_EMPTY_PATH) {
+        return r;
     }
     let (dir, name) = proc_fd(fd)?;
     // SAFETY: `name` is NUL-terminated; plain syscall (following the fd's magic link).
@@ -585,26 +594,8 @@ pub fn copy_file_range(
 /// `EOPNOTSUPP`): fchmodat2(2) with `AT_SYMLINK_NOFOLLOW` where the kernel has it (Linux 6.6),
 /// else through an `O_PATH` fd of the entry.
 pub fn chmod_at(dir: BorrowedFd<'_>, name: &CStr, mode: u32) -> io::Result<()> {
-    use std::sync::atomic::Ordering;
-    if !NO_FCHMODAT2.load(Ordering::Relaxed) {
-        // SAFETY: `name` is NUL-terminated; plain syscall on a valid fd.
-        let r = unsafe {
-            libc::syscall(
-                libc::SYS_fchmodat2,
-                dir.as_raw_fd(),
-                name.as_ptr(),
-                mode as libc::c_uint,
-                libc::AT_SYMLINK_NOFOLLOW as libc::c_uint,
-            )
-        };
-        if r == 0 {
-            return Ok(());
-        }
-        let e = io::Error::last_os_error();
-        if e.raw_os_error() != Some(libc::ENOSYS) {
-            return Err(e);
-        }
-        NO_FCHMODAT2.store(true, Ordering::Relaxed);
+    if let Some(r) = fchmodat2(dir, name, mode, libc::AT_SYMLINK_NOFOLLOW) {
+        return r;
     }
     let fd = openat(dir, name, libc::O_PATH | libc::O_NOFOLLOW, 0)?;
     chmod_opath(fd.as_fd(), mode)
