@@ -4,8 +4,8 @@
 //! writes it receives, for logic tests). This module owns the shared value types (`Meta`, `Kind`,
 //! `Time`, `Attrs`) and the typed error `FsError`, which also travels on the wire.
 
-pub mod dirs;
 pub mod fake;
+pub mod fds;
 pub mod local;
 pub mod mem;
 

@@ -884,7 +884,7 @@ fn a_signature_is_bounded_whatever_block_size_is_asked() {
         .is_ok());
 }
 
-/// The target keeps resolved directories a moment (`fs::dirs`). A directory removed and made
+/// The target keeps resolved directories a moment (`fs::fds`). A directory removed and made
 /// again behind its back costs the next change one retry, and the change lands in the new one.
 #[test]
 fn a_directory_replaced_behind_the_target_gets_the_next_change() {
@@ -918,6 +918,114 @@ fn a_directory_replaced_behind_the_target_gets_the_next_change() {
     assert_eq!(e.errno, libc::ENOENT);
 }
 
+/// The target keeps the files it writes open a moment (`fs::fds`). Whatever the target itself
+/// then does to the name (a rename over it, an unlink and a new file, a rename or removal of the
+/// directory above, a file installed over it) sends the next write to the file the name stands
+/// for now, never to the one it stood for. Each case writes through the name first, so its fd is
+/// cached, and checks the inode it replaced too, where that is still reachable.
+#[test]
+fn the_targets_own_namespace_changes_send_the_next_write_to_the_new_file() {
+    type Step = fn(&LocalFs);
+    let create = |fs: &LocalFs, path: &str| fs.create(&p(path), 0o644, true).unwrap();
+    let cases: [(&str, Step, Option<&str>); 6] = [
+        (
+            "renamed over",
+            |fs| {
+                fs.create(&p("d/g"), 0o644, true).unwrap();
+                fs.rename(&p("d/g"), &p("d/f"), 0).unwrap();
+            },
+            None,
+        ),
+        (
+            "unlinked and made again",
+            |fs| {
+                fs.unlink(&p("d/f")).unwrap();
+                fs.create(&p("d/f"), 0o644, true).unwrap();
+            },
+            None,
+        ),
+        (
+            "moved away, another put in its place",
+            |fs| {
+                fs.rename(&p("d/f"), &p("d/old"), 0).unwrap();
+                fs.create(&p("d/f"), 0o644, true).unwrap();
+            },
+            Some("d/old"),
+        ),
+        (
+            "its directory replaced",
+            |fs| {
+                fs.rename(&p("d"), &p("d-old"), 0).unwrap();
+                fs.mkdir(&p("d"), 0o755).unwrap();
+                fs.create(&p("d/f"), 0o644, true).unwrap();
+            },
+            Some("d-old/f"),
+        ),
+        (
+            "exchanged with another file",
+            |fs| {
+                fs.create(&p("d/g"), 0o644, true).unwrap();
+                fs.rename(&p("d/g"), &p("d/f"), libc::RENAME_EXCHANGE).unwrap();
+            },
+            Some("d/g"),
+        ),
+        (
+            "a file installed over it",
+            |fs| {
+                let attrs = mirrorfs::fs::Attrs {
+                    perm: 0o644,
+                    owner: None,
+                    mtime: mirrorfs::fs::Time { sec: 1, nsec: 0 },
+                    xattrs: Vec::new(),
+                };
+                fs.install_file(&p("d/.tmp"), &p("d/f"), &[], 0, &attrs).unwrap();
+            },
+            None,
+        ),
+    ];
+    for (what, step, old) in cases {
+        let d = tempfile::tempdir().unwrap();
+        let root = d.path().join("root");
+        fs::create_dir(&root).unwrap();
+        let lfs = LocalFs::new(&root).unwrap();
+        lfs.mkdir(&p("d"), 0o755).unwrap();
+        create(&lfs, "d/f");
+        lfs.write_at(&p("d/f"), 0, b"first").unwrap();
+        step(&lfs);
+        lfs.write_at(&p("d/f"), 0, b"second").unwrap();
+        assert_eq!(
+            fs::read(root.join("d/f")).unwrap(),
+            b"second",
+            "{what}: the file now at the name"
+        );
+        if let Some(old) = old {
+            assert_eq!(
+                fs::read(root.join(old)).unwrap(),
+                b"first",
+                "{what}: the file it replaced"
+            );
+        }
+    }
+}
+
+/// A file replaced behind the target's back is written where the name points once its cached
+/// fd has expired (`fs::fds::TTL`).
+#[test]
+fn a_file_replaced_behind_the_target_is_written_by_name_after_the_ttl() {
+    let d = tempfile::tempdir().unwrap();
+    let root = d.path().join("root");
+    fs::create_dir_all(root.join("d")).unwrap();
+    let lfs = LocalFs::new(&root).unwrap();
+    lfs.create(&p("d/f"), 0o644, true).unwrap();
+    lfs.write_at(&p("d/f"), 0, b"first").unwrap();
+    fs::rename(root.join("d/f"), root.join("d/aside")).unwrap();
+    fs::write(root.join("d/f"), b"").unwrap();
+    std::thread::sleep(mirrorfs::fs::fds::TTL + Duration::from_millis(20));
+    lfs.write_at(&p("d/f"), 0, b"second").unwrap();
+    assert_eq!(fs::read(root.join("d/f")).unwrap(), b"second");
+    assert_eq!(fs::read(root.join("d/aside")).unwrap(), b"first");
+}
+
 /// A directory that someone moves out of the root behind the target's back: its resolution is
 /// trusted for `fs::dirs::TTL` at most, after which nothing reaches it where it now is.
 #[test]
@@ -943,7 +1051,7 @@ fn a_directory_moved_out_of_the_root_is_not_written_after_the_ttl() {
     .unwrap();
     write(&mut t, b"inside").unwrap();
     fs::rename(root.join("d"), outside.join("d")).unwrap();
-    std::thread::sleep(mirrorfs::fs::dirs::TTL + Duration::from_millis(20));
+    std::thread::sleep(mirrorfs::fs::fds::TTL + Duration::from_millis(20));
     let e = write(&mut t, b"escaped").unwrap_err();
     assert_eq!(e.errno, libc::ENOENT);
     assert_eq!(

@@ -6,8 +6,8 @@
 //! never blocks the caller. Parent directories resolved that way are kept a moment for the next
 //! requests (`dirs`).
 
-use super::dirs::DirCache;
 use super::fake::{self, Record};
+use super::fds::FdCache;
 use super::{Attrs, DirEntry, FileBytes, FileData, FileSystem, FsError, FsResult, Kind, Meta, SetTime, Time, Xattr};
 use crate::path::RelPath;
 use crate::sys;
@@ -15,6 +15,8 @@ use std::ffi::CString;
 use std::io;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Instant;
 
 pub struct LocalFs {
     root: OwnedFd,
@@ -26,7 +28,10 @@ pub struct LocalFs {
     /// `--fake-super`: owners, full modes and special files are kept in records (see `fake`).
     fake: bool,
     /// Directories resolved recently, dropped by this `LocalFs`'s own renames and rmdirs.
-    dirs: DirCache,
+    /// Directories resolved beneath the root (`O_PATH`).
+    dirs: FdCache,
+    /// Regular files opened for writing (`write_fd`), never with `O_DIRECT`.
+    files: FdCache,
 }
 
 /// The directory holding an entry: the root itself, or a resolved subdirectory.
@@ -43,6 +48,10 @@ impl Dir<'_> {
         }
     }
 }
+
+/// Directories and files the caches keep (`fs::fds`).
+const DIRS_KEPT: usize = 256;
+const FILES_KEPT: usize = 64;
 
 const RD: i32 = libc::O_RDONLY | libc::O_NONBLOCK | libc::O_NOCTTY;
 const WR: i32 = libc::O_WRONLY | libc::O_NONBLOCK | libc::O_NOCTTY;
@@ -72,7 +81,8 @@ impl LocalFs {
             direct: false,
             lock: std::sync::OnceLock::new(),
             fake: false,
-            dirs: DirCache::default(),
+            dirs: FdCache::new(DIRS_KEPT),
+            files: FdCache::new(FILES_KEPT),
         })
     }
 
@@ -124,6 +134,7 @@ impl LocalFs {
     /// Makes a regular file standing for a symlink or special file, with its record.
     fn make_stand_in(&self, p: &RelPath, op: &str, content: &[u8], r: Record) -> FsResult<()> {
         let (dir, name) = self.at(p, op)?;
+        self.forget(p);
         let fd = sys::openat(
             dir.fd(),
             &name,
@@ -194,6 +205,13 @@ impl LocalFs {
         Ok((dir, sys::cstr(name).map_err(|e| FsError::io(e, op, p))?))
     }
 
+    /// Drops what the caches hold at and beneath `p`: `LocalFs` is about to change, or has
+    /// changed, what the name stands for.
+    fn forget(&self, p: &RelPath) {
+        self.dirs.forget_under(p.as_bytes());
+        self.files.forget_under(p.as_bytes());
+    }
+
     /// Opens `p` itself (never a symlink at its last name) with `flags`.
     fn open(&self, p: &RelPath, flags: i32, op: &str) -> FsResult<OwnedFd> {
         let (dir, name) = self.at(p, op)?;
@@ -219,7 +237,7 @@ impl LocalFs {
     /// With `direct`, large aligned writes bypass the page cache (`O_DIRECT`): a mirror's
     /// files are written, not read, so caching them costs a copy of every byte. Anything else,
     /// or a file system without `O_DIRECT`, is written through the cache.
-    fn write_fd(&self, p: &RelPath, offset: u64, data: &[u8]) -> FsResult<OwnedFd> {
+    fn write_fd(&self, p: &RelPath, offset: u64, data: &[u8]) -> FsResult<Arc<OwnedFd>> {
         const DIRECT_MIN: usize = 256 << 10;
         let align = sys::AlignedBuf::ALIGN;
         if self.direct && data.len() >= DIRECT_MIN && data.len() % align == 0 && offset % align as u64 == 0 {
@@ -230,13 +248,25 @@ impl LocalFs {
             if let Some(fd) = direct {
                 let buf = sys::AlignedBuf::copy_of(data).map_err(|e| FsError::io(e, "write", p))?;
                 match sys::pwrite_all(fd.as_fd(), &buf, offset) {
-                    Ok(()) => return Ok(fd),
+                    Ok(()) => return Ok(Arc::new(fd)),
                     Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {}
                     Err(e) => return Err(FsError::io(e, "write", p)),
                 }
             }
         }
-        let fd = self.open_file_wr(p, "write")?;
+        let mut refused = None;
+        let fd = self.files.get(p.as_bytes(), Instant::now(), || {
+            self.open_file_wr(p, "write").map_err(|e| {
+                let errno = e.errno;
+                refused = Some(e);
+                io::Error::from_raw_os_error(errno)
+            })
+        });
+        let fd = match (fd, refused) {
+            (Ok(fd), _) => fd,
+            (Err(_), Some(e)) => return Err(e),
+            (Err(e), None) => return Err(FsError::io(e, "write", p)),
+        };
         sys::pwrite_all(fd.as_fd(), data, offset).map_err(|e| FsError::io(e, "write", p))?;
         Ok(fd)
     }
@@ -443,7 +473,8 @@ impl FileSystem for LocalFs {
     }
 
     fn forget_resolved(&self) -> bool {
-        self.dirs.forget_all()
+        let dirs = self.dirs.forget_all();
+        self.files.forget_all() || dirs
     }
 
     fn write_at(&self, p: &RelPath, offset: u64, data: &[u8]) -> FsResult<()> {
@@ -462,6 +493,7 @@ impl FileSystem for LocalFs {
     fn create(&self, p: &RelPath, perm: u32, exclusive: bool) -> FsResult<()> {
         let (dir, name) = self.at(p, "create")?;
         let flags = WR | libc::O_CREAT | libc::O_NOFOLLOW | if exclusive { libc::O_EXCL } else { libc::O_TRUNC };
+        self.forget(p);
         sys::openat(dir.fd(), &name, flags, perm)
             .map(drop)
             .map_err(|e| FsError::io(e, "create", p))
@@ -471,7 +503,7 @@ impl FileSystem for LocalFs {
         let (dir, name) = self.at(p, "mkdir")?;
         sys::mkdirat(dir.fd(), &name, perm).map_err(|e| FsError::io(e, "mkdir", p))?;
         // Whatever was resolved at this path before is gone: the name was free.
-        self.dirs.forget_under(p.as_bytes());
+        self.forget(p);
         Ok(())
     }
 
@@ -494,6 +526,7 @@ impl FileSystem for LocalFs {
             return self.make_stand_in(p, "mknod", b"", r);
         }
         let (dir, name) = self.at(p, "mknod")?;
+        self.forget(p);
         sys::mknodat(dir.fd(), &name, kind.type_bits() | perm, rdev).map_err(|e| FsError::io(e, "mknod", p))
     }
 
@@ -509,12 +542,14 @@ impl FileSystem for LocalFs {
         }
         let (dir, name) = self.at(p, "symlink")?;
         let t = sys::cstr(target).map_err(|e| FsError::io(e, "symlink", p))?;
+        self.forget(p);
         sys::symlinkat(&t, dir.fd(), &name).map_err(|e| FsError::io(e, "symlink", p))
     }
 
     fn link(&self, existing: &RelPath, new: &RelPath) -> FsResult<()> {
         let (od, on) = self.at(existing, "link")?;
         let (nd, nn) = self.at(new, "link")?;
+        self.forget(new);
         sys::linkat(od.fd(), &on, nd.fd(), &nn).map_err(|e| FsError::io(e, "link", new))
     }
 
@@ -526,13 +561,14 @@ impl FileSystem for LocalFs {
         let (nd, nn) = self.at(to, "rename")?;
         let r = sys::renameat2(od.fd(), &on, nd.fd(), &nn, flags).map_err(|e| FsError::io(e, "rename", from));
         // Either name may have been a directory, or (RENAME_EXCHANGE) both.
-        self.dirs.forget_under(from.as_bytes());
-        self.dirs.forget_under(to.as_bytes());
+        self.forget(from);
+        self.forget(to);
         r
     }
 
     fn unlink(&self, p: &RelPath) -> FsResult<()> {
         let (dir, name) = self.at(p, "unlink")?;
+        self.forget(p);
         sys::unlinkat(dir.fd(), &name, false).map_err(|e| FsError::io(e, "unlink", p))
     }
 
@@ -542,7 +578,7 @@ impl FileSystem for LocalFs {
         }
         let (dir, name) = self.at(p, "rmdir")?;
         let r = sys::unlinkat(dir.fd(), &name, true).map_err(|e| FsError::io(e, "rmdir", p));
-        self.dirs.forget_under(p.as_bytes());
+        self.forget(p);
         r
     }
 
@@ -700,6 +736,7 @@ impl FileSystem for LocalFs {
                 sys::TimeSet::Omit,
                 sys::TimeSet::At(attrs.mtime.sec, attrs.mtime.nsec),
             )?;
+            self.forget(dst);
             sys::renameat2(dir.fd(), &tname, dir.fd(), &dname, 0)
         })();
         if let Err(e) = r {

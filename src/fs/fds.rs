@@ -1,17 +1,22 @@
-//! `DirCache`: the directories `LocalFs` has resolved beneath its root, kept open (`O_PATH`) for
-//! a short while, so the steps of a request and the requests that follow in the same directory
-//! resolve only their last name instead of walking the whole path again with `openat2`.
+//! `FdCache`: what `LocalFs` has opened beneath its root, kept for a short while, keyed by path.
+//! `LocalFs` keeps two: the directories it resolved (`O_PATH`), so the steps of a request and the
+//! requests that follow in the same directory resolve only their last name instead of walking
+//! the whole path again with `openat2`; and the regular files it opened for writing, so the
+//! writes that follow to the same file (4 KiB random writes, the pieces of a large one) go
+//! through the same fd instead of an open, a stat and a close each.
 //!
 //! An entry is trusted for `TTL` at most, and only while `LocalFs` itself has not moved or
-//! removed the directory or one above it: every rename and rmdir it applies drops the entries at
-//! and beneath both paths (`forget_under`). A request that fails because a directory on its way
-//! is gone is applied once more with every entry dropped (`forget_all`, from the target), so a
-//! directory removed or replaced behind the target's back costs one retry, not a wrong answer.
-//! A directory renamed by someone else on the target's machine keeps its cached fd until the
-//! entry expires, so for up to `TTL` requests may still land in it where it now is: what can
-//! happen to a single `openat2` racing that rename, with a window of `TTL` instead of
-//! microseconds. Paths from the peer still never resolve through `..` or a symlink: every entry
-//! was resolved with `openat2(RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS)`.
+//! removed what is at its path or above it: every rename, unlink and rmdir it applies, and every
+//! name it makes, drops the entries at and beneath the paths involved (`forget_under`). A request
+//! that fails because a directory on its way is gone is applied once more with every entry
+//! dropped (`forget_all`, from the target), so a directory removed or replaced behind the
+//! target's back costs one retry, not a wrong answer. What someone else on the target's machine
+//! renames or replaces keeps its cached fd until the entry expires, so for up to `TTL` requests
+//! may still land in it where it now is (a directory) or in the replaced file: what can happen
+//! to a single `openat2` racing that rename, with a window of `TTL` instead of microseconds.
+//! Paths from the peer still never resolve through `..` or a symlink: every directory entry was
+//! resolved with `openat2(RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS)`, and every file opened from one
+//! with `O_NOFOLLOW`.
 
 use parking_lot::Mutex;
 use std::collections::HashMap;
@@ -22,22 +27,29 @@ use std::time::{Duration, Instant};
 
 /// How long a resolution is trusted.
 pub const TTL: Duration = Duration::from_millis(100);
-/// Most directories kept; a full cache is emptied (the working set is a few directories).
-const CAP: usize = 256;
 
 struct Entry {
     fd: Arc<OwnedFd>,
     at: Instant,
 }
 
-#[derive(Default)]
-pub struct DirCache {
+pub struct FdCache {
     map: Mutex<HashMap<Vec<u8>, Entry>>,
+    /// Most entries kept. A full cache first drops what has expired, and starts over if that
+    /// leaves it full (the working set is a few directories and files).
+    cap: usize,
 }
 
-impl DirCache {
-    /// The directory at `path` (relative to the root, not empty): from the cache when it was
-    /// resolved less than `TTL` before `now`, else resolved afresh with `resolve`.
+impl FdCache {
+    pub fn new(cap: usize) -> FdCache {
+        FdCache {
+            map: Mutex::new(HashMap::new()),
+            cap,
+        }
+    }
+
+    /// What is at `path` (relative to the root, not empty): from the cache when it was opened
+    /// less than `TTL` before `now`, else opened afresh with `resolve`.
     pub fn get(
         &self,
         path: &[u8],
@@ -51,8 +63,11 @@ impl DirCache {
         }
         let fd = Arc::new(resolve()?);
         let mut map = self.map.lock();
-        if map.len() >= CAP && !map.contains_key(path) {
-            map.clear();
+        if map.len() >= self.cap && !map.contains_key(path) {
+            map.retain(|_, e| now.saturating_duration_since(e.at) < TTL);
+            if map.len() >= self.cap {
+                map.clear();
+            }
         }
         map.insert(
             path.to_vec(),
@@ -64,7 +79,7 @@ impl DirCache {
         Ok(fd)
     }
 
-    /// Drops `path` and every directory beneath it.
+    /// Drops `path` and every entry beneath it.
     pub fn forget_under(&self, path: &[u8]) {
         let mut map = self.map.lock();
         if map.is_empty() {
@@ -99,6 +114,8 @@ mod tests {
     use super::*;
     use std::cell::Cell;
 
+    const CAP: usize = 8;
+
     fn dir() -> io::Result<OwnedFd> {
         Ok(OwnedFd::from(std::fs::File::open("/")?))
     }
@@ -121,7 +138,7 @@ mod tests {
 
     #[test]
     fn resolves_once_within_the_ttl_and_again_after() {
-        let c = DirCache::default();
+        let c = FdCache::new(CAP);
         let calls = Cell::new(0);
         let resolve = || {
             calls.set(calls.get() + 1);
@@ -137,7 +154,7 @@ mod tests {
 
     #[test]
     fn forgetting_drops_the_path_and_what_is_beneath_it_only() {
-        let c = DirCache::default();
+        let c = FdCache::new(CAP);
         let now = Instant::now();
         for p in ["a", "a/b", "a/b/c", "ab", "b/a"] {
             c.get(p.as_bytes(), now, dir).unwrap();
@@ -150,7 +167,7 @@ mod tests {
 
     #[test]
     fn a_failed_resolution_is_not_cached() {
-        let c = DirCache::default();
+        let c = FdCache::new(CAP);
         let now = Instant::now();
         assert!(c
             .get(b"x", now, || Err(io::Error::from_raw_os_error(libc::ENOENT)))
@@ -159,8 +176,22 @@ mod tests {
     }
 
     #[test]
+    fn a_full_cache_drops_what_has_expired_first() {
+        let c = FdCache::new(CAP);
+        let t0 = Instant::now();
+        c.get(b"old", t0, dir).unwrap();
+        for i in 1..CAP {
+            c.get(format!("d{i}").as_bytes(), t0 + TTL, dir).unwrap();
+        }
+        c.get(b"one-more", t0 + TTL, dir).unwrap();
+        let kept = c.cached();
+        assert_eq!(kept.len(), CAP, "only the expired entry goes: {kept:?}");
+        assert!(!kept.contains(&b"old".to_vec()));
+    }
+
+    #[test]
     fn a_full_cache_starts_over() {
-        let c = DirCache::default();
+        let c = FdCache::new(CAP);
         let now = Instant::now();
         for i in 0..CAP {
             c.get(format!("d{i}").as_bytes(), now, dir).unwrap();
