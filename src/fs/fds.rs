@@ -61,7 +61,12 @@ impl FdCache {
                 return Ok(e.fd.clone());
             }
         }
-        let fd = Arc::new(resolve()?);
+        Ok(self.put(path, resolve()?, now))
+    }
+
+    /// Keeps `fd`, just opened, as what is at `path`.
+    fn put(&self, path: &[u8], fd: OwnedFd, now: Instant) -> Arc<OwnedFd> {
+        let fd = Arc::new(fd);
         let mut map = self.map.lock();
         if map.len() >= self.cap && !map.contains_key(path) {
             map.retain(|_, e| now.saturating_duration_since(e.at) < TTL);
@@ -76,10 +81,18 @@ impl FdCache {
                 at: now,
             },
         );
-        Ok(fd)
+        fd
     }
 
-    /// Drops `path` and every entry beneath it.
+    /// Drops `path` only (a name that is not a directory: nothing is cached beneath it).
+    pub fn forget(&self, path: &[u8]) {
+        let mut map = self.map.lock();
+        if !map.is_empty() {
+            map.remove(path);
+        }
+    }
+
+    /// Drops `path` and every entry beneath it (a scan of the whole cache).
     pub fn forget_under(&self, path: &[u8]) {
         let mut map = self.map.lock();
         if map.is_empty() {
@@ -163,6 +176,17 @@ mod tests {
         assert_eq!(c.cached(), vec![b"a".to_vec(), b"ab".to_vec(), b"b/a".to_vec()]);
         c.forget_under(b"a");
         assert_eq!(c.cached(), vec![b"ab".to_vec(), b"b/a".to_vec()]);
+    }
+
+    #[test]
+    fn forgetting_a_name_drops_that_entry_only() {
+        let c = FdCache::new(CAP);
+        let now = Instant::now();
+        for p in ["a", "a/b"] {
+            c.get(p.as_bytes(), now, dir).unwrap();
+        }
+        c.forget(b"a");
+        assert_eq!(c.cached(), vec![b"a/b".to_vec()]);
     }
 
     #[test]

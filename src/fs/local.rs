@@ -134,7 +134,7 @@ impl LocalFs {
     /// Makes a regular file standing for a symlink or special file, with its record.
     fn make_stand_in(&self, p: &RelPath, op: &str, content: &[u8], r: Record) -> FsResult<()> {
         let (dir, name) = self.at(p, op)?;
-        self.forget(p);
+        self.forget_name(p);
         let fd = sys::openat(
             dir.fd(),
             &name,
@@ -206,10 +206,16 @@ impl LocalFs {
     }
 
     /// Drops what the caches hold at and beneath `p`: `LocalFs` is about to change, or has
-    /// changed, what the name stands for.
-    fn forget(&self, p: &RelPath) {
+    /// changed, what the name stands for, and it may be a directory (rename, rmdir, mkdir).
+    fn forget_tree(&self, p: &RelPath) {
         self.dirs.forget_under(p.as_bytes());
         self.files.forget_under(p.as_bytes());
+    }
+
+    /// `forget_tree` for a name that is not a directory before or after the change (unlink, a
+    /// new file, node, symlink or link): only the file cached at `p` can be affected.
+    fn forget_name(&self, p: &RelPath) {
+        self.files.forget(p.as_bytes());
     }
 
     /// Opens `p` itself (never a symlink at its last name) with `flags`.
@@ -493,7 +499,7 @@ impl FileSystem for LocalFs {
     fn create(&self, p: &RelPath, perm: u32, exclusive: bool) -> FsResult<()> {
         let (dir, name) = self.at(p, "create")?;
         let flags = WR | libc::O_CREAT | libc::O_NOFOLLOW | if exclusive { libc::O_EXCL } else { libc::O_TRUNC };
-        self.forget(p);
+        self.forget_name(p);
         sys::openat(dir.fd(), &name, flags, perm)
             .map(drop)
             .map_err(|e| FsError::io(e, "create", p))
@@ -503,7 +509,7 @@ impl FileSystem for LocalFs {
         let (dir, name) = self.at(p, "mkdir")?;
         sys::mkdirat(dir.fd(), &name, perm).map_err(|e| FsError::io(e, "mkdir", p))?;
         // Whatever was resolved at this path before is gone: the name was free.
-        self.forget(p);
+        self.forget_tree(p);
         Ok(())
     }
 
@@ -526,7 +532,7 @@ impl FileSystem for LocalFs {
             return self.make_stand_in(p, "mknod", b"", r);
         }
         let (dir, name) = self.at(p, "mknod")?;
-        self.forget(p);
+        self.forget_name(p);
         sys::mknodat(dir.fd(), &name, kind.type_bits() | perm, rdev).map_err(|e| FsError::io(e, "mknod", p))
     }
 
@@ -542,14 +548,14 @@ impl FileSystem for LocalFs {
         }
         let (dir, name) = self.at(p, "symlink")?;
         let t = sys::cstr(target).map_err(|e| FsError::io(e, "symlink", p))?;
-        self.forget(p);
+        self.forget_name(p);
         sys::symlinkat(&t, dir.fd(), &name).map_err(|e| FsError::io(e, "symlink", p))
     }
 
     fn link(&self, existing: &RelPath, new: &RelPath) -> FsResult<()> {
         let (od, on) = self.at(existing, "link")?;
         let (nd, nn) = self.at(new, "link")?;
-        self.forget(new);
+        self.forget_name(new);
         sys::linkat(od.fd(), &on, nd.fd(), &nn).map_err(|e| FsError::io(e, "link", new))
     }
 
@@ -561,14 +567,14 @@ impl FileSystem for LocalFs {
         let (nd, nn) = self.at(to, "rename")?;
         let r = sys::renameat2(od.fd(), &on, nd.fd(), &nn, flags).map_err(|e| FsError::io(e, "rename", from));
         // Either name may have been a directory, or (RENAME_EXCHANGE) both.
-        self.forget(from);
-        self.forget(to);
+        self.forget_tree(from);
+        self.forget_tree(to);
         r
     }
 
     fn unlink(&self, p: &RelPath) -> FsResult<()> {
         let (dir, name) = self.at(p, "unlink")?;
-        self.forget(p);
+        self.forget_name(p);
         sys::unlinkat(dir.fd(), &name, false).map_err(|e| FsError::io(e, "unlink", p))
     }
 
@@ -578,7 +584,7 @@ impl FileSystem for LocalFs {
         }
         let (dir, name) = self.at(p, "rmdir")?;
         let r = sys::unlinkat(dir.fd(), &name, true).map_err(|e| FsError::io(e, "rmdir", p));
-        self.forget(p);
+        self.forget_tree(p);
         r
     }
 
@@ -736,7 +742,7 @@ impl FileSystem for LocalFs {
                 sys::TimeSet::Omit,
                 sys::TimeSet::At(attrs.mtime.sec, attrs.mtime.nsec),
             )?;
-            self.forget(dst);
+            self.forget_name(dst);
             sys::renameat2(dir.fd(), &tname, dir.fd(), &dname, 0)
         })();
         if let Err(e) = r {
