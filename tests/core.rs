@@ -1008,6 +1008,33 @@ fn the_targets_own_namespace_changes_send_the_next_write_to_the_new_file() {
     }
 }
 
+/// A kept file that loses its name behind the target's back (removed, or replaced by a rename
+/// over it) is never written within the TTL either: the write goes by name, so a removed file's
+/// write fails (and the mount repairs the target) instead of vanishing into the deleted inode.
+#[test]
+fn a_file_removed_or_replaced_behind_the_target_is_not_written_through_its_kept_fd() {
+    let d = tempfile::tempdir().unwrap();
+    let root = d.path().join("root");
+    fs::create_dir_all(root.join("d")).unwrap();
+    let lfs = LocalFs::new(&root).unwrap();
+    lfs.create(&p("d/f"), 0o644, true).unwrap();
+    lfs.write_at(&p("d/f"), 0, b"first").unwrap();
+    fs::remove_file(root.join("d/f")).unwrap();
+    let e = lfs.write_at(&p("d/f"), 0, b"lost?").unwrap_err();
+    assert_eq!(e.errno, libc::ENOENT, "a removed file's write must fail, not vanish");
+
+    lfs.create(&p("d/g"), 0o644, true).unwrap();
+    lfs.write_at(&p("d/g"), 0, b"first").unwrap();
+    fs::write(root.join("d/new"), b"").unwrap();
+    fs::rename(root.join("d/new"), root.join("d/g")).unwrap();
+    lfs.write_at(&p("d/g"), 0, b"second").unwrap();
+    assert_eq!(
+        fs::read(root.join("d/g")).unwrap(),
+        b"second",
+        "the file now at the name"
+    );
+}
+
 /// A file replaced behind the target's back is written where the name points once its cached
 /// fd has expired (`fs::fds::TTL`).
 #[test]

@@ -10,9 +10,10 @@
 //! name it makes, drops the entries at and beneath the paths involved (`forget_under`). A request
 //! that fails because a directory on its way is gone is applied once more with every entry
 //! dropped (`forget_all`, from the target), so a directory removed or replaced behind the
-//! target's back costs one retry, not a wrong answer. What someone else on the target's machine
-//! renames or replaces keeps its cached fd until the entry expires, so for up to `TTL` requests
-//! may still land in it where it now is (a directory) or in the replaced file: what can happen
+//! target's back costs one retry, not a wrong answer; `LocalFs` writes a kept file only while
+//! it still has a name (`st_nlink`), so one removed or renamed over is opened again by name.
+//! What someone else on the target's machine moves elsewhere keeps its cached fd until the entry
+//! expires, so for up to `TTL` requests may still land in it where it now is: what can happen
 //! to a single `openat2` racing that rename, with a window of `TTL` instead of microseconds.
 //! Paths from the peer still never resolve through `..` or a symlink: every directory entry was
 //! resolved with `openat2(RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS)`, and every file opened from one

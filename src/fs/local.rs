@@ -242,7 +242,8 @@ impl LocalFs {
     /// Writes `data` at `offset` of the regular file `p`, and returns the fd it wrote through.
     /// With `direct`, large aligned writes bypass the page cache (`O_DIRECT`): a mirror's
     /// files are written, not read, so caching them costs a copy of every byte. Anything else,
-    /// or a file system without `O_DIRECT`, is written through the cache.
+    /// or a file system without `O_DIRECT`, is written through the cache, from an fd kept for
+    /// the writes that follow to the same file (`files`).
     fn write_fd(&self, p: &RelPath, offset: u64, data: &[u8]) -> FsResult<Arc<OwnedFd>> {
         const DIRECT_MIN: usize = 256 << 10;
         let align = sys::AlignedBuf::ALIGN;
@@ -260,8 +261,9 @@ impl LocalFs {
                 }
             }
         }
-        let mut refused = None;
+        let (mut opened, mut refused) = (false, None);
         let fd = self.files.get(p.as_bytes(), Instant::now(), || {
+            opened = true;
             self.open_file_wr(p, "write").map_err(|e| {
                 let errno = e.errno;
                 refused = Some(e);
@@ -269,6 +271,12 @@ impl LocalFs {
             })
         });
         let fd = match (fd, refused) {
+            // A kept file that has lost its last name (removed or replaced behind the target's
+            // back) is not written: the name is opened again, and fails as it would have.
+            (Ok(fd), _) if !opened && !sys::fstat(fd.as_fd()).is_ok_and(|st| st.st_nlink > 0) => {
+                self.files.forget(p.as_bytes());
+                Arc::new(self.open_file_wr(p, "write")?)
+            }
             (Ok(fd), _) => fd,
             (Err(_), Some(e)) => return Err(e),
             (Err(e), None) => return Err(FsError::io(e, "write", p)),
