@@ -275,7 +275,8 @@ pub trait FileSystem: Send + Sync {
     fn xattrs(&self, p: &RelPath) -> FsResult<Vec<Xattr>>;
 
     fn write_at(&self, p: &RelPath, offset: u64, data: &[u8]) -> FsResult<()>;
-    /// Forgets the directories resolved earlier (see `dirs`); says whether there were any.
+    /// Forgets the directories resolved and the files opened earlier (see `fds`); says whether
+    /// there were any.
     fn forget_resolved(&self) -> bool {
         false
     }

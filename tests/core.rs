@@ -1035,6 +1035,28 @@ fn a_file_removed_or_replaced_behind_the_target_is_not_written_through_its_kept_
     );
 }
 
+/// Nothing the target writes stays open for long after: a file held open for writing could
+/// not be run on the target's machine (`ETXTBSY`). Checked in this process's own fd table.
+#[test]
+fn the_target_closes_a_written_file_soon_after() {
+    let d = tempfile::tempdir().unwrap();
+    let root = d.path().join("root");
+    fs::create_dir(&root).unwrap();
+    let lfs = LocalFs::new(&root).unwrap();
+    lfs.create(&p("tool"), 0o755, true).unwrap();
+    lfs.write_at(&p("tool"), 0, b"#!/bin/sh\n").unwrap();
+    let file = root.join("tool");
+    let open = || {
+        fs::read_dir("/proc/self/fd")
+            .unwrap()
+            .filter_map(|e| fs::read_link(e.ok()?.path()).ok())
+            .any(|l| l == file)
+    };
+    assert!(open(), "kept open right after the write (the cache works)");
+    std::thread::sleep(mirrorfs::fs::fds::TTL * 2 + Duration::from_millis(150));
+    assert!(!open(), "still open {:?} after the write", mirrorfs::fs::fds::TTL * 2);
+}
+
 /// A file replaced behind the target's back is written where the name points once its cached
 /// fd has expired (`fs::fds::TTL`).
 #[test]
@@ -1054,7 +1076,7 @@ fn a_file_replaced_behind_the_target_is_written_by_name_after_the_ttl() {
 }
 
 /// A directory that someone moves out of the root behind the target's back: its resolution is
-/// trusted for `fs::dirs::TTL` at most, after which nothing reaches it where it now is.
+/// trusted for `fs::fds::TTL` at most, after which nothing reaches it where it now is.
 #[test]
 fn a_directory_moved_out_of_the_root_is_not_written_after_the_ttl() {
     let d = tempfile::tempdir().unwrap();

@@ -5,16 +5,20 @@
 //! writes that follow to the same file (4 KiB random writes, the pieces of a large one) go
 //! through the same fd instead of an open, a stat and a close each.
 //!
-//! An entry is trusted for `TTL` at most, and only while `LocalFs` itself has not moved or
-//! removed what is at its path or above it: every rename, unlink and rmdir it applies, and every
-//! name it makes, drops the entries at and beneath the paths involved (`forget_under`). A request
+//! An entry is trusted for `TTL` at most, and closed soon after (`Reaper`), and only while
+//! `LocalFs` itself has not moved or removed what is at its path or above it: every rename and
+//! rmdir it applies drops the entries at and beneath both paths (`forget_under`), and every
+//! unlink and every name it makes drops the file kept at that name (`forget`). A request
 //! that fails because a directory on its way is gone is applied once more with every entry
 //! dropped (`forget_all`, from the target), so a directory removed or replaced behind the
 //! target's back costs one retry, not a wrong answer; `LocalFs` writes a kept file only while
 //! it still has a name (`st_nlink`), so one removed or renamed over is opened again by name.
 //! What someone else on the target's machine moves elsewhere keeps its cached fd until the entry
 //! expires, so for up to `TTL` requests may still land in it where it now is: what can happen
-//! to a single `openat2` racing that rename, with a window of `TTL` instead of microseconds.
+//! to a single `openat2` racing that rename, with a window of `TTL` instead of microseconds. The
+//! same goes for a kept file removed behind the target's back while another hard link to it
+//! remains, and on NFS for one removed by another process of the target's machine (the client
+//! renames an open file to `.nfsXXXX` instead, so it keeps its link).
 //! Paths from the peer still never resolve through `..` or a symlink: every directory entry was
 //! resolved with `openat2(RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS)`, and every file opened from one
 //! with `O_NOFOLLOW`.
@@ -23,7 +27,7 @@ use parking_lot::Mutex;
 use std::collections::HashMap;
 use std::io;
 use std::os::fd::OwnedFd;
-use std::sync::Arc;
+use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant};
 
 /// How long a resolution is trusted.
@@ -34,35 +38,98 @@ struct Entry {
     at: Instant,
 }
 
+type Map = Mutex<HashMap<Vec<u8>, Entry>>;
+
 pub struct FdCache {
-    map: Mutex<HashMap<Vec<u8>, Entry>>,
+    map: Arc<Map>,
     /// Most entries kept. A full cache first drops what has expired, and starts over if that
     /// leaves it full (the working set is a few directories and files).
     cap: usize,
+    /// Expired entries are closed by the reaper, not left open until their path comes again.
+    reaped: bool,
+}
+
+/// Closes expired entries of every reaped cache, so nothing stays open much past its `TTL`: a
+/// file kept open for writing makes `execve` of it fail (`ETXTBSY`) and keeps a removed file's
+/// space, and a kept directory keeps its filesystem busy. One thread for all caches, running
+/// only while some cache holds an entry; it wakes every `TTL`, so an fd is closed at most
+/// `2 * TTL` after it was opened.
+struct Reaper {
+    caches: Vec<Weak<Map>>,
+    running: bool,
+}
+
+static REAPER: Mutex<Reaper> = Mutex::new(Reaper {
+    caches: Vec::new(),
+    running: false,
+});
+
+fn reap() {
+    loop {
+        std::thread::sleep(TTL);
+        let mut r = REAPER.lock();
+        let now = Instant::now();
+        let mut held = false;
+        r.caches.retain(|w| match w.upgrade() {
+            Some(map) => {
+                let mut map = map.lock();
+                map.retain(|_, e| now.saturating_duration_since(e.at) < TTL);
+                held |= !map.is_empty();
+                true
+            }
+            None => false,
+        });
+        if !held {
+            r.running = false;
+            return;
+        }
+    }
 }
 
 impl FdCache {
+    /// A cache whose expired entries stay until their path is used again or the cache fills
+    /// (for tests that drive the clock themselves).
     pub fn new(cap: usize) -> FdCache {
         FdCache {
-            map: Mutex::new(HashMap::new()),
+            map: Arc::new(Mutex::new(HashMap::new())),
             cap,
+            reaped: false,
         }
     }
 
+    /// A cache whose expired entries are closed within a `TTL` by the reaper thread.
+    pub fn reaped(cap: usize) -> FdCache {
+        let c = FdCache {
+            reaped: true,
+            ..FdCache::new(cap)
+        };
+        REAPER.lock().caches.push(Arc::downgrade(&c.map));
+        c
+    }
+
     /// What is at `path` (relative to the root, not empty): from the cache when it was opened
-    /// less than `TTL` before `now`, else opened afresh with `resolve`.
+    /// less than `TTL` before `now`, else opened afresh with `resolve`. An expired entry whose
+    /// path no longer opens is dropped.
     pub fn get(
         &self,
         path: &[u8],
         now: Instant,
         resolve: impl FnOnce() -> io::Result<OwnedFd>,
     ) -> io::Result<Arc<OwnedFd>> {
-        if let Some(e) = self.map.lock().get(path) {
-            if now.saturating_duration_since(e.at) < TTL {
-                return Ok(e.fd.clone());
+        let stale = match self.map.lock().get(path) {
+            Some(e) if now.saturating_duration_since(e.at) < TTL => return Ok(e.fd.clone()),
+            Some(_) => true,
+            None => false,
+        };
+        match resolve() {
+            Ok(fd) => Ok(self.put(path, fd, now)),
+            Err(e) => {
+                if stale {
+                    self.map.lock().remove(path);
+                }
+                Err(e)
             }
         }
-        Ok(self.put(path, resolve()?, now))
     }
 
     /// Keeps `fd`, just opened, as what is at `path`.
@@ -82,6 +149,17 @@ impl FdCache {
                 at: now,
             },
         );
+        drop(map);
+        if self.reaped {
+            let mut r = REAPER.lock();
+            if !r.running {
+                // Without it, entries stay until their path comes again or the cache fills.
+                match std::thread::Builder::new().name("fd-reaper".into()).spawn(reap) {
+                    Ok(_) => r.running = true,
+                    Err(e) => log::warn!("the fd cache's reaper thread could not start: {e}"),
+                }
+            }
+        }
         fd
     }
 
@@ -188,6 +266,25 @@ mod tests {
         }
         c.forget(b"a");
         assert_eq!(c.cached(), vec![b"a/b".to_vec()]);
+    }
+
+    #[test]
+    fn the_reaper_closes_what_has_expired() {
+        let c = FdCache::reaped(CAP);
+        c.get(b"a", Instant::now(), dir).unwrap();
+        std::thread::sleep(TTL * 2 + Duration::from_millis(100));
+        assert!(c.cached().is_empty(), "still open: {:?}", c.cached());
+    }
+
+    #[test]
+    fn an_expired_entry_whose_path_fails_is_dropped() {
+        let c = FdCache::new(CAP);
+        let t0 = Instant::now();
+        c.get(b"a", t0, dir).unwrap();
+        assert!(c
+            .get(b"a", t0 + TTL, || Err(io::Error::from_raw_os_error(libc::EACCES)))
+            .is_err());
+        assert!(c.cached().is_empty());
     }
 
     #[test]

@@ -3,8 +3,8 @@
 //! `openat2(RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS)` (see `sys::open_beneath`), so no `..` and no
 //! symlink is ever followed while resolving, and every call acts on the last component without
 //! following it. Content is read and written through fds opened `O_NONBLOCK`, so a fifo at a path
-//! never blocks the caller. Parent directories resolved that way are kept a moment for the next
-//! requests (`dirs`).
+//! never blocks the caller. Parent directories resolved that way, and the files written, are kept
+//! open a moment for the next requests (`fs::fds`).
 
 use super::fake::{self, Record};
 use super::fds::FdCache;
@@ -27,7 +27,6 @@ pub struct LocalFs {
     lock: std::sync::OnceLock<OwnedFd>,
     /// `--fake-super`: owners, full modes and special files are kept in records (see `fake`).
     fake: bool,
-    /// Directories resolved recently, dropped by this `LocalFs`'s own renames and rmdirs.
     /// Directories resolved beneath the root (`O_PATH`).
     dirs: FdCache,
     /// Regular files opened for writing (`write_fd`), never with `O_DIRECT`.
@@ -49,9 +48,10 @@ impl Dir<'_> {
     }
 }
 
-/// Directories and files the caches keep (`fs::fds`).
-const DIRS_KEPT: usize = 256;
-const FILES_KEPT: usize = 64;
+/// Directories and files the caches keep (`fs::fds`): well inside the open files the mount
+/// leaves outside its inode table (a quarter of the limit, and 64).
+const DIRS_KEPT: usize = 128;
+const FILES_KEPT: usize = 32;
 
 const RD: i32 = libc::O_RDONLY | libc::O_NONBLOCK | libc::O_NOCTTY;
 const WR: i32 = libc::O_WRONLY | libc::O_NONBLOCK | libc::O_NOCTTY;
@@ -81,8 +81,8 @@ impl LocalFs {
             direct: false,
             lock: std::sync::OnceLock::new(),
             fake: false,
-            dirs: FdCache::new(DIRS_KEPT),
-            files: FdCache::new(FILES_KEPT),
+            dirs: FdCache::reaped(DIRS_KEPT),
+            files: FdCache::reaped(FILES_KEPT),
         })
     }
 
