@@ -918,6 +918,15 @@ fn a_directory_replaced_behind_the_target_gets_the_next_change() {
     assert_eq!(e.errno, libc::ENOENT);
 }
 
+/// A fresh target root with `d/` in it, and the `LocalFs` over it.
+fn local_target() -> (tempfile::TempDir, std::path::PathBuf, LocalFs) {
+    let d = tempfile::tempdir().unwrap();
+    let root = d.path().join("root");
+    fs::create_dir_all(root.join("d")).unwrap();
+    let lfs = LocalFs::new(&root).unwrap();
+    (d, root, lfs)
+}
+
 /// The target keeps the files it writes open a moment (`fs::fds`). Whatever the target itself
 /// then does to the name (a rename over it, an unlink and a new file, a rename or removal of the
 /// directory above, a file installed over it) sends the next write to the file the name stands
@@ -984,11 +993,7 @@ fn the_targets_own_namespace_changes_send_the_next_write_to_the_new_file() {
         ),
     ];
     for (what, step, old) in cases {
-        let d = tempfile::tempdir().unwrap();
-        let root = d.path().join("root");
-        fs::create_dir(&root).unwrap();
-        let lfs = LocalFs::new(&root).unwrap();
-        lfs.mkdir(&p("d"), 0o755).unwrap();
+        let (_d, root, lfs) = local_target();
         create(&lfs, "d/f");
         lfs.write_at(&p("d/f"), 0, b"first").unwrap();
         step(&lfs);
@@ -1013,10 +1018,7 @@ fn the_targets_own_namespace_changes_send_the_next_write_to_the_new_file() {
 /// write fails (and the mount repairs the target) instead of vanishing into the deleted inode.
 #[test]
 fn a_file_removed_or_replaced_behind_the_target_is_not_written_through_its_kept_fd() {
-    let d = tempfile::tempdir().unwrap();
-    let root = d.path().join("root");
-    fs::create_dir_all(root.join("d")).unwrap();
-    let lfs = LocalFs::new(&root).unwrap();
+    let (_d, root, lfs) = local_target();
     lfs.create(&p("d/f"), 0o644, true).unwrap();
     lfs.write_at(&p("d/f"), 0, b"first").unwrap();
     fs::remove_file(root.join("d/f")).unwrap();
@@ -1039,10 +1041,7 @@ fn a_file_removed_or_replaced_behind_the_target_is_not_written_through_its_kept_
 /// not be run on the target's machine (`ETXTBSY`). Checked in this process's own fd table.
 #[test]
 fn the_target_closes_a_written_file_soon_after() {
-    let d = tempfile::tempdir().unwrap();
-    let root = d.path().join("root");
-    fs::create_dir(&root).unwrap();
-    let lfs = LocalFs::new(&root).unwrap();
+    let (_d, root, lfs) = local_target();
     lfs.create(&p("tool"), 0o755, true).unwrap();
     lfs.write_at(&p("tool"), 0, b"#!/bin/sh\n").unwrap();
     let file = root.join("tool");
@@ -1061,10 +1060,7 @@ fn the_target_closes_a_written_file_soon_after() {
 /// fd has expired (`fs::fds::TTL`).
 #[test]
 fn a_file_replaced_behind_the_target_is_written_by_name_after_the_ttl() {
-    let d = tempfile::tempdir().unwrap();
-    let root = d.path().join("root");
-    fs::create_dir_all(root.join("d")).unwrap();
-    let lfs = LocalFs::new(&root).unwrap();
+    let (_d, root, lfs) = local_target();
     lfs.create(&p("d/f"), 0o644, true).unwrap();
     lfs.write_at(&p("d/f"), 0, b"first").unwrap();
     fs::rename(root.join("d/f"), root.join("d/aside")).unwrap();
