@@ -25,7 +25,6 @@
 
 use parking_lot::Mutex;
 use std::collections::HashMap;
-use std::io;
 use std::os::fd::OwnedFd;
 use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant};
@@ -110,12 +109,12 @@ impl FdCache {
     /// What is at `path` (relative to the root, not empty): from the cache when it was opened
     /// less than `TTL` before `now`, else opened afresh with `resolve`. An expired entry whose
     /// path no longer opens is dropped.
-    pub fn get(
+    pub fn get<E>(
         &self,
         path: &[u8],
         now: Instant,
-        resolve: impl FnOnce() -> io::Result<OwnedFd>,
-    ) -> io::Result<Arc<OwnedFd>> {
+        resolve: impl FnOnce() -> Result<OwnedFd, E>,
+    ) -> Result<Arc<OwnedFd>, E> {
         let stale = match self.map.lock().get(path) {
             Some(e) if now.saturating_duration_since(e.at) < TTL => return Ok(e.fd.clone()),
             Some(_) => true,
@@ -205,6 +204,7 @@ fn is_under(p: &[u8], base: &[u8]) -> bool {
 mod tests {
     use super::*;
     use std::cell::Cell;
+    use std::io;
 
     const CAP: usize = 8;
 

@@ -261,26 +261,17 @@ impl LocalFs {
                 }
             }
         }
-        let (mut opened, mut refused) = (false, None);
-        let fd = self.files.get(p.as_bytes(), Instant::now(), || {
+        let mut opened = false;
+        let mut fd = self.files.get(p.as_bytes(), Instant::now(), || {
             opened = true;
-            self.open_file_wr(p, "write").map_err(|e| {
-                let errno = e.errno;
-                refused = Some(e);
-                io::Error::from_raw_os_error(errno)
-            })
-        });
-        let fd = match (fd, refused) {
-            // A kept file that has lost its last name (removed or replaced behind the target's
-            // back) is not written: the name is opened again, and fails as it would have.
-            (Ok(fd), _) if !opened && !sys::fstat(fd.as_fd()).is_ok_and(|st| st.st_nlink > 0) => {
-                self.files.forget(p.as_bytes());
-                Arc::new(self.open_file_wr(p, "write")?)
-            }
-            (Ok(fd), _) => fd,
-            (Err(_), Some(e)) => return Err(e),
-            (Err(e), None) => return Err(FsError::io(e, "write", p)),
-        };
+            self.open_file_wr(p, "write")
+        })?;
+        // A kept file that has lost its last name (removed or replaced behind the target's back)
+        // is not written: the name is opened again, and fails as it would have.
+        if !opened && !sys::fstat(fd.as_fd()).is_ok_and(|st| st.st_nlink > 0) {
+            self.files.forget(p.as_bytes());
+            fd = Arc::new(self.open_file_wr(p, "write")?);
+        }
         sys::pwrite_all(fd.as_fd(), data, offset).map_err(|e| FsError::io(e, "write", p))?;
         Ok(fd)
     }
